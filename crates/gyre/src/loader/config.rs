@@ -1,0 +1,131 @@
+//! `config.json` as Hugging Face writes it, across transformers versions.
+//!
+//! Older files say `rope_theta` and `torch_dtype`; newer ones say `rope_parameters.rope_theta`
+//! and `dtype`. Missing optional fields take the transformers defaults.
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The fields of a Llama / Mistral `config.json` that the forward pass needs.
+#[derive(Clone, Debug, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Defaults to `num_attention_heads` (no GQA), as in transformers.
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Defaults to `hidden_size / num_attention_heads`.
+    #[serde(default)]
+    pub head_dim: Option<usize>,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    /// Filled from `rope_theta` or `rope_parameters.rope_theta`; transformers' default 10000.
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    /// Mistral only: keys older than this many positions are masked.
+    #[serde(default)]
+    pub sliding_window: Option<usize>,
+    #[serde(default)]
+    pub use_sliding_window: Option<bool>,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+}
+
+fn default_rms_eps() -> f64 {
+    1e-6
+}
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_act() -> String {
+    "silu".into()
+}
+
+impl LlamaConfig {
+    /// Parses and checks a Llama-family config; `source` names the file in errors.
+    pub fn from_value(value: &Value, source: &str) -> Result<LlamaConfig> {
+        let mut cfg: LlamaConfig =
+            serde_json::from_value(value.clone()).with_context(|| format!("{source}: not a valid Llama config"))?;
+        if cfg.rope_theta.is_none() {
+            cfg.rope_theta = cfg
+                .rope_parameters
+                .as_ref()
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64);
+        }
+        let rope_type = cfg
+            .rope_parameters
+            .as_ref()
+            .or(cfg.rope_scaling.as_ref())
+            .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        if rope_type != "default" {
+            bail!("{source}: rope type '{rope_type}' is not supported yet (only the default RoPE)");
+        }
+        if cfg.hidden_act != "silu" {
+            bail!("{source}: hidden_act '{}' is not supported (Llama uses silu)", cfg.hidden_act);
+        }
+        if cfg.attention_bias || cfg.mlp_bias {
+            bail!("{source}: attention_bias / mlp_bias are not supported");
+        }
+        if cfg.num_attention_heads == 0 || cfg.hidden_size == 0 || cfg.num_hidden_layers == 0 || cfg.vocab_size == 0 {
+            bail!("{source}: hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be positive");
+        }
+        let kv = cfg.kv_heads();
+        if kv == 0 || cfg.num_attention_heads % kv != 0 {
+            bail!(
+                "{source}: num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})",
+                cfg.num_attention_heads
+            );
+        }
+        if cfg.head_dim() % 2 != 0 {
+            bail!("{source}: head_dim {} must be even for RoPE", cfg.head_dim());
+        }
+        Ok(cfg)
+    }
+
+    /// Key/value heads (GQA groups).
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    /// RoPE base frequency.
+    pub fn theta(&self) -> f64 {
+        self.rope_theta.unwrap_or(10000.0)
+    }
+
+    /// The attention window, when one applies.
+    pub fn window(&self) -> Option<usize> {
+        if self.use_sliding_window == Some(false) {
+            return None;
+        }
+        self.sliding_window.filter(|&w| w > 0)
+    }
+}
+
+/// The declared storage dtype (`dtype` or the older `torch_dtype`), if any.
+pub fn declared_dtype(config: &Value) -> Option<&str> {
+    config.get("dtype").or_else(|| config.get("torch_dtype")).and_then(Value::as_str)
+}

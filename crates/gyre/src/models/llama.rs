@@ -1,0 +1,259 @@
+//! Llama-2 / Mistral / SOLAR: pre-norm decoder-only transformers.
+//!
+//! Reference: transformers `models/llama/modeling_llama.py` and `models/mistral/`, summarised
+//! in shared/reference/MODELS.md section C. Per layer:
+//!
+//! ```text
+//! h = x + o_proj(attn(rope(q_proj(n1)), rope(k_proj(n1)), v_proj(n1)))    n1 = rmsnorm(x)
+//! x = h + down_proj(silu(gate_proj(n2)) · up_proj(n2))                     n2 = rmsnorm(h)
+//! logits = lm_head(rmsnorm(x))
+//! ```
+//! RMSNorm multiplies by `w` (not 1 + w). RoPE pairs dim i with i + head_dim/2 (rotate_half),
+//! angles `pos · theta^(−2i/head_dim)` in f32. GQA: query head h reads KV head
+//! `h / (heads / kv_heads)`. Mistral's window: a query at position q sees keys p with
+//! `q − p < sliding_window` (transformers `masking_utils.sliding_window_overlay`), so the
+//! cache is a ring of `sliding_window` slots. Activations are f32; weights stay in their
+//! stored dtype.
+
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+use super::{check_tokens, Arch, Logits, Model, ModelInfo, SeqInput};
+use crate::kernels::cpu::{self as k, linear};
+use crate::loader::config::LlamaConfig;
+use crate::loader::Checkpoint;
+use crate::state::{KvCache, State};
+use crate::tensor::Tensor;
+
+/// One decoder layer's weights (nn.Linear layout [out, in]).
+struct Layer {
+    /// input_layernorm.weight [C]
+    attn_norm: Vec<f32>,
+    /// q_proj [H·hd, C], k_proj / v_proj [KV·hd, C], o_proj [C, H·hd]
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    /// post_attention_layernorm.weight [C]
+    mlp_norm: Vec<f32>,
+    /// gate_proj / up_proj [F, C], down_proj [C, F]
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A Llama-architecture model with its weights.
+pub struct Llama {
+    info: ModelInfo,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    eps: f32,
+    window: Option<usize>,
+    /// inv_freq [head_dim / 2]
+    inv_freq: Vec<f32>,
+    /// embed_tokens [V, C]
+    embed: Tensor,
+    layers: Vec<Layer>,
+    /// model.norm.weight [C]
+    norm: Vec<f32>,
+    /// lm_head [V, C]; the embedding when tied
+    lm_head: Tensor,
+}
+
+impl Llama {
+    /// Builds the model from a checkpoint whose architecture is Llama or Mistral.
+    pub fn load(ckpt: &Checkpoint, arch: Arch) -> Result<Llama> {
+        let source = format!("{}/config.json", ckpt.dir.display());
+        let cfg = LlamaConfig::from_value(ckpt.config()?, &source)?;
+        let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
+        let vec = |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
+        let mat = |name: &str, rows: usize, cols: usize| ckpt.get_shaped(name, &[rows, cols]);
+        let embed = mat("model.embed_tokens.weight", v, c)?;
+        let lm_head = if ckpt.has("lm_head.weight") {
+            mat("lm_head.weight", v, c)?
+        } else {
+            embed.clone()
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            layers.push(Layer {
+                attn_norm: vec(&format!("{p}.input_layernorm.weight"), c)?,
+                q: mat(&format!("{p}.self_attn.q_proj.weight"), heads * hd, c)?,
+                k: mat(&format!("{p}.self_attn.k_proj.weight"), kv_heads * hd, c)?,
+                v: mat(&format!("{p}.self_attn.v_proj.weight"), kv_heads * hd, c)?,
+                o: mat(&format!("{p}.self_attn.o_proj.weight"), c, heads * hd)?,
+                mlp_norm: vec(&format!("{p}.post_attention_layernorm.weight"), c)?,
+                gate: mat(&format!("{p}.mlp.gate_proj.weight"), f, c)?,
+                up: mat(&format!("{p}.mlp.up_proj.weight"), f, c)?,
+                down: mat(&format!("{p}.mlp.down_proj.weight"), c, f)?,
+            });
+        }
+        let norm = vec("model.norm.weight", c)?;
+        let (params, weight_bytes, dtypes) = ckpt.summary();
+        let window = if arch == Arch::Mistral { cfg.window() } else { None };
+        Ok(Llama {
+            info: ModelInfo {
+                arch,
+                vocab_size: v,
+                hidden_size: c,
+                n_layers: cfg.num_hidden_layers,
+                params,
+                weight_bytes,
+                dtypes,
+                context_length: Some(cfg.max_position_embeddings),
+            },
+            heads,
+            kv_heads,
+            head_dim: hd,
+            eps: cfg.rms_norm_eps as f32,
+            window,
+            inv_freq: k::rope_inv_freq(cfg.theta(), hd),
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
+    }
+
+    fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    fn cache<'s>(&self, state: &'s mut State) -> Result<&'s mut KvCache> {
+        match state {
+            State::Kv(c) if c.shape_matches(self.layers.len(), self.kv_dim(), self.window) => Ok(c),
+            _ => bail!("this state does not belong to a {} model of this shape", self.info.arch.name()),
+        }
+    }
+}
+
+/// Rows of the batch that belong to one sequence.
+#[derive(Clone, Copy)]
+struct Segment {
+    /// First row in the batch matrices.
+    row: usize,
+    /// Number of new tokens.
+    len: usize,
+    /// Absolute position of the first new token.
+    pos: usize,
+}
+
+impl Model for Llama {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_state(&self) -> State {
+        State::Kv(KvCache::new(self.layers.len(), self.kv_dim(), self.window))
+    }
+
+    fn state_bytes(&self, tokens: usize) -> usize {
+        KvCache::bytes_at(self.layers.len(), self.kv_dim(), self.window, tokens)
+    }
+
+    fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
+        check_tokens(batch, self.info.vocab_size)?;
+        let mut segments = Vec::with_capacity(batch.len());
+        let mut rows = 0;
+        for seq in batch.iter_mut() {
+            let pos = self.cache(seq.state)?.len();
+            segments.push(Segment { row: rows, len: seq.tokens.len(), pos });
+            rows += seq.tokens.len();
+        }
+        let (c, hd, h, kvd) = (self.info.hidden_size, self.head_dim, self.heads, self.kv_dim());
+        let group = self.heads / self.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        // x: [rows, C] residual stream
+        let mut x = vec![0f32; rows * c];
+        let embed = self.embed.data();
+        for (r, &t) in batch.iter().flat_map(|s| s.tokens).enumerate() {
+            embed.row_to_f32(t as usize * c, &mut x[r * c..(r + 1) * c]);
+        }
+        let f = self.layers.first().map_or(0, |l| l.gate.shape()[0]);
+        let mut normed = vec![0f32; rows * c];
+        let (mut q, mut kk, mut vv) = (vec![0f32; rows * h * hd], vec![0f32; rows * kvd], vec![0f32; rows * kvd]);
+        let mut attn = vec![0f32; rows * h * hd];
+        let mut proj = vec![0f32; rows * c];
+        let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            k::rmsnorm(&x, &layer.attn_norm, self.eps, &mut normed);
+            linear(&normed, rows, &layer.q, &mut q);
+            linear(&normed, rows, &layer.k, &mut kk);
+            linear(&normed, rows, &layer.v, &mut vv);
+            for seg in &segments {
+                for i in 0..seg.len {
+                    let r = seg.row + i;
+                    k::rope_half_split(&mut q[r * h * hd..(r + 1) * h * hd], hd, seg.pos + i, &self.inv_freq);
+                    k::rope_half_split(&mut kk[r * kvd..(r + 1) * kvd], hd, seg.pos + i, &self.inv_freq);
+                }
+            }
+            for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
+                let cache = self.cache(seq.state)?;
+                let out = &mut attn[seg.row * h * hd..(seg.row + seg.len) * h * hd];
+                let (q, kk, vv) = (&q, &kk, &vv);
+                let window = self.window;
+                out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+                    let (i, head) = (idx / h, idx % h);
+                    let g = head / group;
+                    let pos = seg.pos + i;
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    let qv = &q[(seg.row + i) * h * hd + head * hd..][..hd];
+                    let kv = |j: usize| {
+                        let p = lo + j;
+                        if p >= seg.pos {
+                            let r = (seg.row + p - seg.pos) * kvd + g * hd;
+                            (&kk[r..r + hd], &vv[r..r + hd])
+                        } else {
+                            let (ck, cv) = cache.get(li, p);
+                            (&ck[g * hd..(g + 1) * hd], &cv[g * hd..(g + 1) * hd])
+                        }
+                    };
+                    k::attend(qv, pos + 1 - lo, kv, scale, scores, o);
+                });
+            }
+            for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
+                let span = seg.row * kvd..(seg.row + seg.len) * kvd;
+                self.cache(seq.state)?.write(li, &kk[span.clone()], &vv[span]);
+            }
+            linear(&attn, rows, &layer.o, &mut proj);
+            k::add_assign(&mut x, &proj);
+
+            k::rmsnorm(&x, &layer.mlp_norm, self.eps, &mut normed);
+            linear(&normed, rows, &layer.gate, &mut gate);
+            linear(&normed, rows, &layer.up, &mut up);
+            k::swiglu(&mut gate, &up);
+            linear(&gate, rows, &layer.down, &mut proj);
+            k::add_assign(&mut x, &proj);
+        }
+        for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
+            self.cache(seq.state)?.advance(seg.len);
+        }
+
+        // Final norm and head over the rows whose logits are wanted.
+        let picked: Vec<usize> = match which {
+            Logits::Last => segments.iter().map(|s| s.row + s.len - 1).collect(),
+            Logits::All => (0..rows).collect(),
+        };
+        let mut sel = vec![0f32; picked.len() * c];
+        for (j, &r) in picked.iter().enumerate() {
+            sel[j * c..(j + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
+        }
+        let mut sel_normed = vec![0f32; sel.len()];
+        k::rmsnorm(&sel, &self.norm, self.eps, &mut sel_normed);
+        let v = self.info.vocab_size;
+        let mut logits = vec![0f32; picked.len() * v];
+        linear(&sel_normed, picked.len(), &self.lm_head, &mut logits);
+        Ok(match which {
+            Logits::Last => logits.chunks_exact(v).map(<[f32]>::to_vec).collect(),
+            Logits::All => segments
+                .iter()
+                .map(|s| logits[s.row * v..(s.row + s.len) * v].to_vec())
+                .collect(),
+        })
+    }
+}

@@ -1,0 +1,128 @@
+//! Model families behind one trait, and the architecture detection that picks one.
+//!
+//! A model owns its read-only weights and computes logits for a batch of sequences, each
+//! bringing its own [`State`]. Models never do I/O: they receive an opened [`Checkpoint`].
+
+pub mod llama;
+
+use anyhow::{bail, Result};
+use serde_json::Value;
+
+use crate::loader::Checkpoint;
+use crate::state::State;
+use crate::tensor::DType;
+
+/// Which family and variant a checkpoint is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    /// `LlamaForCausalLM` (Llama-2, SOLAR-10.7B).
+    Llama,
+    /// `MistralForCausalLM` (Llama with a sliding attention window).
+    Mistral,
+}
+
+impl Arch {
+    /// The Hugging Face class name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+        }
+    }
+}
+
+/// What `gyre info` reports about a loaded model.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub n_layers: usize,
+    /// Parameters stored in the checkpoint (tied tensors counted once).
+    pub params: usize,
+    /// Bytes of weights as stored.
+    pub weight_bytes: usize,
+    /// Stored dtypes of the weights.
+    pub dtypes: Vec<DType>,
+    /// Longest sequence the model supports, if bounded.
+    pub context_length: Option<usize>,
+}
+
+/// One sequence's slice of a batched forward pass.
+pub struct SeqInput<'a> {
+    /// New tokens to feed (at least one).
+    pub tokens: &'a [u32],
+    /// The sequence's state; advanced by `tokens.len()`.
+    pub state: &'a mut State,
+}
+
+/// Which positions to return logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// Only each sequence's last position: `[vocab]` per sequence.
+    Last,
+    /// Every fed position: `[n_tokens · vocab]` per sequence.
+    All,
+}
+
+/// A causal language model.
+pub trait Model: Send + Sync {
+    /// Shape and size facts.
+    fn info(&self) -> &ModelInfo;
+    /// A fresh state for a new sequence.
+    fn new_state(&self) -> State;
+    /// Bytes a sequence's state holds after `tokens` tokens.
+    fn state_bytes(&self, tokens: usize) -> usize;
+    /// Feeds every sequence its tokens (one batched pass: each weight is read once) and
+    /// returns logits per sequence. On error no state has been changed.
+    fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>>;
+}
+
+/// Checks the token ids of a batch against the vocabulary before any state changes.
+pub fn check_tokens(batch: &[SeqInput<'_>], vocab_size: usize) -> Result<()> {
+    for (s, seq) in batch.iter().enumerate() {
+        if seq.tokens.is_empty() {
+            bail!("sequence {s} of the batch has no tokens to feed");
+        }
+        if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= vocab_size) {
+            bail!("token id {bad} is out of range: the vocabulary has {vocab_size} tokens (0..{})", vocab_size - 1);
+        }
+    }
+    Ok(())
+}
+
+/// Reads the architecture from `config.json` (`architectures`, else `model_type`).
+pub fn detect(ckpt: &Checkpoint) -> Result<Arch> {
+    let config = ckpt.config()?;
+    let archs: Vec<&str> = config
+        .get("architectures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let model_type = config.get("model_type").and_then(Value::as_str).unwrap_or("");
+    for a in &archs {
+        match *a {
+            "LlamaForCausalLM" => return Ok(Arch::Llama),
+            "MistralForCausalLM" => return Ok(Arch::Mistral),
+            _ => {}
+        }
+    }
+    match model_type {
+        "llama" if archs.is_empty() => Ok(Arch::Llama),
+        "mistral" if archs.is_empty() => Ok(Arch::Mistral),
+        _ => bail!(
+            "{}/config.json: unknown architecture (architectures {:?}, model_type '{}'); gyre runs \
+             LlamaForCausalLM and MistralForCausalLM",
+            ckpt.dir.display(),
+            archs,
+            model_type
+        ),
+    }
+}
+
+/// Detects the architecture and builds the model.
+pub fn load(ckpt: &Checkpoint) -> Result<Box<dyn Model>> {
+    match detect(ckpt)? {
+        arch @ (Arch::Llama | Arch::Mistral) => Ok(Box::new(llama::Llama::load(ckpt, arch)?)),
+    }
+}

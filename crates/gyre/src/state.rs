@@ -1,0 +1,176 @@
+//! Per-sequence state: everything a model carries from one token to the next.
+//!
+//! Weights are shared and read-only; each sequence owns one `State`. Transformers grow a
+//! key/value cache (bounded to a ring of slots when the model has an attention window);
+//! recurrent families keep fixed-size tensors. States clone cheaply for prefix caching.
+
+/// Keys and values of every attention layer, f32, `[slot][kv_heads · head_dim]` per layer.
+///
+/// Without a window the cache grows by one slot per token. With `ring_slots = Some(n)` it
+/// holds at most `n` slots, position `p` living in slot `p % n`: enough for any attention
+/// whose queries see no key older than `n` positions before them.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<KvLayer>,
+    kv_dim: usize,
+    ring_slots: Option<usize>,
+    len: usize,
+}
+
+#[derive(Clone, Debug, Default)]
+struct KvLayer {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` attention layers of `kv_dim` floats per token.
+    pub fn new(n_layers: usize, kv_dim: usize, ring_slots: Option<usize>) -> KvCache {
+        KvCache { layers: vec![KvLayer::default(); n_layers], kv_dim, ring_slots, len: 0 }
+    }
+
+    /// True when this cache fits a model with these dimensions.
+    pub fn shape_matches(&self, n_layers: usize, kv_dim: usize, ring_slots: Option<usize>) -> bool {
+        self.layers.len() == n_layers && self.kv_dim == kv_dim && self.ring_slots == ring_slots
+    }
+
+    /// Tokens seen so far (= the position of the next token).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True before the first token.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Key and value of absolute position `pos` in `layer` (must still be held).
+    #[inline]
+    pub fn get(&self, layer: usize, pos: usize) -> (&[f32], &[f32]) {
+        let slot = self.ring_slots.map_or(pos, |n| pos % n);
+        let l = &self.layers[layer];
+        let r = slot * self.kv_dim..(slot + 1) * self.kv_dim;
+        (&l.k[r.clone()], &l.v[r])
+    }
+
+    /// The oldest position still held, given that `len` tokens have been seen.
+    pub fn oldest_held(&self) -> usize {
+        self.ring_slots.map_or(0, |n| self.len.saturating_sub(n))
+    }
+
+    /// Appends the keys/values of `n` new tokens (`k`, `v`: [n, kv_dim]) to `layer`.
+    /// Positions are `len .. len + n`; call [`KvCache::advance`] once all layers are written.
+    pub fn write(&mut self, layer: usize, k: &[f32], v: &[f32]) {
+        let d = self.kv_dim;
+        let n = k.len() / d;
+        let l = &mut self.layers[layer];
+        let first = match self.ring_slots {
+            Some(cap) => self.len.max((self.len + n).saturating_sub(cap)),
+            None => self.len,
+        };
+        for pos in first..self.len + n {
+            let src = (pos - self.len) * d..(pos - self.len + 1) * d;
+            let slot = self.ring_slots.map_or(pos, |cap| pos % cap);
+            if l.k.len() < (slot + 1) * d {
+                l.k.resize((slot + 1) * d, 0.0);
+                l.v.resize((slot + 1) * d, 0.0);
+            }
+            l.k[slot * d..(slot + 1) * d].copy_from_slice(&k[src.clone()]);
+            l.v[slot * d..(slot + 1) * d].copy_from_slice(&v[src]);
+        }
+    }
+
+    /// Rewinds to the first `tokens` positions; false when a ring has already overwritten
+    /// keys that the next query would need.
+    pub fn truncate(&mut self, tokens: usize) -> bool {
+        if tokens > self.len {
+            return false;
+        }
+        if self.ring_slots.is_some() && tokens < self.len {
+            return false;
+        }
+        self.len = tokens;
+        true
+    }
+
+    /// Marks `n` tokens as seen by every layer.
+    pub fn advance(&mut self, n: usize) {
+        self.len += n;
+    }
+
+    /// Bytes held after `tokens` tokens.
+    pub fn bytes_at(n_layers: usize, kv_dim: usize, ring_slots: Option<usize>, tokens: usize) -> usize {
+        let slots = ring_slots.map_or(tokens, |n| tokens.min(n));
+        n_layers * 2 * slots * kv_dim * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes held now.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(|l| (l.k.capacity() + l.v.capacity()) * 4).sum()
+    }
+}
+
+/// The state of one sequence, per model family.
+#[derive(Clone, Debug)]
+pub enum State {
+    /// Llama / Mistral: the key/value cache.
+    Kv(KvCache),
+}
+
+impl State {
+    /// Tokens consumed so far.
+    pub fn tokens_seen(&self) -> usize {
+        match self {
+            State::Kv(c) => c.len(),
+        }
+    }
+
+    /// Rewinds to the first `tokens` tokens; false when this state cannot rewind that far
+    /// (recurrent states, or ring slots already overwritten).
+    pub fn truncate(&mut self, tokens: usize) -> bool {
+        match self {
+            State::Kv(c) => c.truncate(tokens),
+        }
+    }
+
+    /// Bytes of memory the state holds.
+    pub fn bytes(&self) -> usize {
+        match self {
+            State::Kv(c) => c.bytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_keeps_the_last_slots_in_place() {
+        let mut c = KvCache::new(1, 2, Some(3));
+        let k: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        c.write(0, &k, &k); // positions 0..5
+        c.advance(5);
+        assert_eq!(c.oldest_held(), 2);
+        for p in 2..5 {
+            assert_eq!(c.get(0, p).0, &[2.0 * p as f32, 2.0 * p as f32 + 1.0]);
+        }
+        c.write(0, &[7.0, 8.0], &[7.0, 8.0]);
+        c.advance(1);
+        assert_eq!(c.get(0, 5).0, &[7.0, 8.0]);
+        assert_eq!(c.get(0, 4).0, &[8.0, 9.0]);
+        assert_eq!(KvCache::bytes_at(1, 2, Some(3), 1000), KvCache::bytes_at(1, 2, Some(3), 3));
+    }
+
+    #[test]
+    fn growing_cache_keeps_everything() {
+        let mut c = KvCache::new(2, 1, None);
+        for p in 0..4 {
+            c.write(0, &[p as f32], &[0.0]);
+            c.write(1, &[p as f32], &[0.0]);
+            c.advance(1);
+        }
+        assert_eq!(c.oldest_held(), 0);
+        assert_eq!(c.get(1, 2).0, &[2.0]);
+    }
+}
