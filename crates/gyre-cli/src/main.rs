@@ -1,0 +1,388 @@
+//! `gyre`: the command line. Parses arguments and drives the library; no model logic here.
+
+mod load;
+
+use std::io::{self, BufRead, IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use gyre::chat::Message;
+use gyre::engine::{GenerateParams, Session};
+use gyre::models::{Logits, SeqInput};
+use gyre::sampling::SamplingParams;
+use gyre::tokenizer::Tokenizer;
+
+use load::Loaded;
+
+/// gyre: fast inference for RecurrentGemma, RWKV-5 and Llama-architecture models.
+#[derive(Parser)]
+#[command(name = "gyre", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Continue a prompt, streaming the text to stdout.
+    Generate(GenerateArgs),
+    /// Chat with a model through its chat template (interactive, or one message per stdin line).
+    Chat(ChatArgs),
+    /// Print the raw logits of every position as JSON.
+    Logits(LogitsArgs),
+    /// Tokenize all of stdin (verbatim) and print the ids as JSON.
+    Tokenize(TokenizerArgs),
+    /// Turn ids back into text.
+    Detokenize(DetokenizeArgs),
+    /// Describe a model: architecture, parameters, dtypes, weight and state bytes.
+    Info(ModelArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory (config.json, weights, tokenizer) or a single weight file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Where to run.
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Drop tokens less likely than this fraction of the most likely one.
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    /// Penalise tokens already in the prompt or output (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// OpenAI-style presence penalty over the output.
+    #[arg(long, default_value_t = 0.0)]
+    presence_penalty: f32,
+    /// OpenAI-style frequency penalty over the output.
+    #[arg(long, default_value_t = 0.0)]
+    frequency_penalty: f32,
+    /// Seed for reproducible sampling.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    fn params(&self, stop_ids: Vec<u32>, extra_stop: &[String]) -> GenerateParams {
+        let mut stop = self.stop.clone();
+        stop.extend(extra_stop.iter().cloned());
+        GenerateParams {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repeat_penalty,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                seed: self.seed,
+            },
+            stop,
+            stop_ids,
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt; read from stdin when absent.
+    #[arg(long)]
+    prompt: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A system message to start the conversation with.
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+#[derive(Args)]
+struct LogitsArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Comma-separated token ids, fed as one prefill.
+    #[arg(long, value_delimiter = ',', required = true)]
+    tokens: Vec<u32>,
+    /// Feed one token at a time through the state instead.
+    #[arg(long)]
+    step: bool,
+}
+
+#[derive(Args)]
+struct TokenizerArgs {
+    /// Model directory whose tokenizer to use.
+    #[arg(long, conflicts_with = "tokenizer", required_unless_present = "tokenizer")]
+    model: Option<PathBuf>,
+    /// A tokenizer.json file.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: Device,
+}
+
+#[derive(Args)]
+struct DetokenizeArgs {
+    #[command(flatten)]
+    source: TokenizerArgs,
+    /// Comma-separated token ids.
+    #[arg(long, value_delimiter = ',', required = true)]
+    ids: Vec<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// True when the reader of our stdout went away (e.g. `| head`): not an error worth reporting.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(io::ErrorKind::BrokenPipe))
+    })
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Chat(a) => chat(a),
+        Command::Logits(a) => logits(a),
+        Command::Tokenize(a) => tokenize(a),
+        Command::Detokenize(a) => detokenize(a),
+        Command::Info(a) => info(a),
+    }
+}
+
+fn check_device(device: Device) -> Result<()> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda => bail!("--device cuda: this build of gyre has no CUDA backend yet; use --device cpu"),
+    }
+}
+
+fn open(args: &ModelArgs) -> Result<Loaded> {
+    check_device(args.device)?;
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("cannot start the thread pool")?;
+    }
+    Loaded::open(&args.model)
+}
+
+fn read_stdin_text() -> Result<String> {
+    let mut bytes = Vec::new();
+    io::stdin().read_to_end(&mut bytes).context("cannot read stdin")?;
+    String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "stdin is not valid UTF-8 (invalid byte at offset {}); gyre reads UTF-8 text",
+            e.utf8_error().valid_up_to()
+        )
+    })
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let prompt = match &a.prompt {
+        Some(p) => p.clone(),
+        None => read_stdin_text()?,
+    };
+    let loaded = open(&a.model)?;
+    let tokenizer = loaded.tokenizer()?;
+    let ids = tokenizer.encode(&prompt, true)?;
+    let params = a.sampling.params(tokenizer.specials().eos.clone(), &[]);
+    let mut session = Session::new(loaded.model.as_ref());
+    let mut out = io::stdout().lock();
+    session.generate(&ids, &params, tokenizer, |t| {
+        out.write_all(t.as_bytes())?;
+        out.flush()?;
+        Ok(())
+    })?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn chat(a: ChatArgs) -> Result<()> {
+    let loaded = open(&a.model)?;
+    let tokenizer = loaded.tokenizer()?;
+    let template = loaded.chat_template()?;
+    let params = a.sampling.params(load::chat_stop_ids(tokenizer), &[]);
+    let interactive = io::stdin().is_terminal();
+    let mut session = Session::new(loaded.model.as_ref());
+    let mut messages: Vec<Message> = Vec::new();
+    let start = |messages: &mut Vec<Message>| {
+        messages.clear();
+        if let Some(s) = &a.system {
+            messages.push(Message { role: "system".into(), content: s.clone() });
+        }
+    };
+    start(&mut messages);
+    if interactive {
+        eprintln!("gyre chat: {} — /reset starts over, /exit quits", a.model.model.display());
+    }
+    let stdin = io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+            io::stderr().flush().ok();
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line.context("stdin is not valid UTF-8")?;
+        match line.trim() {
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                start(&mut messages);
+                session.reset();
+                if interactive {
+                    eprintln!("(conversation reset)");
+                }
+                continue;
+            }
+            "" => continue,
+            _ => {}
+        }
+        messages.push(Message { role: "user".into(), content: line });
+        let rendered = template.render(&messages, true)?;
+        let ids = tokenizer.encode_chat(&rendered)?;
+        let mut out = io::stdout().lock();
+        let done = session.generate(&ids, &params, tokenizer, |t| {
+            out.write_all(t.as_bytes())?;
+            out.flush()?;
+            Ok(())
+        })?;
+        writeln!(out)?;
+        out.flush()?;
+        messages.push(Message { role: "assistant".into(), content: done.text.trim().to_string() });
+    }
+    Ok(())
+}
+
+fn logits(a: LogitsArgs) -> Result<()> {
+    let loaded = open(&a.model)?;
+    let model = loaded.model.as_ref();
+    let mut state = model.new_state();
+    let rows: Vec<Vec<f32>> = if a.step {
+        let mut rows = Vec::with_capacity(a.tokens.len());
+        for t in &a.tokens {
+            let mut out = model.forward(
+                &mut [SeqInput { tokens: std::slice::from_ref(t), state: &mut state }],
+                Logits::Last,
+            )?;
+            rows.push(out.pop().unwrap_or_default());
+        }
+        rows
+    } else {
+        let all = model
+            .forward(&mut [SeqInput { tokens: &a.tokens, state: &mut state }], Logits::All)?
+            .pop()
+            .unwrap_or_default();
+        all.chunks(model.info().vocab_size).map(<[f32]>::to_vec).collect()
+    };
+    let mut out = io::stdout().lock();
+    serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn open_tokenizer(a: &TokenizerArgs) -> Result<Tokenizer> {
+    check_device(a.device)?;
+    match (&a.model, &a.tokenizer) {
+        (Some(dir), _) => load::tokenizer_for(dir),
+        (None, Some(file)) => Tokenizer::from_file(file),
+        (None, None) => bail!("give --model PATH or --tokenizer FILE"),
+    }
+}
+
+fn tokenize(a: TokenizerArgs) -> Result<()> {
+    let tokenizer = open_tokenizer(&a)?;
+    let text = read_stdin_text()?;
+    let ids = tokenizer.encode(&text, false)?;
+    println!("{}", serde_json::json!({ "ids": ids }));
+    Ok(())
+}
+
+fn detokenize(a: DetokenizeArgs) -> Result<()> {
+    let tokenizer = open_tokenizer(&a.source)?;
+    let text = tokenizer.decode(&a.ids, false)?;
+    let mut out = io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn info(a: ModelArgs) -> Result<()> {
+    let loaded = open(&a)?;
+    let info = loaded.model.info();
+    let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+    let dtypes: Vec<&str> = info.dtypes.iter().map(|d| d.name()).collect();
+    println!("model:        {}", a.model.display());
+    println!("architecture: {}", info.arch.name());
+    println!("layers:       {}", info.n_layers);
+    println!("hidden size:  {}", info.hidden_size);
+    println!("vocab size:   {}", info.vocab_size);
+    println!("parameters:   {} ({:.3} B)", info.params, info.params as f64 / 1e9);
+    println!("dtypes:       {}", dtypes.join(", "));
+    println!("weights:      {} bytes ({:.3} GiB)", info.weight_bytes, gib(info.weight_bytes));
+    match info.context_length {
+        Some(c) => println!("context:      {c} tokens"),
+        None => println!("context:      unbounded (fixed-size state)"),
+    }
+    for n in [1024, 8192, 32768] {
+        let b = loaded.model.state_bytes(n);
+        println!("state @ {:>5}: {b} bytes ({:.1} MiB) per sequence", n, b as f64 / (1 << 20) as f64);
+    }
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! End-to-end tests of the `gyre` binary.
+//!
+//! Fixture `tests/fixtures/tiny_chat`: a tiny Llama with its own trained tokenizer and the
+//! SOLAR-instruct chat template; `expected.json` holds HF transformers' greedy continuations
+//! and logits for it (made by `tools/make_chat_fixture.py`).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn tiny() -> PathBuf {
+    fixtures().join("tiny_chat")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
+}
+
+fn gyre(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gyre"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "gyre failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// Runs gyre expecting failure; returns stderr after checking it is a clean error.
+fn fails(args: &[&str], stdin: &[u8]) -> String {
+    let out = gyre(args, stdin);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "expected failure for {args:?}, got success");
+    assert!(err.starts_with("error: "), "stderr should be an error message: {err}");
+    assert!(!err.contains("panicked"), "gyre panicked: {err}");
+    err
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn generate_greedy_equals_transformers() {
+    let m = tiny();
+    for case in expected()["generate"].as_array().unwrap() {
+        let prompt = case["prompt"].as_str().unwrap();
+        let out = ok(&gyre(
+            &["generate", "--model", s(&m), "--prompt", prompt, "--temperature", "0", "--max-tokens", "24"],
+            b"",
+        ));
+        assert_eq!(out, format!("{}\n", case["text"].as_str().unwrap()), "prompt {prompt:?}");
+    }
+}
+
+#[test]
+fn generate_reads_the_prompt_from_stdin() {
+    let case = &expected()["generate"][0];
+    let prompt = case["prompt"].as_str().unwrap();
+    let out = ok(&gyre(
+        &["generate", "--model", s(&tiny()), "--temperature", "0", "--max-tokens", "24"],
+        prompt.as_bytes(),
+    ));
+    assert_eq!(out.trim_end_matches('\n'), case["text"].as_str().unwrap());
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let m = tiny();
+    let args = ["generate", "--model", s(&m), "--prompt", "The", "--temperature", "1.0", "--seed", "42"];
+    let a = ok(&gyre(&args, b""));
+    let b = ok(&gyre(&args, b""));
+    assert_eq!(a, b);
+    let mut other = args.to_vec();
+    other[9] = "43";
+    assert_ne!(a, ok(&gyre(&other, b"")));
+}
+
+#[test]
+fn chat_greedy_equals_transformers_with_template_and_builtin_fallback() {
+    let case = &expected()["chat"][0];
+    let msg = format!("{}\n", case["message"].as_str().unwrap());
+    let want = format!("{}\n", case["text"].as_str().unwrap());
+    let args = |m: &str| -> Vec<String> {
+        ["chat", "--model", m, "--temperature", "0", "--max-tokens", "24"].map(String::from).to_vec()
+    };
+    let argv = args(s(&tiny()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    assert_eq!(ok(&gyre(&argv, msg.as_bytes())), want);
+
+    // Without a chat_template the built-in SOLAR format renders the same prompt.
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny(), dir.path());
+    let cfg_path = dir.path().join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg.as_object_mut().unwrap().remove("chat_template");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let argv = args(s(dir.path()));
+    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let out = gyre(&argv, msg.as_bytes());
+    assert_eq!(ok(&out), want);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("built-in SOLAR"));
+}
+
+#[test]
+fn chat_handles_several_turns_and_reset() {
+    let m = tiny();
+    let args = ["chat", "--model", s(&m), "--temperature", "0", "--max-tokens", "8", "--system", "Be brief."];
+    let out = ok(&gyre(&args, b"hello\nhow are you\n/reset\nhello\n/exit\nnever read\n"));
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(!lines.is_empty());
+    // After /reset the first turn repeats exactly (greedy, same history).
+    let replies: Vec<&str> = out.split_terminator('\n').collect();
+    let first_turn = ok(&gyre(&args, b"hello\n"));
+    assert!(out.starts_with(&first_turn), "{out:?} vs {first_turn:?}");
+    assert!(out.ends_with(&first_turn), "{out:?} vs {first_turn:?}");
+    assert!(replies.len() >= 3);
+}
+
+#[test]
+fn logits_prefill_and_step_equal_transformers() {
+    let exp = expected();
+    let tokens: Vec<String> = exp["logits_tokens"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let tokens = tokens.join(",");
+    let want: Vec<f64> = exp["logits_last"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let parse = |out: String| -> Vec<Vec<f64>> {
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+            .collect()
+    };
+    let m = tiny();
+    let prefill = parse(ok(&gyre(&["logits", "--model", s(&m), "--tokens", &tokens], b"")));
+    let step = parse(ok(&gyre(&["logits", "--model", s(&m), "--tokens", &tokens, "--step"], b"")));
+    assert_eq!(prefill.len(), tokens.split(',').count());
+    assert_eq!(step.len(), prefill.len());
+    let last = prefill.last().unwrap();
+    let d = last.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    assert!(d <= 1e-4, "prefill vs transformers: {d}");
+    for (a, b) in prefill.iter().zip(&step) {
+        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+        assert!(d <= 1e-5, "prefill vs step: {d}");
+    }
+}
+
+#[test]
+fn tokenize_reads_stdin_verbatim_and_detokenize_inverts_it() {
+    let m = tiny();
+    let text = "Copyright (C) 2007 Free Software Foundation\n\n  indented  ";
+    let out = ok(&gyre(&["tokenize", "--model", s(&m)], text.as_bytes()));
+    let ids: Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<String> = ids["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    assert!(!ids.contains(&"1".to_string()), "tokenize must not add BOS");
+    let back = ok(&gyre(&["detokenize", "--model", s(&m), "--ids", &ids.join(",")], b""));
+    assert_eq!(back, format!("{text}\n"));
+    // The tokenizer file alone works too, and a trailing newline is not trimmed.
+    let tok = m.join("tokenizer.json");
+    let a = ok(&gyre(&["tokenize", "--tokenizer", s(&tok)], b"word"));
+    let b = ok(&gyre(&["tokenize", "--tokenizer", s(&tok)], b"word\n"));
+    assert_ne!(a, b);
+}
+
+#[test]
+fn info_reports_architecture_sizes_and_state() {
+    let out = ok(&gyre(&["info", "--model", s(&tiny())], b""));
+    assert!(out.contains("LlamaForCausalLM"), "{out}");
+    assert!(out.contains("parameters:   145728"), "{out}");
+    assert!(out.contains("state @  1024: 524288 bytes"), "{out}");
+}
+
+#[test]
+fn invalid_utf8_on_stdin_is_a_clear_error() {
+    let err = fails(&["tokenize", "--model", s(&tiny())], b"ok \xff\xfe bad");
+    assert!(err.contains("not valid UTF-8"), "{err}");
+    let err = fails(&["generate", "--model", s(&tiny()), "--max-tokens", "2"], b"\xc3");
+    assert!(err.contains("not valid UTF-8"), "{err}");
+}
+
+#[test]
+fn bad_model_paths_and_devices_are_clear_errors() {
+    let err = fails(&["info", "--model", "/no/such/model"], b"");
+    assert!(err.contains("/no/such/model") && err.contains("does not exist"), "{err}");
+    let err = fails(&["info", "--model", s(&tiny()), "--device", "cuda"], b"");
+    assert!(err.contains("cuda"), "{err}");
+    let err = fails(&["logits", "--model", s(&tiny()), "--tokens", "1,99999"], b"");
+    assert!(err.contains("token id 99999 is out of range"), "{err}");
+    let err = fails(&["detokenize", "--model", s(&tiny()), "--ids", "1,99999"], b"");
+    assert!(err.contains("99999"), "{err}");
+}
+
+/// Copies the fixture into a temp dir and lets `edit` break it.
+fn broken(edit: impl FnOnce(&Path)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny(), dir.path());
+    edit(dir.path());
+    dir
+}
+
+#[test]
+fn truncated_and_garbage_weight_files_are_clear_errors() {
+    let d = broken(|p| {
+        let w = p.join("model.safetensors");
+        let bytes = std::fs::read(&w).unwrap();
+        std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    });
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+
+    let d = broken(|p| std::fs::write(p.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap());
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
+
+    let d = broken(|p| std::fs::write(p.join("model.safetensors"), b"").unwrap());
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("empty"), "{err}");
+
+    let d = broken(|p| std::fs::remove_file(p.join("model.safetensors")).unwrap());
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("no weights"), "{err}");
+}
+
+/// Rewrites the fixture's weights through `change` (name → Option<(shape, f32 data)>).
+fn rewrite_weights(p: &Path, change: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(Vec<usize>, Vec<u8>)>) {
+    let w = p.join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept = Vec::new();
+    for (name, view) in st.tensors() {
+        if let Some((shape, data)) = change(&name, view.shape().to_vec(), view.data().to_vec()) {
+            kept.push((name, shape, data));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = kept
+        .iter()
+        .map(|(n, shape, data)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &w).unwrap();
+}
+
+#[test]
+fn missing_and_misshapen_tensors_are_named() {
+    let d = broken(|p| rewrite_weights(p, |n, s, b| (n != "model.layers.1.mlp.up_proj.weight").then_some((s, b))));
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"), "{err}");
+
+    let d = broken(|p| {
+        rewrite_weights(p, |n, s, b| {
+            if n == "model.norm.weight" {
+                Some((vec![s[0] - 1], b[..b.len() - 4].to_vec()))
+            } else {
+                Some((s, b))
+            }
+        })
+    });
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("model.norm.weight") && err.contains("[63]") && err.contains("[64]"), "{err}");
+}
+
+#[test]
+fn unknown_architectures_and_bad_configs_are_named() {
+    let edit_config = |f: &dyn Fn(&mut Value)| {
+        broken(|p| {
+            let path = p.join("config.json");
+            let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            f(&mut cfg);
+            std::fs::write(&path, cfg.to_string()).unwrap();
+        })
+    };
+    let d = edit_config(&|c| {
+        c["architectures"] = serde_json::json!(["FancyNewForCausalLM"]);
+        c["model_type"] = serde_json::json!("fancy");
+    });
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("FancyNewForCausalLM") && err.contains("unknown architecture"), "{err}");
+
+    let d = edit_config(&|c| c["num_key_value_heads"] = serde_json::json!(3));
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("num_key_value_heads"), "{err}");
+
+    let d = broken(|p| std::fs::write(p.join("config.json"), "{ truncated").unwrap());
+    let err = fails(&["info", "--model", s(d.path())], b"");
+    assert!(err.contains("config.json") && err.contains("not valid JSON"), "{err}");
+}

@@ -1,0 +1,6 @@
+//! The generation engine: sessions (prefill, decode, sampling, stop rules).
+
+pub mod session;
+pub mod stop;
+
+pub use session::{Completion, FinishReason, GenerateParams, Session};

@@ -1,0 +1,174 @@
+//! One sequence's generation: prefill, the decode loop, sampling, streaming text, stop rules.
+//!
+//! A `Session` owns the sequence's [`State`] and the ids that state has consumed, so a chat
+//! can resend its whole history and pay prefill only for what is new (the common prefix of
+//! the old and new ids is kept whenever the state can be rewound to it).
+
+use anyhow::{bail, Result};
+
+use super::stop::{StopMatcher, StopOutcome};
+use crate::models::{Logits, Model, SeqInput};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::state::State;
+use crate::tokenizer::Tokenizer;
+
+/// What to generate and when to stop.
+#[derive(Clone, Debug)]
+pub struct GenerateParams {
+    /// Most new tokens to produce.
+    pub max_tokens: usize,
+    /// Sampling settings (temperature 0 = greedy).
+    pub sampling: SamplingParams,
+    /// Stop strings: generation ends before any of them, which is not emitted.
+    pub stop: Vec<String>,
+    /// Token ids that end generation (not emitted); usually the tokenizer's EOS ids.
+    pub stop_ids: Vec<u32>,
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// A stop id or stop string.
+    Stop,
+    /// `max_tokens` or the model's context length.
+    Length,
+}
+
+/// The outcome of one `generate` call.
+#[derive(Clone, Debug)]
+pub struct Completion {
+    /// The emitted text (stop strings excluded).
+    pub text: String,
+    /// The sampled ids (a final stop id excluded).
+    pub tokens: Vec<u32>,
+    /// Prompt tokens that had to be fed (the rest came from the reused state).
+    pub prompt_tokens_fed: usize,
+    /// Prompt length in tokens.
+    pub prompt_tokens: usize,
+    pub finish: FinishReason,
+}
+
+/// A sequence in progress.
+pub struct Session<'m> {
+    model: &'m dyn Model,
+    state: State,
+    /// Ids the state has consumed, in order.
+    consumed: Vec<u32>,
+}
+
+impl<'m> Session<'m> {
+    /// A fresh sequence.
+    pub fn new(model: &'m dyn Model) -> Session<'m> {
+        Session { model, state: model.new_state(), consumed: Vec::new() }
+    }
+
+    /// A sequence starting from a given state (e.g. a loaded state file), with no ids.
+    pub fn with_state(model: &'m dyn Model, state: State) -> Session<'m> {
+        Session { model, state, consumed: Vec::new() }
+    }
+
+    /// Forgets everything.
+    pub fn reset(&mut self) {
+        self.state = self.model.new_state();
+        self.consumed.clear();
+    }
+
+    /// The state after the consumed ids.
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Feeds `tokens` and returns the logits after the last one.
+    pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        if let Some(ctx) = self.model.info().context_length {
+            if self.consumed.len() + tokens.len() > ctx {
+                bail!(
+                    "the sequence would be {} tokens, longer than the model's context of {ctx}",
+                    self.consumed.len() + tokens.len()
+                );
+            }
+        }
+        let mut out = self
+            .model
+            .forward(&mut [SeqInput { tokens, state: &mut self.state }], Logits::Last)?;
+        self.consumed.extend_from_slice(tokens);
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// Brings the state to the end of `prompt`, reusing the consumed ids it shares with
+    /// `prompt`, and returns the logits after the prompt and how many ids were fed.
+    fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty: nothing to continue from (give some text, or a model that adds BOS)");
+        }
+        let common = self.consumed.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        // Keep at least the last prompt token to feed, so there are logits to sample from.
+        let keep = common.min(prompt.len() - 1);
+        if keep < self.consumed.len() && !self.state.truncate(keep) {
+            self.reset();
+        } else {
+            self.consumed.truncate(keep);
+        }
+        let start = self.consumed.len();
+        let logits = self.feed(&prompt[start..])?;
+        Ok((logits, prompt.len() - start))
+    }
+
+    /// Continues `prompt` (the whole sequence so far, as ids), streaming text to `on_text`.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        params: &GenerateParams,
+        tokenizer: &Tokenizer,
+        mut on_text: impl FnMut(&str) -> Result<()>,
+    ) -> Result<Completion> {
+        params.sampling.validate()?;
+        let (mut logits, fed) = self.prefill(prompt)?;
+        let mut sampler = Sampler::new(params.sampling.clone());
+        let mut stop = StopMatcher::new(params.stop.clone());
+        let mut detok = tokenizer.decode_stream(true);
+        let mut history = prompt.to_vec();
+        let (mut text, mut tokens) = (String::new(), Vec::new());
+        let ctx = self.model.info().context_length;
+        let mut emit = |s: &str, text: &mut String| -> Result<()> {
+            if !s.is_empty() {
+                text.push_str(s);
+                on_text(s)?;
+            }
+            Ok(())
+        };
+        let finish = loop {
+            if tokens.len() >= params.max_tokens {
+                break FinishReason::Length;
+            }
+            let id = sampler.sample(&logits, &history, prompt.len());
+            if params.stop_ids.contains(&id) {
+                break FinishReason::Stop;
+            }
+            tokens.push(id);
+            history.push(id);
+            if let Some(delta) = detok.push(id)? {
+                match stop.push(&delta) {
+                    StopOutcome::Continue(s) => emit(&s, &mut text)?,
+                    StopOutcome::Stop(s) => {
+                        emit(&s, &mut text)?;
+                        break FinishReason::Stop;
+                    }
+                }
+            }
+            if tokens.len() >= params.max_tokens || ctx.is_some_and(|c| self.consumed.len() >= c) {
+                break FinishReason::Length;
+            }
+            logits = self.feed(&[id])?;
+        };
+        if !stop.is_stopped() {
+            let rest = detok.finish()?;
+            match stop.push(&rest) {
+                StopOutcome::Continue(s) | StopOutcome::Stop(s) => emit(&s, &mut text)?,
+            }
+            let held = stop.finish();
+            emit(&held, &mut text)?;
+        }
+        Ok(Completion { text, tokens, prompt_tokens_fed: fed, prompt_tokens: prompt.len(), finish })
+    }
+}
