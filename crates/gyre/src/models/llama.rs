@@ -16,8 +16,8 @@
 //! stored dtype.
 
 use anyhow::{bail, Result};
-use rayon::prelude::*;
 
+use super::layers::{self, AttnDims};
 use super::{check_tokens, Arch, Logits, Model, ModelInfo, SeqInput};
 use crate::kernels::cpu::{self as k, linear};
 use crate::loader::config::LlamaConfig;
@@ -130,17 +130,6 @@ impl Llama {
     }
 }
 
-/// Rows of the batch that belong to one sequence.
-#[derive(Clone, Copy)]
-struct Segment {
-    /// First row in the batch matrices.
-    row: usize,
-    /// Number of new tokens.
-    len: usize,
-    /// Absolute position of the first new token.
-    pos: usize,
-}
-
 impl Model for Llama {
     fn info(&self) -> &ModelInfo {
         &self.info
@@ -156,23 +145,19 @@ impl Model for Llama {
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
         check_tokens(batch, self.info.vocab_size)?;
-        let mut segments = Vec::with_capacity(batch.len());
-        let mut rows = 0;
+        let mut positions = Vec::with_capacity(batch.len());
         for seq in batch.iter_mut() {
-            let pos = self.cache(seq.state)?.len();
-            segments.push(Segment { row: rows, len: seq.tokens.len(), pos });
-            rows += seq.tokens.len();
+            positions.push(self.cache(seq.state)?.len());
         }
+        let (segments, rows) = layers::segments(batch, |i| positions[i]);
         let (c, hd, h, kvd) = (self.info.hidden_size, self.head_dim, self.heads, self.kv_dim());
-        let group = self.heads / self.kv_heads;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let dims = AttnDims { heads: h, kv_heads: self.kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+        let window = self.window;
+        let first_visible = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
 
         // x: [rows, C] residual stream
         let mut x = vec![0f32; rows * c];
-        let embed = self.embed.data();
-        for (r, &t) in batch.iter().flat_map(|s| s.tokens).enumerate() {
-            embed.row_to_f32(t as usize * c, &mut x[r * c..(r + 1) * c]);
-        }
+        layers::gather_embeddings(batch, &self.embed, 1.0, &mut x);
         let f = self.layers.first().map_or(0, |l| l.gate.shape()[0]);
         let mut normed = vec![0f32; rows * c];
         let (mut q, mut kk, mut vv) = (vec![0f32; rows * h * hd], vec![0f32; rows * kvd], vec![0f32; rows * kvd]);
@@ -195,26 +180,7 @@ impl Model for Llama {
             for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
                 let cache = self.cache(seq.state)?;
                 let out = &mut attn[seg.row * h * hd..(seg.row + seg.len) * h * hd];
-                let (q, kk, vv) = (&q, &kk, &vv);
-                let window = self.window;
-                out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
-                    let (i, head) = (idx / h, idx % h);
-                    let g = head / group;
-                    let pos = seg.pos + i;
-                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                    let qv = &q[(seg.row + i) * h * hd + head * hd..][..hd];
-                    let kv = |j: usize| {
-                        let p = lo + j;
-                        if p >= seg.pos {
-                            let r = (seg.row + p - seg.pos) * kvd + g * hd;
-                            (&kk[r..r + hd], &vv[r..r + hd])
-                        } else {
-                            let (ck, cv) = cache.get(li, p);
-                            (&ck[g * hd..(g + 1) * hd], &cv[g * hd..(g + 1) * hd])
-                        }
-                    };
-                    k::attend(qv, pos + 1 - lo, kv, scale, scores, o);
-                });
+                layers::attend_chunk(dims, &q, &kk, &vv, *seg, cache, li, first_visible, out);
             }
             for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
                 let span = seg.row * kvd..(seg.row + seg.len) * kvd;
@@ -235,25 +201,13 @@ impl Model for Llama {
         }
 
         // Final norm and head over the rows whose logits are wanted.
-        let picked: Vec<usize> = match which {
-            Logits::Last => segments.iter().map(|s| s.row + s.len - 1).collect(),
-            Logits::All => (0..rows).collect(),
-        };
-        let mut sel = vec![0f32; picked.len() * c];
-        for (j, &r) in picked.iter().enumerate() {
-            sel[j * c..(j + 1) * c].copy_from_slice(&x[r * c..(r + 1) * c]);
-        }
+        let sel = layers::pick_rows(&x, c, &segments, which);
+        let n = sel.len() / c;
         let mut sel_normed = vec![0f32; sel.len()];
         k::rmsnorm(&sel, &self.norm, self.eps, &mut sel_normed);
         let v = self.info.vocab_size;
-        let mut logits = vec![0f32; picked.len() * v];
-        linear(&sel_normed, picked.len(), &self.lm_head, &mut logits);
-        Ok(match which {
-            Logits::Last => logits.chunks_exact(v).map(<[f32]>::to_vec).collect(),
-            Logits::All => segments
-                .iter()
-                .map(|s| logits[s.row * v..(s.row + s.len) * v].to_vec())
-                .collect(),
-        })
+        let mut logits = vec![0f32; n * v];
+        linear(&sel_normed, n, &self.lm_head, &mut logits);
+        Ok(layers::split_logits(logits, v, &segments, which))
     }
 }

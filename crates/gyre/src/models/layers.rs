@@ -1,0 +1,129 @@
+//! Pieces shared by the model families: batch bookkeeping, embedding gather, windowed
+//! attention over a [`KvCache`] plus the current chunk, and row picking for the head.
+
+use rayon::prelude::*;
+
+use super::{Logits, SeqInput};
+use crate::kernels::cpu as k;
+use crate::state::KvCache;
+use crate::tensor::Tensor;
+
+/// Rows of the batch matrices that belong to one sequence.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    /// First row in the batch matrices.
+    pub row: usize,
+    /// Number of new tokens.
+    pub len: usize,
+    /// Absolute position of the first new token.
+    pub pos: usize,
+}
+
+/// Lays the sequences of a batch out as consecutive rows; `pos_of` gives each one's
+/// current position. Returns the segments and the total number of rows.
+pub fn segments(batch: &[SeqInput<'_>], pos_of: impl Fn(usize) -> usize) -> (Vec<Segment>, usize) {
+    let mut rows = 0;
+    let segs = batch
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let seg = Segment { row: rows, len: s.tokens.len(), pos: pos_of(i) };
+            rows += s.tokens.len();
+            seg
+        })
+        .collect();
+    (segs, rows)
+}
+
+/// `out[r] = scale · embed[token_r]` for every token of the batch, in row order.
+/// Shapes: `embed` [V, C], `out` [rows, C].
+pub fn gather_embeddings(batch: &[SeqInput<'_>], embed: &Tensor, scale: f32, out: &mut [f32]) {
+    let c = embed.shape()[1];
+    let data = embed.data();
+    for (r, &t) in batch.iter().flat_map(|s| s.tokens).enumerate() {
+        let row = &mut out[r * c..(r + 1) * c];
+        data.row_to_f32(t as usize * c, row);
+        if scale != 1.0 {
+            row.iter_mut().for_each(|v| *v *= scale);
+        }
+    }
+}
+
+/// Multi-head attention dimensions.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnDims {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Score multiplier (usually head_dim^-0.5).
+    pub scale: f32,
+}
+
+/// Causal attention for one sequence's chunk of new tokens.
+///
+/// `q` [rows, heads·hd], `kk`/`vv` [rows, kv_heads·hd] are the whole batch's projections
+/// (after RoPE); the chunk is `seg`. Keys before the chunk come from `cache` (`layer`). A query
+/// at position p sees keys `first_visible(p) ..= p`. Writes `out` [seg.len, heads·hd].
+#[allow(clippy::too_many_arguments)]
+pub fn attend_chunk(
+    dims: AttnDims,
+    q: &[f32],
+    kk: &[f32],
+    vv: &[f32],
+    seg: Segment,
+    cache: &KvCache,
+    layer: usize,
+    first_visible: impl Fn(usize) -> usize + Sync,
+    out: &mut [f32],
+) {
+    let AttnDims { heads: h, kv_heads, head_dim: hd, scale } = dims;
+    let kvd = kv_heads * hd;
+    let group = h / kv_heads;
+    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
+        let (i, head) = (idx / h, idx % h);
+        let g = head / group;
+        let pos = seg.pos + i;
+        let lo = first_visible(pos);
+        let qv = &q[(seg.row + i) * h * hd + head * hd..][..hd];
+        let kv = |j: usize| {
+            let p = lo + j;
+            if p >= seg.pos {
+                let r = (seg.row + p - seg.pos) * kvd + g * hd;
+                (&kk[r..r + hd], &vv[r..r + hd])
+            } else {
+                let (ck, cv) = cache.get(layer, p);
+                (&ck[g * hd..(g + 1) * hd], &cv[g * hd..(g + 1) * hd])
+            }
+        };
+        k::attend(qv, pos + 1 - lo, kv, scale, scores, o);
+    });
+}
+
+/// The rows whose logits are wanted, copied out of `x` [rows, C].
+pub fn pick_rows(x: &[f32], c: usize, segs: &[Segment], which: Logits) -> Vec<f32> {
+    match which {
+        Logits::All => x.to_vec(),
+        Logits::Last => segs
+            .iter()
+            .flat_map(|s| x[(s.row + s.len - 1) * c..(s.row + s.len) * c].iter().copied())
+            .collect(),
+    }
+}
+
+/// Splits head output [picked rows, V] back into one vector per sequence.
+pub fn split_logits(logits: Vec<f32>, v: usize, segs: &[Segment], which: Logits) -> Vec<Vec<f32>> {
+    match which {
+        Logits::Last => logits.chunks_exact(v).map(<[f32]>::to_vec).collect(),
+        Logits::All => segs.iter().map(|s| logits[s.row * v..(s.row + s.len) * v].to_vec()).collect(),
+    }
+}
+
+/// `out = x·Wᵀ + b` for every row (`b` optional): [`k::linear`] plus a bias.
+pub fn linear_bias(x: &[f32], rows: usize, w: &Tensor, b: Option<&[f32]>, out: &mut [f32]) {
+    k::linear(x, rows, w, out);
+    if let Some(b) = b {
+        for row in out.chunks_exact_mut(b.len()) {
+            k::add_assign(row, b);
+        }
+    }
+}
