@@ -29,6 +29,13 @@ impl KvCache {
         KvCache { layers: vec![KvLayer::default(); n_layers], kv_dim, ring_slots, len: 0 }
     }
 
+    /// A ring of `slots` positions per layer, allocated up front so the state's size never
+    /// changes (recurrent-family attention: memory fixed from the first token).
+    pub fn ring(n_layers: usize, kv_dim: usize, slots: usize) -> KvCache {
+        let layer = KvLayer { k: vec![0.0; slots * kv_dim], v: vec![0.0; slots * kv_dim] };
+        KvCache { layers: vec![layer; n_layers], kv_dim, ring_slots: Some(slots), len: 0 }
+    }
+
     /// True when this cache fits a model with these dimensions.
     pub fn shape_matches(&self, n_layers: usize, kv_dim: usize, ring_slots: Option<usize>) -> bool {
         self.layers.len() == n_layers && self.kv_dim == kv_dim && self.ring_slots == ring_slots
@@ -110,11 +117,44 @@ impl KvCache {
     }
 }
 
+/// RecurrentGemma: fixed-size, whatever the sequence length.
+#[derive(Clone, Debug)]
+pub struct GriffinState {
+    /// Per recurrent layer: the last `conv1d_width − 1` conv inputs, oldest first, [width−1, lru].
+    pub conv: Vec<Vec<f32>>,
+    /// Per recurrent layer: the RG-LRU hidden state h, f32 [lru].
+    pub lru: Vec<Vec<f32>>,
+    /// Per attention layer: a ring of `attention_window_size` key/value slots.
+    pub kv: KvCache,
+    /// Tokens consumed (position of the next token; 0 triggers the RG-LRU reset).
+    pub pos: usize,
+}
+
+impl GriffinState {
+    /// A zero state.
+    pub fn new(n_recurrent: usize, lru: usize, conv_width: usize, kv: KvCache) -> GriffinState {
+        GriffinState {
+            conv: vec![vec![0.0; (conv_width - 1) * lru]; n_recurrent],
+            lru: vec![vec![0.0; lru]; n_recurrent],
+            kv,
+            pos: 0,
+        }
+    }
+
+    /// Bytes of the recurrent part.
+    pub fn bytes_for(n_recurrent: usize, lru: usize, conv_width: usize) -> usize {
+        // (width − 1) conv rows plus the LRU state row
+        n_recurrent * conv_width * lru * std::mem::size_of::<f32>()
+    }
+}
+
 /// The state of one sequence, per model family.
 #[derive(Clone, Debug)]
 pub enum State {
     /// Llama / Mistral: the key/value cache.
     Kv(KvCache),
+    /// RecurrentGemma: conv and RG-LRU states plus attention rings.
+    Griffin(GriffinState),
 }
 
 impl State {
@@ -122,6 +162,7 @@ impl State {
     pub fn tokens_seen(&self) -> usize {
         match self {
             State::Kv(c) => c.len(),
+            State::Griffin(g) => g.pos,
         }
     }
 
@@ -130,6 +171,7 @@ impl State {
     pub fn truncate(&mut self, tokens: usize) -> bool {
         match self {
             State::Kv(c) => c.truncate(tokens),
+            State::Griffin(g) => tokens == g.pos,
         }
     }
 
@@ -137,6 +179,10 @@ impl State {
     pub fn bytes(&self) -> usize {
         match self {
             State::Kv(c) => c.bytes(),
+            State::Griffin(g) => {
+                let rec: usize = g.conv.iter().chain(&g.lru).map(|v| v.len() * 4).sum();
+                rec + g.kv.bytes()
+            }
         }
     }
 }

@@ -4,16 +4,12 @@
 //! transformers (eager attention, one full-sequence forward). `expected.safetensors` holds
 //! the token ids and the reference logits for every position.
 
-use std::path::PathBuf;
+mod common;
 
-use gyre::loader::Checkpoint;
-use gyre::models::{self, Logits, Model, SeqInput};
+use common::*;
+use gyre::models::{Logits, Model, SeqInput};
 
-fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama").join(case)
-}
-
-struct Expected {
+struct Case {
     tokens: Vec<u32>,
     /// [T, V] logits of the f32-compute reference.
     logits: Vec<f32>,
@@ -21,59 +17,23 @@ struct Expected {
     native: Option<Vec<f32>>,
 }
 
-fn expected(case: &str) -> Expected {
-    let bytes = std::fs::read(fixture(case).join("expected.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let f32s = |name: &str| -> Option<Vec<f32>> {
-        let t = st.tensor(name).ok()?;
-        Some(t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect())
-    };
-    let tokens = st.tensor("tokens").unwrap();
-    let tokens = tokens.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
-    Expected { tokens, logits: f32s("logits").unwrap(), native: f32s("logits_native") }
-}
-
-fn load(case: &str) -> Box<dyn Model> {
-    let ckpt = Checkpoint::open(&fixture(case), |_, _| {}).unwrap();
-    models::load(&ckpt).unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn prefill_all(model: &dyn Model, tokens: &[u32]) -> Vec<f32> {
-    let mut state = model.new_state();
-    let mut out = model.forward(&mut [SeqInput { tokens, state: &mut state }], Logits::All).unwrap();
-    out.pop().unwrap()
-}
-
-fn step_by_step(model: &dyn Model, tokens: &[u32]) -> Vec<f32> {
-    let mut state = model.new_state();
-    let mut rows = Vec::new();
-    for t in tokens {
-        let out = model
-            .forward(&mut [SeqInput { tokens: std::slice::from_ref(t), state: &mut state }], Logits::Last)
-            .unwrap();
-        rows.extend_from_slice(&out[0]);
-    }
-    rows
-}
-
 /// Prefill and step-by-step both match the reference within `tol`, and each other.
-fn check(case: &str, tol: f32) -> (Box<dyn Model>, Expected) {
-    let model = load(case);
-    let exp = expected(case);
-    let prefill = prefill_all(model.as_ref(), &exp.tokens);
-    let d = max_abs_diff(&prefill, &exp.logits);
-    assert!(d <= tol, "{case}: prefill max |Δlogit| = {d} > {tol}");
-    let step = step_by_step(model.as_ref(), &exp.tokens);
-    let d = max_abs_diff(&step, &exp.logits);
-    assert!(d <= tol, "{case}: step-by-step max |Δlogit| = {d} > {tol}");
-    let d = max_abs_diff(&step, &prefill);
-    assert!(d <= 1e-5, "{case}: prefill and step-by-step differ by {d}");
-    (model, exp)
+fn check(case: &str, tol: f32) -> (Box<dyn Model>, Case) {
+    let dir = fixture("llama", case);
+    let model = load(&dir);
+    let exp = Expected::read(&dir.join("expected.safetensors"));
+    let c = Case {
+        tokens: exp.ids("tokens").to_vec(),
+        logits: exp.f("logits").to_vec(),
+        native: exp.floats.get("logits_native").cloned(),
+    };
+    assert_parity(case, model.as_ref(), &c.tokens, &c.logits, tol);
+    (model, c)
+}
+
+fn expected(case: &str) -> Case {
+    let exp = Expected::read(&fixture("llama", case).join("expected.safetensors"));
+    Case { tokens: exp.ids("tokens").to_vec(), logits: exp.f("logits").to_vec(), native: None }
 }
 
 #[test]
@@ -115,7 +75,7 @@ fn llama_f16_matches_transformers() {
 /// logits as each run alone.
 #[test]
 fn batched_forward_equals_single_sequences() {
-    let model = load("mistral_window_f32");
+    let model = load(&fixture("llama", "mistral_window_f32"));
     let exp = expected("mistral_window_f32");
     let v = model.info().vocab_size;
     let (a, b) = (&exp.tokens[..20], &exp.tokens[5..17]);
@@ -137,7 +97,7 @@ fn batched_forward_equals_single_sequences() {
 
 #[test]
 fn out_of_range_token_is_an_error_and_leaves_state_untouched() {
-    let model = load("llama_gqa_f32");
+    let model = load(&fixture("llama", "llama_gqa_f32"));
     let mut state = model.new_state();
     let v = model.info().vocab_size as u32;
     let err = model
@@ -149,9 +109,9 @@ fn out_of_range_token_is_an_error_and_leaves_state_untouched() {
 
 #[test]
 fn sliding_window_state_stays_bounded() {
-    let model = load("mistral_window_f32");
+    let model = load(&fixture("llama", "mistral_window_f32"));
     assert_eq!(model.state_bytes(1000), model.state_bytes(32_000));
     assert!(model.state_bytes(4) < model.state_bytes(1000));
-    let llama = load("llama_gqa_f32");
+    let llama = load(&fixture("llama", "llama_gqa_f32"));
     assert!(llama.state_bytes(2000) > llama.state_bytes(1000));
 }

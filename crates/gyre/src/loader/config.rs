@@ -129,3 +129,153 @@ impl LlamaConfig {
 pub fn declared_dtype(config: &Value) -> Option<&str> {
     config.get("dtype").or_else(|| config.get("torch_dtype")).and_then(Value::as_str)
 }
+
+/// The fields of a RecurrentGemma `config.json` (transformers `RecurrentGemmaConfig`).
+#[derive(Clone, Debug, Deserialize)]
+pub struct GriffinConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// Defaults to `num_attention_heads` in transformers; real checkpoints say 1 (MQA).
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    /// Defaults to `hidden_size`.
+    #[serde(default)]
+    pub lru_width: Option<usize>,
+    #[serde(default = "default_window")]
+    pub attention_window_size: usize,
+    #[serde(default = "default_conv")]
+    pub conv1d_width: usize,
+    #[serde(default = "default_softcap")]
+    pub logits_soft_cap: f64,
+    #[serde(default = "default_rms_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f64>,
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+    #[serde(default = "default_block_types")]
+    pub block_types: Vec<String>,
+    #[serde(default = "default_gelu")]
+    pub hidden_activation: String,
+    #[serde(default = "default_true")]
+    pub embeddings_scale_by_sqrt_dim: bool,
+    #[serde(default)]
+    pub intermediate_size: Option<usize>,
+}
+
+fn default_window() -> usize {
+    2048
+}
+fn default_conv() -> usize {
+    4
+}
+fn default_softcap() -> f64 {
+    30.0
+}
+fn default_block_types() -> Vec<String> {
+    vec!["recurrent".into(), "recurrent".into(), "attention".into()]
+}
+fn default_gelu() -> String {
+    "gelu_pytorch_tanh".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The temporal block of one Griffin layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockKind {
+    Recurrent,
+    Attention,
+}
+
+impl GriffinConfig {
+    /// Parses and checks a RecurrentGemma config; `source` names the file in errors.
+    pub fn from_value(value: &Value, source: &str) -> Result<GriffinConfig> {
+        // Checkpoints written by transformers before v4.40 spell the field `_block_types`.
+        let mut value = value.clone();
+        if let Some(obj) = value.as_object_mut() {
+            if !obj.contains_key("block_types") {
+                if let Some(old) = obj.remove("_block_types") {
+                    obj.insert("block_types".into(), old);
+                }
+            }
+        }
+        let cfg: GriffinConfig = serde_json::from_value(value)
+            .with_context(|| format!("{source}: not a valid RecurrentGemma config"))?;
+        if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.num_hidden_layers == 0 {
+            bail!("{source}: hidden_size, num_attention_heads and num_hidden_layers must be positive");
+        }
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            bail!("{source}: hidden_size must be a multiple of num_attention_heads");
+        }
+        if cfg.lru_width() % cfg.num_attention_heads != 0 {
+            bail!("{source}: lru_width {} must be a multiple of num_attention_heads", cfg.lru_width());
+        }
+        let kv = cfg.kv_heads();
+        if kv == 0 || cfg.num_attention_heads % kv != 0 {
+            bail!("{source}: num_attention_heads must be a multiple of num_key_value_heads ({kv})");
+        }
+        if cfg.block_types.is_empty() {
+            bail!("{source}: block_types is empty");
+        }
+        for b in &cfg.block_types {
+            if b != "recurrent" && b != "attention" {
+                bail!("{source}: block_types has '{b}'; expected 'recurrent' or 'attention'");
+            }
+        }
+        if !cfg.hidden_activation.starts_with("gelu") {
+            bail!("{source}: hidden_activation '{}' is not supported (RecurrentGemma uses gelu_pytorch_tanh)", cfg.hidden_activation);
+        }
+        if cfg.conv1d_width == 0 || cfg.attention_window_size == 0 {
+            bail!("{source}: conv1d_width and attention_window_size must be positive");
+        }
+        if cfg.rot_dim() % 2 != 0 || cfg.rot_dim() > cfg.head_dim() {
+            bail!("{source}: the rotary part of the head ({}) must be even and fit in head_dim", cfg.rot_dim());
+        }
+        Ok(cfg)
+    }
+
+    /// Width of the recurrence.
+    pub fn lru_width(&self) -> usize {
+        self.lru_width.unwrap_or(self.hidden_size)
+    }
+
+    /// Key/value heads.
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// RoPE base.
+    pub fn theta(&self) -> f64 {
+        self.rope_theta
+            .or_else(|| self.rope_parameters.as_ref()?.get("rope_theta")?.as_f64())
+            .unwrap_or(10000.0)
+    }
+
+    /// Dimensions of each head that RoPE rotates (the first `partial_rotary_factor` of it).
+    pub fn rot_dim(&self) -> usize {
+        let factor = self
+            .partial_rotary_factor
+            .or_else(|| self.rope_parameters.as_ref()?.get("partial_rotary_factor")?.as_f64())
+            .unwrap_or(0.5);
+        (self.head_dim() as f64 * factor) as usize
+    }
+
+    /// The kind of layer `i`: `block_types` repeated.
+    pub fn block(&self, i: usize) -> BlockKind {
+        match self.block_types[i % self.block_types.len()].as_str() {
+            "attention" => BlockKind::Attention,
+            _ => BlockKind::Recurrent,
+        }
+    }
+}

@@ -3,6 +3,8 @@
 //! A model owns its read-only weights and computes logits for a batch of sequences, each
 //! bringing its own [`State`]. Models never do I/O: they receive an opened [`Checkpoint`].
 
+pub mod griffin;
+pub mod layers;
 pub mod llama;
 
 use anyhow::{bail, Result};
@@ -19,6 +21,8 @@ pub enum Arch {
     Llama,
     /// `MistralForCausalLM` (Llama with a sliding attention window).
     Mistral,
+    /// `RecurrentGemmaForCausalLM` (Griffin).
+    RecurrentGemma,
 }
 
 impl Arch {
@@ -27,6 +31,7 @@ impl Arch {
         match self {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
+            Arch::RecurrentGemma => "RecurrentGemmaForCausalLM",
         }
     }
 }
@@ -104,15 +109,17 @@ pub fn detect(ckpt: &Checkpoint) -> Result<Arch> {
         match *a {
             "LlamaForCausalLM" => return Ok(Arch::Llama),
             "MistralForCausalLM" => return Ok(Arch::Mistral),
+            "RecurrentGemmaForCausalLM" => return Ok(Arch::RecurrentGemma),
             _ => {}
         }
     }
     match model_type {
         "llama" if archs.is_empty() => Ok(Arch::Llama),
         "mistral" if archs.is_empty() => Ok(Arch::Mistral),
+        "recurrent_gemma" if archs.is_empty() => Ok(Arch::RecurrentGemma),
         _ => bail!(
             "{}/config.json: unknown architecture (architectures {:?}, model_type '{}'); gyre runs \
-             LlamaForCausalLM and MistralForCausalLM",
+             LlamaForCausalLM, MistralForCausalLM and RecurrentGemmaForCausalLM",
             ckpt.dir.display(),
             archs,
             model_type
@@ -124,5 +131,6 @@ pub fn detect(ckpt: &Checkpoint) -> Result<Arch> {
 pub fn load(ckpt: &Checkpoint) -> Result<Box<dyn Model>> {
     match detect(ckpt)? {
         arch @ (Arch::Llama | Arch::Mistral) => Ok(Box::new(llama::Llama::load(ckpt, arch)?)),
+        Arch::RecurrentGemma => Ok(Box::new(griffin::Griffin::load(ckpt)?)),
     }
 }
