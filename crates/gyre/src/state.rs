@@ -148,6 +148,43 @@ impl GriffinState {
     }
 }
 
+/// RWKV-5: per layer two token-shift vectors and the per-head WKV matrices; fixed-size.
+#[derive(Clone, Debug)]
+pub struct RwkvState {
+    /// Per layer: the previous token's ln1 output [C].
+    pub att_shift: Vec<Vec<f32>>,
+    /// Per layer: WKV state [H, N (key i), N (value j)], f32.
+    pub wkv: Vec<Vec<f32>>,
+    /// Per layer: the previous token's ln2 output [C].
+    pub ffn_shift: Vec<Vec<f32>>,
+    /// Tokens consumed.
+    pub pos: usize,
+}
+
+impl RwkvState {
+    /// A zero state.
+    pub fn new(n_layers: usize, c: usize, heads: usize, head_size: usize) -> RwkvState {
+        RwkvState {
+            att_shift: vec![vec![0.0; c]; n_layers],
+            wkv: vec![vec![0.0; heads * head_size * head_size]; n_layers],
+            ffn_shift: vec![vec![0.0; c]; n_layers],
+            pos: 0,
+        }
+    }
+
+    /// True when the state has these dimensions.
+    pub fn fits(&self, n_layers: usize, c: usize, heads: usize, head_size: usize) -> bool {
+        self.wkv.len() == n_layers
+            && self.att_shift.first().is_none_or(|v| v.len() == c)
+            && self.wkv.first().is_none_or(|v| v.len() == heads * head_size * head_size)
+    }
+
+    /// Bytes of a state of these dimensions.
+    pub fn bytes_for(n_layers: usize, c: usize, heads: usize, head_size: usize) -> usize {
+        n_layers * (2 * c + heads * head_size * head_size) * std::mem::size_of::<f32>()
+    }
+}
+
 /// The state of one sequence, per model family.
 #[derive(Clone, Debug)]
 pub enum State {
@@ -155,6 +192,8 @@ pub enum State {
     Kv(KvCache),
     /// RecurrentGemma: conv and RG-LRU states plus attention rings.
     Griffin(GriffinState),
+    /// RWKV-5: token shifts and WKV matrices.
+    Rwkv(RwkvState),
 }
 
 impl State {
@@ -163,6 +202,7 @@ impl State {
         match self {
             State::Kv(c) => c.len(),
             State::Griffin(g) => g.pos,
+            State::Rwkv(r) => r.pos,
         }
     }
 
@@ -172,6 +212,7 @@ impl State {
         match self {
             State::Kv(c) => c.truncate(tokens),
             State::Griffin(g) => tokens == g.pos,
+            State::Rwkv(r) => tokens == r.pos,
         }
     }
 
@@ -183,6 +224,7 @@ impl State {
                 let rec: usize = g.conv.iter().chain(&g.lru).map(|v| v.len() * 4).sum();
                 rec + g.kv.bytes()
             }
+            State::Rwkv(r) => r.att_shift.iter().chain(&r.wkv).chain(&r.ffn_shift).map(|v| v.len() * 4).sum(),
         }
     }
 }

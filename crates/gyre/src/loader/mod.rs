@@ -5,6 +5,8 @@
 //! interpret tensors; models ask for them by name and shape through [`Checkpoint`].
 
 pub mod config;
+pub mod pickle;
+pub mod pth;
 pub mod safetensors;
 
 use std::collections::BTreeMap;
@@ -69,17 +71,17 @@ impl Checkpoint {
                     let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
                         .with_context(|| format!("cannot list {}", dir.display()))?
                         .filter_map(|e| e.ok().map(|e| e.path()))
-                        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                        .filter(|p| p.extension().is_some_and(|e| e == "safetensors" || e == "pth"))
                         .collect();
                     found.sort();
                     match found.as_slice() {
-                        [one] => (self::safetensors::read_file(one)?, one.display().to_string()),
+                        [one] => (load_weight_file(one, progress)?, one.display().to_string()),
                         [] => bail!(
-                            "{} has no weights: expected model.safetensors or model.safetensors.index.json",
+                            "{} has no weights: expected model.safetensors, model.safetensors.index.json or one .pth file",
                             dir.display()
                         ),
                         _ => bail!(
-                            "{} has several .safetensors files but no model.safetensors.index.json to say how they fit",
+                            "{} has several weight files but no model.safetensors.index.json to say how they fit; name one file",
                             dir.display()
                         ),
                     }
@@ -161,8 +163,9 @@ fn load_weight_file(file: &Path, progress: impl FnMut(usize, usize)) -> Result<B
     }
     match file.extension().and_then(|e| e.to_str()) {
         Some("safetensors") => self::safetensors::read_file(file),
+        Some("pth" | "pt" | "bin") => self::pth::read_file(file),
         _ => bail!(
-            "{}: unknown weight file type; gyre reads .safetensors files and model directories",
+            "{}: unknown weight file type; gyre reads .safetensors and PyTorch .pth files, and model directories",
             file.display()
         ),
     }

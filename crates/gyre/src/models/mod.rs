@@ -6,6 +6,7 @@
 pub mod griffin;
 pub mod layers;
 pub mod llama;
+pub mod rwkv5;
 
 use anyhow::{bail, Result};
 use serde_json::Value;
@@ -23,6 +24,8 @@ pub enum Arch {
     Mistral,
     /// `RecurrentGemmaForCausalLM` (Griffin).
     RecurrentGemma,
+    /// RWKV-5.2 "Eagle" (ChatRWKV checkpoint names).
+    Rwkv5,
 }
 
 impl Arch {
@@ -32,6 +35,7 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
             Arch::RecurrentGemma => "RecurrentGemmaForCausalLM",
+            Arch::Rwkv5 => "RWKV-5.2",
         }
     }
 }
@@ -98,6 +102,10 @@ pub fn check_tokens(batch: &[SeqInput<'_>], vocab_size: usize) -> Result<()> {
 
 /// Reads the architecture from `config.json` (`architectures`, else `model_type`).
 pub fn detect(ckpt: &Checkpoint) -> Result<Arch> {
+    // ChatRWKV checkpoints have no config.json; their tensor names say what they are.
+    if ckpt.has("emb.weight") && ckpt.has("blocks.0.att.key.weight") {
+        return Ok(Arch::Rwkv5);
+    }
     let config = ckpt.config()?;
     let archs: Vec<&str> = config
         .get("architectures")
@@ -132,5 +140,6 @@ pub fn load(ckpt: &Checkpoint) -> Result<Box<dyn Model>> {
     match detect(ckpt)? {
         arch @ (Arch::Llama | Arch::Mistral) => Ok(Box::new(llama::Llama::load(ckpt, arch)?)),
         Arch::RecurrentGemma => Ok(Box::new(griffin::Griffin::load(ckpt)?)),
+        Arch::Rwkv5 => Ok(Box::new(rwkv5::Rwkv5::load(ckpt)?)),
     }
 }

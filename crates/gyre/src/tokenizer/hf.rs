@@ -1,0 +1,103 @@
+//! The Hugging Face `tokenizer.json` backend: a thin wrapper over the `tokenizers` crate.
+//!
+//! It owns loading the file, encoding, decoding and vocabulary look-ups, and works out what the
+//! file's post-processor adds around a sequence (the BOS that Llama and Gemma prepend). It knows
+//! nothing of `tokenizer_config.json` or the model's configs: resolving special tokens from those
+//! belongs to the parent module.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+/// A `tokenizer.json` loaded through the `tokenizers` crate.
+pub(crate) struct HfTokenizer {
+    /// The loaded tokenizer (model, normalizer, pre-tokenizer, post-processor, decoder).
+    inner: tokenizers::Tokenizer,
+    /// Size of the id space: the model's vocabulary plus added tokens past its end.
+    vocab_size: usize,
+    /// The id the post-processor prepends to a single sequence, when it prepends exactly one.
+    post_processor_bos: Option<u32>,
+    /// Where the tokenizer came from, for error messages.
+    origin: String,
+}
+
+impl HfTokenizer {
+    /// Loads a `tokenizer.json` file.
+    pub(crate) fn from_file(path: &Path) -> Result<Self> {
+        let origin = path.display().to_string();
+        let bytes = std::fs::read(path).with_context(|| format!("reading tokenizer file {origin}"))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| anyhow!("parsing tokenizer file {origin}: {e}"))?;
+        let model_size = inner.get_vocab_size(false);
+        let added_end = inner
+            .get_added_tokens_decoder()
+            .keys()
+            .map(|&id| id as usize + 1)
+            .max()
+            .unwrap_or(0);
+        let mut tok = HfTokenizer {
+            inner,
+            vocab_size: model_size.max(added_end),
+            post_processor_bos: None,
+            origin,
+        };
+        tok.post_processor_bos = tok.detect_post_processor_bos()?;
+        Ok(tok)
+    }
+
+    /// Finds the single id that the post-processor puts in front of a sequence, if any.
+    fn detect_post_processor_bos(&self) -> Result<Option<u32>> {
+        let plain = self.encode("a", false)?;
+        let with = self.encode("a", true)?;
+        if with.len() > plain.len() && with.len() >= 2 && with[1..].starts_with(&plain) {
+            Ok(Some(with[0]))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The id the post-processor prepends when special tokens are added, if any.
+    pub(crate) fn post_processor_bos(&self) -> Option<u32> {
+        self.post_processor_bos
+    }
+
+    /// Encodes `text`; `add_special_tokens` runs the post-processor (BOS/EOS insertion).
+    pub(crate) fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, add_special_tokens)
+            .map_err(|e| anyhow!("encoding with tokenizer {}: {e}", self.origin))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decodes `ids`; every id must exist in the vocabulary.
+    pub(crate) fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        for &id in ids {
+            if id as usize >= self.vocab_size || self.inner.id_to_token(id).is_none() {
+                bail!(
+                    "token id {id} is out of range for tokenizer {} (vocabulary size {})",
+                    self.origin,
+                    self.vocab_size
+                );
+            }
+        }
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(|e| anyhow!("decoding with tokenizer {}: {e}", self.origin))
+    }
+
+    /// Size of the id space (model vocabulary plus added tokens).
+    pub(crate) fn vocab_size(&self) -> usize {
+        self.vocab_size
+    }
+
+    /// The id of a token string (vocabulary entry or added token).
+    pub(crate) fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The token string of an id, as stored in the vocabulary (e.g. `▁Hello`, `<0xE4>`).
+    pub(crate) fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
