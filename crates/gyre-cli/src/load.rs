@@ -36,7 +36,12 @@ impl Loaded {
         })?;
         bar.finish_and_clear();
         let model = models::load(&ckpt)?;
-        Ok(Loaded { model, dir: ckpt.dir.clone(), tokenizer: Default::default(), config: ckpt.config.clone() })
+        Ok(Loaded {
+            model,
+            dir: ckpt.dir.clone(),
+            tokenizer: Default::default(),
+            config: ckpt.config.clone(),
+        })
     }
 
     /// The model's tokenizer (loaded on first use).
@@ -54,7 +59,10 @@ impl Loaded {
         match ChatTemplate::from_model_dir(&self.dir, tokenizer.specials())? {
             Some(t) => Ok(t),
             None => {
-                eprintln!("note: {} has no chat template; using the built-in SOLAR-instruct format", self.dir.display());
+                eprintln!(
+                    "note: {} has no chat template; using the built-in SOLAR-instruct format",
+                    self.dir.display()
+                );
                 let s = tokenizer.specials();
                 Ok(ChatTemplate::builtin(BuiltinTemplate::Solar)
                     .with_special_tokens(s.bos_text.as_deref(), s.eos_text.as_deref()))
@@ -65,7 +73,11 @@ impl Loaded {
 
 /// The tokenizer of a model directory (or of a weight file's directory), without the weights.
 pub fn tokenizer_for(path: &Path) -> Result<Tokenizer> {
-    let dir = if path.is_dir() { path.to_path_buf() } else { path.parent().unwrap_or(Path::new(".")).to_path_buf() };
+    let dir = if path.is_dir() {
+        path.to_path_buf()
+    } else {
+        path.parent().unwrap_or(Path::new(".")).to_path_buf()
+    };
     let config = gyre::loader::read_optional_json(&dir, "config.json")?;
     Tokenizer::from_model_dir(&dir, config.as_ref())
 }

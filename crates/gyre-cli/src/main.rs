@@ -185,7 +185,8 @@ fn main() -> ExitCode {
 /// True when the reader of our stdout went away (e.g. `| head`): not an error worth reporting.
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<io::Error>().is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
             || c.downcast_ref::<serde_json::Error>()
                 .is_some_and(|j| j.io_error_kind() == Some(io::ErrorKind::BrokenPipe))
     })
@@ -265,12 +266,18 @@ fn chat(a: ChatArgs) -> Result<()> {
     let start = |messages: &mut Vec<Message>| {
         messages.clear();
         if let Some(s) = &a.system {
-            messages.push(Message { role: "system".into(), content: s.clone() });
+            messages.push(Message {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
     };
     start(&mut messages);
     if interactive {
-        eprintln!("gyre chat: {} — /reset starts over, /exit quits", a.model.model.display());
+        eprintln!(
+            "gyre chat: {} — /reset starts over, /exit quits",
+            a.model.model.display()
+        );
     }
     let stdin = io::stdin();
     let mut lines = stdin.lock().lines();
@@ -294,7 +301,10 @@ fn chat(a: ChatArgs) -> Result<()> {
             "" => continue,
             _ => {}
         }
-        messages.push(Message { role: "user".into(), content: line });
+        messages.push(Message {
+            role: "user".into(),
+            content: line,
+        });
         let rendered = template.render(&messages, true)?;
         let ids = tokenizer.encode_chat(&rendered)?;
         let mut out = io::stdout().lock();
@@ -305,7 +315,10 @@ fn chat(a: ChatArgs) -> Result<()> {
         })?;
         writeln!(out)?;
         out.flush()?;
-        messages.push(Message { role: "assistant".into(), content: done.text.trim().to_string() });
+        messages.push(Message {
+            role: "assistant".into(),
+            content: done.text.trim().to_string(),
+        });
     }
     Ok(())
 }
@@ -318,7 +331,10 @@ fn logits(a: LogitsArgs) -> Result<()> {
         let mut rows = Vec::with_capacity(a.tokens.len());
         for t in &a.tokens {
             let mut out = model.forward(
-                &mut [SeqInput { tokens: std::slice::from_ref(t), state: &mut state }],
+                &mut [SeqInput {
+                    tokens: std::slice::from_ref(t),
+                    state: &mut state,
+                }],
                 Logits::Last,
             )?;
             rows.push(out.pop().unwrap_or_default());
@@ -326,7 +342,13 @@ fn logits(a: LogitsArgs) -> Result<()> {
         rows
     } else {
         let all = model
-            .forward(&mut [SeqInput { tokens: &a.tokens, state: &mut state }], Logits::All)?
+            .forward(
+                &mut [SeqInput {
+                    tokens: &a.tokens,
+                    state: &mut state,
+                }],
+                Logits::All,
+            )?
             .pop()
             .unwrap_or_default();
         all.chunks(model.info().vocab_size).map(<[f32]>::to_vec).collect()
@@ -373,16 +395,28 @@ fn info(a: ModelArgs) -> Result<()> {
     println!("layers:       {}", info.n_layers);
     println!("hidden size:  {}", info.hidden_size);
     println!("vocab size:   {}", info.vocab_size);
-    println!("parameters:   {} ({:.3} B)", info.params, info.params as f64 / 1e9);
+    println!(
+        "parameters:   {} ({:.3} B)",
+        info.params,
+        info.params as f64 / 1e9
+    );
     println!("dtypes:       {}", dtypes.join(", "));
-    println!("weights:      {} bytes ({:.3} GiB)", info.weight_bytes, gib(info.weight_bytes));
+    println!(
+        "weights:      {} bytes ({:.3} GiB)",
+        info.weight_bytes,
+        gib(info.weight_bytes)
+    );
     match info.context_length {
         Some(c) => println!("context:      {c} tokens"),
         None => println!("context:      unbounded (fixed-size state)"),
     }
     for n in [1024, 8192, 32768] {
         let b = loaded.model.state_bytes(n);
-        println!("state @ {:>5}: {b} bytes ({:.1} MiB) per sequence", n, b as f64 / (1 << 20) as f64);
+        println!(
+            "state @ {:>5}: {b} bytes ({:.1} MiB) per sequence",
+            n,
+            b as f64 / (1 << 20) as f64
+        );
     }
     Ok(())
 }

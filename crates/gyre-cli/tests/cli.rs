@@ -47,8 +47,14 @@ fn ok(out: &Output) -> String {
 fn fails(args: &[&str], stdin: &[u8]) -> String {
     let out = gyre(args, stdin);
     let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure for {args:?}, got success");
-    assert!(err.starts_with("error: "), "stderr should be an error message: {err}");
+    assert!(
+        !out.status.success(),
+        "expected failure for {args:?}, got success"
+    );
+    assert!(
+        err.starts_with("error: "),
+        "stderr should be an error message: {err}"
+    );
     assert!(!err.contains("panicked"), "gyre panicked: {err}");
     err
 }
@@ -71,10 +77,24 @@ fn generate_greedy_equals_transformers() {
     for case in expected()["generate"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
         let out = ok(&gyre(
-            &["generate", "--model", s(&m), "--prompt", prompt, "--temperature", "0", "--max-tokens", "24"],
+            &[
+                "generate",
+                "--model",
+                s(&m),
+                "--prompt",
+                prompt,
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "24",
+            ],
             b"",
         ));
-        assert_eq!(out, format!("{}\n", case["text"].as_str().unwrap()), "prompt {prompt:?}");
+        assert_eq!(
+            out,
+            format!("{}\n", case["text"].as_str().unwrap()),
+            "prompt {prompt:?}"
+        );
     }
 }
 
@@ -83,7 +103,15 @@ fn generate_reads_the_prompt_from_stdin() {
     let case = &expected()["generate"][0];
     let prompt = case["prompt"].as_str().unwrap();
     let out = ok(&gyre(
-        &["generate", "--model", s(&tiny()), "--temperature", "0", "--max-tokens", "24"],
+        &[
+            "generate",
+            "--model",
+            s(&tiny()),
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+        ],
         prompt.as_bytes(),
     ));
     assert_eq!(out.trim_end_matches('\n'), case["text"].as_str().unwrap());
@@ -92,7 +120,17 @@ fn generate_reads_the_prompt_from_stdin() {
 #[test]
 fn seeded_sampling_is_reproducible() {
     let m = tiny();
-    let args = ["generate", "--model", s(&m), "--prompt", "The", "--temperature", "1.0", "--seed", "42"];
+    let args = [
+        "generate",
+        "--model",
+        s(&m),
+        "--prompt",
+        "The",
+        "--temperature",
+        "1.0",
+        "--seed",
+        "42",
+    ];
     let a = ok(&gyre(&args, b""));
     let b = ok(&gyre(&args, b""));
     assert_eq!(a, b);
@@ -107,7 +145,9 @@ fn chat_greedy_equals_transformers_with_template_and_builtin_fallback() {
     let msg = format!("{}\n", case["message"].as_str().unwrap());
     let want = format!("{}\n", case["text"].as_str().unwrap());
     let args = |m: &str| -> Vec<String> {
-        ["chat", "--model", m, "--temperature", "0", "--max-tokens", "24"].map(String::from).to_vec()
+        ["chat", "--model", m, "--temperature", "0", "--max-tokens", "24"]
+            .map(String::from)
+            .to_vec()
     };
     let argv = args(s(&tiny()));
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
@@ -130,8 +170,21 @@ fn chat_greedy_equals_transformers_with_template_and_builtin_fallback() {
 #[test]
 fn chat_handles_several_turns_and_reset() {
     let m = tiny();
-    let args = ["chat", "--model", s(&m), "--temperature", "0", "--max-tokens", "8", "--system", "Be brief."];
-    let out = ok(&gyre(&args, b"hello\nhow are you\n/reset\nhello\n/exit\nnever read\n"));
+    let args = [
+        "chat",
+        "--model",
+        s(&m),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "8",
+        "--system",
+        "Be brief.",
+    ];
+    let out = ok(&gyre(
+        &args,
+        b"hello\nhow are you\n/reset\nhello\n/exit\nnever read\n",
+    ));
     let lines: Vec<&str> = out.lines().collect();
     assert!(!lines.is_empty());
     // After /reset the first turn repeats exactly (greedy, same history).
@@ -145,25 +198,48 @@ fn chat_handles_several_turns_and_reset() {
 #[test]
 fn logits_prefill_and_step_equal_transformers() {
     let exp = expected();
-    let tokens: Vec<String> = exp["logits_tokens"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let tokens: Vec<String> = exp["logits_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
     let tokens = tokens.join(",");
-    let want: Vec<f64> = exp["logits_last"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let want: Vec<f64> = exp["logits_last"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
     let parse = |out: String| -> Vec<Vec<f64>> {
         let v: Value = serde_json::from_str(&out).unwrap();
         v["logits"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect())
+            .map(|r| {
+                r.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap())
+                    .collect()
+            })
             .collect()
     };
     let m = tiny();
     let prefill = parse(ok(&gyre(&["logits", "--model", s(&m), "--tokens", &tokens], b"")));
-    let step = parse(ok(&gyre(&["logits", "--model", s(&m), "--tokens", &tokens, "--step"], b"")));
+    let step = parse(ok(&gyre(
+        &["logits", "--model", s(&m), "--tokens", &tokens, "--step"],
+        b"",
+    )));
     assert_eq!(prefill.len(), tokens.split(',').count());
     assert_eq!(step.len(), prefill.len());
     let last = prefill.last().unwrap();
-    let d = last.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+    let d = last
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
     assert!(d <= 1e-4, "prefill vs transformers: {d}");
     for (a, b) in prefill.iter().zip(&step) {
         let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
@@ -177,9 +253,17 @@ fn tokenize_reads_stdin_verbatim_and_detokenize_inverts_it() {
     let text = "Copyright (C) 2007 Free Software Foundation\n\n  indented  ";
     let out = ok(&gyre(&["tokenize", "--model", s(&m)], text.as_bytes()));
     let ids: Value = serde_json::from_str(&out).unwrap();
-    let ids: Vec<String> = ids["ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+    let ids: Vec<String> = ids["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
     assert!(!ids.contains(&"1".to_string()), "tokenize must not add BOS");
-    let back = ok(&gyre(&["detokenize", "--model", s(&m), "--ids", &ids.join(",")], b""));
+    let back = ok(&gyre(
+        &["detokenize", "--model", s(&m), "--ids", &ids.join(",")],
+        b"",
+    ));
     assert_eq!(back, format!("{text}\n"));
     // The tokenizer file alone works too, and a trailing newline is not trimmed.
     let tok = m.join("tokenizer.json");
@@ -207,7 +291,10 @@ fn invalid_utf8_on_stdin_is_a_clear_error() {
 #[test]
 fn bad_model_paths_and_devices_are_clear_errors() {
     let err = fails(&["info", "--model", "/no/such/model"], b"");
-    assert!(err.contains("/no/such/model") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("/no/such/model") && err.contains("does not exist"),
+        "{err}"
+    );
     let err = fails(&["info", "--model", s(&tiny()), "--device", "cuda"], b"");
     assert!(err.contains("cuda"), "{err}");
     let err = fails(&["logits", "--model", s(&tiny()), "--tokens", "1,99999"], b"");
@@ -232,11 +319,23 @@ fn truncated_and_garbage_weight_files_are_clear_errors() {
         std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
     });
     let err = fails(&["info", "--model", s(d.path())], b"");
-    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
 
-    let d = broken(|p| std::fs::write(p.join("model.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all").unwrap());
+    let d = broken(|p| {
+        std::fs::write(
+            p.join("model.safetensors"),
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all",
+        )
+        .unwrap()
+    });
     let err = fails(&["info", "--model", s(d.path())], b"");
-    assert!(err.contains("model.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
 
     let d = broken(|p| std::fs::write(p.join("model.safetensors"), b"").unwrap());
     let err = fails(&["info", "--model", s(d.path())], b"");
@@ -261,7 +360,10 @@ fn rewrite_weights(p: &Path, change: impl Fn(&str, Vec<usize>, Vec<u8>) -> Optio
     let views: Vec<(String, safetensors::tensor::TensorView)> = kept
         .iter()
         .map(|(n, shape, data)| {
-            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap())
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data).unwrap(),
+            )
         })
         .collect();
     safetensors::serialize_to_file(views, None, &w).unwrap();
@@ -269,9 +371,16 @@ fn rewrite_weights(p: &Path, change: impl Fn(&str, Vec<usize>, Vec<u8>) -> Optio
 
 #[test]
 fn missing_and_misshapen_tensors_are_named() {
-    let d = broken(|p| rewrite_weights(p, |n, s, b| (n != "model.layers.1.mlp.up_proj.weight").then_some((s, b))));
+    let d = broken(|p| {
+        rewrite_weights(p, |n, s, b| {
+            (n != "model.layers.1.mlp.up_proj.weight").then_some((s, b))
+        })
+    });
     let err = fails(&["info", "--model", s(d.path())], b"");
-    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"), "{err}");
+    assert!(
+        err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"),
+        "{err}"
+    );
 
     let d = broken(|p| {
         rewrite_weights(p, |n, s, b| {
@@ -283,7 +392,10 @@ fn missing_and_misshapen_tensors_are_named() {
         })
     });
     let err = fails(&["info", "--model", s(d.path())], b"");
-    assert!(err.contains("model.norm.weight") && err.contains("[63]") && err.contains("[64]"), "{err}");
+    assert!(
+        err.contains("model.norm.weight") && err.contains("[63]") && err.contains("[64]"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -301,7 +413,10 @@ fn unknown_architectures_and_bad_configs_are_named() {
         c["model_type"] = serde_json::json!("fancy");
     });
     let err = fails(&["info", "--model", s(d.path())], b"");
-    assert!(err.contains("FancyNewForCausalLM") && err.contains("unknown architecture"), "{err}");
+    assert!(
+        err.contains("FancyNewForCausalLM") && err.contains("unknown architecture"),
+        "{err}"
+    );
 
     let d = edit_config(&|c| c["num_key_value_heads"] = serde_json::json!(3));
     let err = fails(&["info", "--model", s(d.path())], b"");
@@ -309,5 +424,8 @@ fn unknown_architectures_and_bad_configs_are_named() {
 
     let d = broken(|p| std::fs::write(p.join("config.json"), "{ truncated").unwrap());
     let err = fails(&["info", "--model", s(d.path())], b"");
-    assert!(err.contains("config.json") && err.contains("not valid JSON"), "{err}");
+    assert!(
+        err.contains("config.json") && err.contains("not valid JSON"),
+        "{err}"
+    );
 }

@@ -199,10 +199,7 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
             v as f64
         }
     };
-    let max = logits
-        .iter()
-        .map(|&v| clean(v))
-        .fold(f64::NEG_INFINITY, f64::max);
+    let max = logits.iter().map(|&v| clean(v)).fold(f64::NEG_INFINITY, f64::max);
     if max == f64::NEG_INFINITY {
         return vec![f32::NEG_INFINITY; logits.len()];
     }
@@ -211,13 +208,7 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
         let lp = -(n as f64).ln() as f32;
         return logits
             .iter()
-            .map(|&v| {
-                if v == f32::INFINITY {
-                    lp
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
+            .map(|&v| if v == f32::INFINITY { lp } else { f32::NEG_INFINITY })
             .collect();
     }
     let sum: f64 = logits.iter().map(|&v| (clean(v) - max).exp()).sum();
@@ -334,10 +325,7 @@ impl Sampler {
         }
 
         // Softmax over the survivors; +inf logits share all the mass.
-        let max = cands
-            .iter()
-            .map(|c| c.value)
-            .fold(f64::NEG_INFINITY, f64::max);
+        let max = cands.iter().map(|c| c.value).fold(f64::NEG_INFINITY, f64::max);
         for c in &mut cands {
             c.value = if max == f64::INFINITY {
                 if c.value == f64::INFINITY {
@@ -426,11 +414,7 @@ fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
 /// OpenAI penalties: `logit -= presence * (count > 0) + frequency * count` over `generated`.
 fn apply_presence_frequency(logits: &mut [f32], generated: &[u32], presence: f32, frequency: f32) {
     let presence = if presence.is_finite() { presence } else { 0.0 };
-    let frequency = if frequency.is_finite() {
-        frequency
-    } else {
-        0.0
-    };
+    let frequency = if frequency.is_finite() { frequency } else { 0.0 };
     if (presence == 0.0 && frequency == 0.0) || generated.is_empty() {
         return;
     }
@@ -575,9 +559,7 @@ mod tests {
                 seed: Some(seed),
                 ..params(1.0)
             });
-            (0..64)
-                .map(|_| s.sample(&logits, &[], 0))
-                .collect::<Vec<_>>()
+            (0..64).map(|_| s.sample(&logits, &[], 0)).collect::<Vec<_>>()
         };
         assert_eq!(run(1), run(1));
         assert_ne!(run(1), run(2));
@@ -603,10 +585,7 @@ mod tests {
         let logits = spread_logits();
         let greedy = argmax(&logits);
         for top_p in [1e-6, 0.0, -1.0] {
-            let mut s = Sampler::new(SamplingParams {
-                top_p,
-                ..params(2.0)
-            });
+            let mut s = Sampler::new(SamplingParams { top_p, ..params(2.0) });
             for _ in 0..50 {
                 assert_eq!(s.sample(&logits, &[], 0), greedy);
             }
@@ -617,10 +596,7 @@ mod tests {
     fn min_p_one_is_greedy() {
         let logits = [0.0, 1.0, 2.5, 2.4, -1.0];
         for min_p in [1.0, 3.0] {
-            let mut s = Sampler::new(SamplingParams {
-                min_p,
-                ..params(3.0)
-            });
+            let mut s = Sampler::new(SamplingParams { min_p, ..params(3.0) });
             for _ in 0..50 {
                 assert_eq!(s.sample(&logits, &[], 0), 2);
             }
@@ -630,10 +606,7 @@ mod tests {
     #[test]
     fn top_p_keeps_the_smallest_nucleus() {
         // Probabilities 0.5, 0.25, 0.125, 0.125: top_p 0.7 keeps tokens 0 and 1 only.
-        let logits: Vec<f32> = [0.5f32, 0.25, 0.125, 0.125]
-            .iter()
-            .map(|p| p.ln())
-            .collect();
+        let logits: Vec<f32> = [0.5f32, 0.25, 0.125, 0.125].iter().map(|p| p.ln()).collect();
         let mut s = Sampler::new(SamplingParams {
             top_p: 0.7,
             ..params(1.0)
@@ -665,10 +638,7 @@ mod tests {
         let logits = [1.0f32, 0.0, -0.5, 2.0];
         let temperature = 1.3f32;
         let scaled: Vec<f32> = logits.iter().map(|l| l / temperature).collect();
-        let expected: Vec<f64> = log_softmax(&scaled)
-            .iter()
-            .map(|&v| (v as f64).exp())
-            .collect();
+        let expected: Vec<f64> = log_softmax(&scaled).iter().map(|&v| (v as f64).exp()).collect();
         let mut s = Sampler::new(params(temperature));
         let n = 20_000;
         let mut counts = [0usize; 4];

@@ -26,14 +26,27 @@ struct KvLayer {
 impl KvCache {
     /// An empty cache for `n_layers` attention layers of `kv_dim` floats per token.
     pub fn new(n_layers: usize, kv_dim: usize, ring_slots: Option<usize>) -> KvCache {
-        KvCache { layers: vec![KvLayer::default(); n_layers], kv_dim, ring_slots, len: 0 }
+        KvCache {
+            layers: vec![KvLayer::default(); n_layers],
+            kv_dim,
+            ring_slots,
+            len: 0,
+        }
     }
 
     /// A ring of `slots` positions per layer, allocated up front so the state's size never
     /// changes (recurrent-family attention: memory fixed from the first token).
     pub fn ring(n_layers: usize, kv_dim: usize, slots: usize) -> KvCache {
-        let layer = KvLayer { k: vec![0.0; slots * kv_dim], v: vec![0.0; slots * kv_dim] };
-        KvCache { layers: vec![layer; n_layers], kv_dim, ring_slots: Some(slots), len: 0 }
+        let layer = KvLayer {
+            k: vec![0.0; slots * kv_dim],
+            v: vec![0.0; slots * kv_dim],
+        };
+        KvCache {
+            layers: vec![layer; n_layers],
+            kv_dim,
+            ring_slots: Some(slots),
+            len: 0,
+        }
     }
 
     /// True when this cache fits a model with these dimensions.
@@ -113,7 +126,10 @@ impl KvCache {
 
     /// Bytes held now.
     pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.k.capacity() + l.v.capacity()) * 4).sum()
+        self.layers
+            .iter()
+            .map(|l| (l.k.capacity() + l.v.capacity()) * 4)
+            .sum()
     }
 }
 
@@ -176,7 +192,10 @@ impl RwkvState {
     pub fn fits(&self, n_layers: usize, c: usize, heads: usize, head_size: usize) -> bool {
         self.wkv.len() == n_layers
             && self.att_shift.first().is_none_or(|v| v.len() == c)
-            && self.wkv.first().is_none_or(|v| v.len() == heads * head_size * head_size)
+            && self
+                .wkv
+                .first()
+                .is_none_or(|v| v.len() == heads * head_size * head_size)
     }
 
     /// Bytes of a state of these dimensions.
@@ -224,7 +243,13 @@ impl State {
                 let rec: usize = g.conv.iter().chain(&g.lru).map(|v| v.len() * 4).sum();
                 rec + g.kv.bytes()
             }
-            State::Rwkv(r) => r.att_shift.iter().chain(&r.wkv).chain(&r.ffn_shift).map(|v| v.len() * 4).sum(),
+            State::Rwkv(r) => r
+                .att_shift
+                .iter()
+                .chain(&r.wkv)
+                .chain(&r.ffn_shift)
+                .map(|v| v.len() * 4)
+                .sum(),
         }
     }
 }
@@ -247,7 +272,10 @@ mod tests {
         c.advance(1);
         assert_eq!(c.get(0, 5).0, &[7.0, 8.0]);
         assert_eq!(c.get(0, 4).0, &[8.0, 9.0]);
-        assert_eq!(KvCache::bytes_at(1, 2, Some(3), 1000), KvCache::bytes_at(1, 2, Some(3), 3));
+        assert_eq!(
+            KvCache::bytes_at(1, 2, Some(3), 1000),
+            KvCache::bytes_at(1, 2, Some(3), 3)
+        );
     }
 
     #[test]

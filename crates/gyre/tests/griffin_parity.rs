@@ -13,8 +13,20 @@ fn check_case(case: &str) {
     let dir = fixture("griffin", case);
     let model = load(&dir);
     let exp = Expected::read(&dir.join("expected.safetensors"));
-    assert_parity(&format!("{case} long"), model.as_ref(), exp.ids("tokens_long"), exp.f("logits_long"), 1e-4);
-    assert_parity(&format!("{case} short"), model.as_ref(), exp.ids("tokens_short"), exp.f("logits_short"), 1e-4);
+    assert_parity(
+        &format!("{case} long"),
+        model.as_ref(),
+        exp.ids("tokens_long"),
+        exp.f("logits_long"),
+        1e-4,
+    );
+    assert_parity(
+        &format!("{case} short"),
+        model.as_ref(),
+        exp.ids("tokens_short"),
+        exp.f("logits_short"),
+        1e-4,
+    );
 }
 
 /// width 96 (bf16-rounded √96 multiplier), lru 128 ≠ width, 4 heads, layers R,R,A,R
@@ -57,10 +69,26 @@ fn state_size_is_independent_of_sequence_length() {
     let mut state = model.new_state();
     let fresh = state.bytes();
     let tokens: Vec<u32> = (0..200).map(|i| (i * 7 % 256) as u32).collect();
-    model.forward(&mut [SeqInput { tokens: &tokens, state: &mut state }], Logits::Last).unwrap();
+    model
+        .forward(
+            &mut [SeqInput {
+                tokens: &tokens,
+                state: &mut state,
+            }],
+            Logits::Last,
+        )
+        .unwrap();
     assert_eq!(state.bytes(), fresh);
     for t in 0..50 {
-        model.forward(&mut [SeqInput { tokens: &[t], state: &mut state }], Logits::Last).unwrap();
+        model
+            .forward(
+                &mut [SeqInput {
+                    tokens: &[t],
+                    state: &mut state,
+                }],
+                Logits::Last,
+            )
+            .unwrap();
     }
     assert_eq!(state.bytes(), fresh);
     assert_eq!(model.state_bytes(1024), model.state_bytes(32768));
@@ -79,7 +107,16 @@ fn batched_forward_equals_single_sequences() {
     prefill_from(model.as_ref(), &mut sb, &t[..11]);
     let out = model
         .forward(
-            &mut [SeqInput { tokens: &t[..20], state: &mut sa }, SeqInput { tokens: &t[11..], state: &mut sb }],
+            &mut [
+                SeqInput {
+                    tokens: &t[..20],
+                    state: &mut sa,
+                },
+                SeqInput {
+                    tokens: &t[11..],
+                    state: &mut sb,
+                },
+            ],
             Logits::All,
         )
         .unwrap();

@@ -33,7 +33,11 @@ fn check(case: &str, tol: f32) -> (Box<dyn Model>, Case) {
 
 fn expected(case: &str) -> Case {
     let exp = Expected::read(&fixture("llama", case).join("expected.safetensors"));
-    Case { tokens: exp.ids("tokens").to_vec(), logits: exp.f("logits").to_vec(), native: None }
+    Case {
+        tokens: exp.ids("tokens").to_vec(),
+        logits: exp.f("logits").to_vec(),
+        native: None,
+    }
 }
 
 #[test]
@@ -82,10 +86,27 @@ fn batched_forward_equals_single_sequences() {
     let mut sa = model.new_state();
     let mut sb = model.new_state();
     // Warm b's state with a prefix so the batch mixes a prefill with a continuation.
-    model.forward(&mut [SeqInput { tokens: &b[..4], state: &mut sb }], Logits::Last).unwrap();
+    model
+        .forward(
+            &mut [SeqInput {
+                tokens: &b[..4],
+                state: &mut sb,
+            }],
+            Logits::Last,
+        )
+        .unwrap();
     let out = model
         .forward(
-            &mut [SeqInput { tokens: a, state: &mut sa }, SeqInput { tokens: &b[4..], state: &mut sb }],
+            &mut [
+                SeqInput {
+                    tokens: a,
+                    state: &mut sa,
+                },
+                SeqInput {
+                    tokens: &b[4..],
+                    state: &mut sb,
+                },
+            ],
             Logits::All,
         )
         .unwrap();
@@ -101,9 +122,18 @@ fn out_of_range_token_is_an_error_and_leaves_state_untouched() {
     let mut state = model.new_state();
     let v = model.info().vocab_size as u32;
     let err = model
-        .forward(&mut [SeqInput { tokens: &[1, v], state: &mut state }], Logits::Last)
+        .forward(
+            &mut [SeqInput {
+                tokens: &[1, v],
+                state: &mut state,
+            }],
+            Logits::Last,
+        )
         .unwrap_err();
-    assert!(err.to_string().contains(&format!("token id {v} is out of range")), "{err}");
+    assert!(
+        err.to_string().contains(&format!("token id {v} is out of range")),
+        "{err}"
+    );
     assert_eq!(state.tokens_seen(), 0);
 }
 

@@ -15,7 +15,13 @@ fn rwkv5_f32_pth_matches_the_rwkv_package() {
     let dir = fixture("rwkv5", "rwkv5_tiny_f32");
     let model = load(&dir.join("model.pth"));
     let exp = Expected::read(&dir.join("expected.safetensors"));
-    assert_parity("rwkv5 f32", model.as_ref(), exp.ids("tokens"), exp.f("logits"), 1e-4);
+    assert_parity(
+        "rwkv5 f32",
+        model.as_ref(),
+        exp.ids("tokens"),
+        exp.f("logits"),
+        1e-4,
+    );
 }
 
 #[test]
@@ -33,7 +39,13 @@ fn rwkv5_bf16_matches_the_rwkv_package() {
     let dir = fixture("rwkv5", "rwkv5_tiny_bf16");
     let model = load(&dir.join("model.pth"));
     let exp = Expected::read(&dir.join("expected.safetensors"));
-    assert_parity("rwkv5 bf16", model.as_ref(), exp.ids("tokens"), exp.f("logits"), 1e-4);
+    assert_parity(
+        "rwkv5 bf16",
+        model.as_ref(),
+        exp.ids("tokens"),
+        exp.f("logits"),
+        1e-4,
+    );
     let native = prefill_all(model.as_ref(), exp.ids("tokens"));
     let d = max_abs_diff(&native, exp.f("logits_native"));
     assert!(d <= 0.5, "against the package's cpu bf16 strategy: {d}");
@@ -47,9 +59,15 @@ fn state_after_the_sequence_matches_the_package() {
     let exp = Expected::read(&dir.join("expected.safetensors"));
     let mut state = model.new_state();
     prefill_from(model.as_ref(), &mut state, exp.ids("tokens"));
-    let State::Rwkv(st) = &state else { panic!("not an RWKV state") };
+    let State::Rwkv(st) = &state else {
+        panic!("not an RWKV state")
+    };
     for n in 0..st.wkv.len() {
-        for (name, got) in [("att_shift", &st.att_shift[n]), ("wkv", &st.wkv[n]), ("ffn_shift", &st.ffn_shift[n])] {
+        for (name, got) in [
+            ("att_shift", &st.att_shift[n]),
+            ("wkv", &st.wkv[n]),
+            ("ffn_shift", &st.ffn_shift[n]),
+        ] {
             let d = max_abs_diff(got, exp.f(&format!("state.{n}.{name}")));
             assert!(d <= 1e-4, "state.{n}.{name}: {d}");
         }

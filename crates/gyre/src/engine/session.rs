@@ -59,12 +59,20 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// A fresh sequence.
     pub fn new(model: &'m dyn Model) -> Session<'m> {
-        Session { model, state: model.new_state(), consumed: Vec::new() }
+        Session {
+            model,
+            state: model.new_state(),
+            consumed: Vec::new(),
+        }
     }
 
     /// A sequence starting from a given state (e.g. a loaded state file), with no ids.
     pub fn with_state(model: &'m dyn Model, state: State) -> Session<'m> {
-        Session { model, state, consumed: Vec::new() }
+        Session {
+            model,
+            state,
+            consumed: Vec::new(),
+        }
     }
 
     /// Forgets everything.
@@ -88,9 +96,13 @@ impl<'m> Session<'m> {
                 );
             }
         }
-        let mut out = self
-            .model
-            .forward(&mut [SeqInput { tokens, state: &mut self.state }], Logits::Last)?;
+        let mut out = self.model.forward(
+            &mut [SeqInput {
+                tokens,
+                state: &mut self.state,
+            }],
+            Logits::Last,
+        )?;
         self.consumed.extend_from_slice(tokens);
         Ok(out.pop().unwrap_or_default())
     }
@@ -101,7 +113,12 @@ impl<'m> Session<'m> {
         if prompt.is_empty() {
             bail!("the prompt is empty: nothing to continue from (give some text, or a model that adds BOS)");
         }
-        let common = self.consumed.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = self
+            .consumed
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         // Keep at least the last prompt token to feed, so there are logits to sample from.
         let keep = common.min(prompt.len() - 1);
         if keep < self.consumed.len() && !self.state.truncate(keep) {
@@ -169,6 +186,12 @@ impl<'m> Session<'m> {
             let held = stop.finish();
             emit(&held, &mut text)?;
         }
-        Ok(Completion { text, tokens, prompt_tokens_fed: fed, prompt_tokens: prompt.len(), finish })
+        Ok(Completion {
+            text,
+            tokens,
+            prompt_tokens_fed: fed,
+            prompt_tokens: prompt.len(),
+            finish,
+        })
     }
 }

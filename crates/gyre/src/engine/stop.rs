@@ -64,11 +64,7 @@ impl StopMatcher {
         self.held.push_str(delta);
 
         // Every possible match starts inside `held`: released text never was a prefix.
-        let earliest = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min();
+        let earliest = self.stops.iter().filter_map(|s| self.held.find(s.as_str())).min();
         if let Some(pos) = earliest {
             self.stopped = true;
             let mut text = std::mem::take(&mut self.held);

@@ -60,8 +60,8 @@ fn default_act() -> String {
 impl LlamaConfig {
     /// Parses and checks a Llama-family config; `source` names the file in errors.
     pub fn from_value(value: &Value, source: &str) -> Result<LlamaConfig> {
-        let mut cfg: LlamaConfig =
-            serde_json::from_value(value.clone()).with_context(|| format!("{source}: not a valid Llama config"))?;
+        let mut cfg: LlamaConfig = serde_json::from_value(value.clone())
+            .with_context(|| format!("{source}: not a valid Llama config"))?;
         if cfg.rope_theta.is_none() {
             cfg.rope_theta = cfg
                 .rope_parameters
@@ -80,12 +80,19 @@ impl LlamaConfig {
             bail!("{source}: rope type '{rope_type}' is not supported yet (only the default RoPE)");
         }
         if cfg.hidden_act != "silu" {
-            bail!("{source}: hidden_act '{}' is not supported (Llama uses silu)", cfg.hidden_act);
+            bail!(
+                "{source}: hidden_act '{}' is not supported (Llama uses silu)",
+                cfg.hidden_act
+            );
         }
         if cfg.attention_bias || cfg.mlp_bias {
             bail!("{source}: attention_bias / mlp_bias are not supported");
         }
-        if cfg.num_attention_heads == 0 || cfg.hidden_size == 0 || cfg.num_hidden_layers == 0 || cfg.vocab_size == 0 {
+        if cfg.num_attention_heads == 0
+            || cfg.hidden_size == 0
+            || cfg.num_hidden_layers == 0
+            || cfg.vocab_size == 0
+        {
             bail!("{source}: hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be positive");
         }
         let kv = cfg.kv_heads();
@@ -108,7 +115,8 @@ impl LlamaConfig {
 
     /// Dimension of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
     /// RoPE base frequency.
@@ -127,7 +135,10 @@ impl LlamaConfig {
 
 /// The declared storage dtype (`dtype` or the older `torch_dtype`), if any.
 pub fn declared_dtype(config: &Value) -> Option<&str> {
-    config.get("dtype").or_else(|| config.get("torch_dtype")).and_then(Value::as_str)
+    config
+        .get("dtype")
+        .or_else(|| config.get("torch_dtype"))
+        .and_then(Value::as_str)
 }
 
 /// The fields of a RecurrentGemma `config.json` (transformers `RecurrentGemmaConfig`).
@@ -214,7 +225,10 @@ impl GriffinConfig {
             bail!("{source}: hidden_size must be a multiple of num_attention_heads");
         }
         if cfg.lru_width() % cfg.num_attention_heads != 0 {
-            bail!("{source}: lru_width {} must be a multiple of num_attention_heads", cfg.lru_width());
+            bail!(
+                "{source}: lru_width {} must be a multiple of num_attention_heads",
+                cfg.lru_width()
+            );
         }
         let kv = cfg.kv_heads();
         if kv == 0 || cfg.num_attention_heads % kv != 0 {
@@ -229,13 +243,19 @@ impl GriffinConfig {
             }
         }
         if !cfg.hidden_activation.starts_with("gelu") {
-            bail!("{source}: hidden_activation '{}' is not supported (RecurrentGemma uses gelu_pytorch_tanh)", cfg.hidden_activation);
+            bail!(
+                "{source}: hidden_activation '{}' is not supported (RecurrentGemma uses gelu_pytorch_tanh)",
+                cfg.hidden_activation
+            );
         }
         if cfg.conv1d_width == 0 || cfg.attention_window_size == 0 {
             bail!("{source}: conv1d_width and attention_window_size must be positive");
         }
         if cfg.rot_dim() % 2 != 0 || cfg.rot_dim() > cfg.head_dim() {
-            bail!("{source}: the rotary part of the head ({}) must be even and fit in head_dim", cfg.rot_dim());
+            bail!(
+                "{source}: the rotary part of the head ({}) must be even and fit in head_dim",
+                cfg.rot_dim()
+            );
         }
         Ok(cfg)
     }
@@ -266,7 +286,12 @@ impl GriffinConfig {
     pub fn rot_dim(&self) -> usize {
         let factor = self
             .partial_rotary_factor
-            .or_else(|| self.rope_parameters.as_ref()?.get("partial_rotary_factor")?.as_f64())
+            .or_else(|| {
+                self.rope_parameters
+                    .as_ref()?
+                    .get("partial_rotary_factor")?
+                    .as_f64()
+            })
             .unwrap_or(0.5);
         (self.head_dim() as f64 * factor) as usize
     }

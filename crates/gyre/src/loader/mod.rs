@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
-use crate::tensor::{DType, Tensor};
 use self::safetensors::NamedTensor;
+use crate::tensor::{DType, Tensor};
 
 /// An opened checkpoint: its config and every tensor, memory-mapped.
 pub struct Checkpoint {
@@ -54,7 +54,10 @@ impl Checkpoint {
         let (dir, weights) = if path.is_dir() {
             (path.to_path_buf(), None)
         } else {
-            let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            let dir = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
             (dir.to_path_buf(), Some(path.to_path_buf()))
         };
         let config = read_optional_json(&dir, "config.json")?;
@@ -64,9 +67,15 @@ impl Checkpoint {
                 let index = dir.join("model.safetensors.index.json");
                 let single = dir.join("model.safetensors");
                 if index.exists() {
-                    (self::safetensors::read_index(&index, progress)?, index.display().to_string())
+                    (
+                        self::safetensors::read_index(&index, progress)?,
+                        index.display().to_string(),
+                    )
                 } else if single.exists() {
-                    (self::safetensors::read_file(&single)?, single.display().to_string())
+                    (
+                        self::safetensors::read_file(&single)?,
+                        single.display().to_string(),
+                    )
                 } else {
                     let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
                         .with_context(|| format!("cannot list {}", dir.display()))?
@@ -88,16 +97,34 @@ impl Checkpoint {
                 }
             }
         };
-        Ok(Checkpoint { dir, config, tensors, source })
+        Ok(Checkpoint {
+            dir,
+            config,
+            tensors,
+            source,
+        })
     }
 
     /// Builds a checkpoint from in-memory tensors (synthetic models, tests).
     pub fn from_tensors(config: Value, tensors: BTreeMap<String, Tensor>) -> Checkpoint {
         let tensors = tensors
             .into_iter()
-            .map(|(k, tensor)| (k, NamedTensor { tensor, file: PathBuf::from("<memory>") }))
+            .map(|(k, tensor)| {
+                (
+                    k,
+                    NamedTensor {
+                        tensor,
+                        file: PathBuf::from("<memory>"),
+                    },
+                )
+            })
             .collect();
-        Checkpoint { dir: PathBuf::from("."), config: Some(config), tensors, source: "<memory>".into() }
+        Checkpoint {
+            dir: PathBuf::from("."),
+            config: Some(config),
+            tensors,
+            source: "<memory>".into(),
+        }
     }
 
     /// The config, or an error saying it is needed.
@@ -156,7 +183,10 @@ impl Checkpoint {
     }
 }
 
-fn load_weight_file(file: &Path, progress: impl FnMut(usize, usize)) -> Result<BTreeMap<String, NamedTensor>> {
+fn load_weight_file(
+    file: &Path,
+    progress: impl FnMut(usize, usize),
+) -> Result<BTreeMap<String, NamedTensor>> {
     let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
     if name.ends_with(".index.json") {
         return self::safetensors::read_index(file, progress);

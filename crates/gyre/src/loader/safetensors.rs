@@ -22,9 +22,15 @@ pub struct NamedTensor {
 /// Memory-maps `path`, refusing empty files with a clear message.
 pub fn map_file(path: &Path) -> Result<Arc<Mmap>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
+    let len = file
+        .metadata()
+        .with_context(|| format!("cannot stat {}", path.display()))?
+        .len();
     if len == 0 {
-        bail!("{} is empty (0 bytes): the download is incomplete or the file is damaged", path.display());
+        bail!(
+            "{} is empty (0 bytes): the download is incomplete or the file is damaged",
+            path.display()
+        );
     }
     // SAFETY: the map is read-only. Another process truncating the file while it is mapped
     // would fault; model files are treated as immutable inputs, as every mmap-based loader does.
@@ -58,16 +64,32 @@ pub fn read_file(path: &Path) -> Result<BTreeMap<String, NamedTensor>> {
     for (name, info) in meta.tensors() {
         let dtype = convert_dtype(info.dtype, &name, path)?;
         let (begin, end) = info.data_offsets;
-        let tensor = Tensor::from_mmap(map.clone(), data_start + begin, end - begin, dtype, info.shape.clone())
-            .with_context(|| format!("{}: tensor '{name}'", path.display()))?;
-        out.insert(name, NamedTensor { tensor, file: path.to_path_buf() });
+        let tensor = Tensor::from_mmap(
+            map.clone(),
+            data_start + begin,
+            end - begin,
+            dtype,
+            info.shape.clone(),
+        )
+        .with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+        out.insert(
+            name,
+            NamedTensor {
+                tensor,
+                file: path.to_path_buf(),
+            },
+        );
     }
     Ok(out)
 }
 
 /// Reads a sharded checkpoint through its `model.safetensors.index.json`.
-pub fn read_index(index_path: &Path, mut on_shard: impl FnMut(usize, usize)) -> Result<BTreeMap<String, NamedTensor>> {
-    let text = std::fs::read_to_string(index_path).with_context(|| format!("cannot read {}", index_path.display()))?;
+pub fn read_index(
+    index_path: &Path,
+    mut on_shard: impl FnMut(usize, usize),
+) -> Result<BTreeMap<String, NamedTensor>> {
+    let text = std::fs::read_to_string(index_path)
+        .with_context(|| format!("cannot read {}", index_path.display()))?;
     let index: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", index_path.display()))?;
     let weight_map = index
@@ -77,9 +99,12 @@ pub fn read_index(index_path: &Path, mut on_shard: impl FnMut(usize, usize)) -> 
     let dir = index_path.parent().unwrap_or(Path::new("."));
     let mut shards: Vec<&str> = Vec::new();
     for (name, shard) in weight_map {
-        let shard = shard
-            .as_str()
-            .with_context(|| format!("{}: weight_map['{name}'] is not a file name", index_path.display()))?;
+        let shard = shard.as_str().with_context(|| {
+            format!(
+                "{}: weight_map['{name}'] is not a file name",
+                index_path.display()
+            )
+        })?;
         if !shards.contains(&shard) {
             shards.push(shard);
         }
@@ -89,7 +114,11 @@ pub fn read_index(index_path: &Path, mut on_shard: impl FnMut(usize, usize)) -> 
         on_shard(i, shards.len());
         let path = dir.join(shard);
         if !path.exists() {
-            bail!("{} lists shard '{shard}', which is missing from {}", index_path.display(), dir.display());
+            bail!(
+                "{} lists shard '{shard}', which is missing from {}",
+                index_path.display(),
+                dir.display()
+            );
         }
         all.extend(read_file(&path)?);
     }

@@ -70,7 +70,7 @@ struct Attention {
 
 enum Temporal {
     Recurrent(Box<Recurrent>),
-    Attention(Attention),
+    Attention(Box<Attention>),
 }
 
 struct Layer {
@@ -149,11 +149,17 @@ impl Griffin {
         let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let bw = lru / heads;
         let width = cfg.conv1d_width;
-        let vec = |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
+        let vec =
+            |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
         let mat = |name: &str, rows: usize, cols: usize| ckpt.get_shaped(name, &[rows, cols]);
         let embed = mat("model.embed_tokens.weight", v, c)?;
         let f_name = "model.layers.0.mlp_block.gate_proj.weight";
-        let f = ckpt.get(f_name)?.shape().first().copied().context("empty MLP shape")?;
+        let f = ckpt
+            .get(f_name)?
+            .shape()
+            .first()
+            .copied()
+            .context("empty MLP shape")?;
         if let Some(i) = cfg.intermediate_size {
             if i / 2 != f {
                 bail!(
@@ -171,7 +177,9 @@ impl Griffin {
             let temporal = match cfg.block(i) {
                 BlockKind::Recurrent => {
                     n_recurrent += 1;
-                    let conv = ckpt.get_shaped(&format!("{t}.conv_1d.weight"), &[lru, 1, width])?.to_f32_vec();
+                    let conv = ckpt
+                        .get_shaped(&format!("{t}.conv_1d.weight"), &[lru, 1, width])?
+                        .to_f32_vec();
                     let mut conv_w = vec![0f32; width * lru];
                     for ch in 0..lru {
                         for tap in 0..width {
@@ -179,10 +187,16 @@ impl Griffin {
                         }
                     }
                     let gate = |name: &str| -> Result<Vec<Tensor>> {
-                        Ok(split_gate(&ckpt.get_shaped(&format!("{t}.rg_lru.{name}"), &[heads, bw, bw])?, heads, bw))
+                        Ok(split_gate(
+                            &ckpt.get_shaped(&format!("{t}.rg_lru.{name}"), &[heads, bw, bw])?,
+                            heads,
+                            bw,
+                        ))
                     };
                     let gate_b = |name: &str| -> Result<Vec<f32>> {
-                        Ok(ckpt.get_shaped(&format!("{t}.rg_lru.{name}"), &[heads, bw])?.to_f32_vec())
+                        Ok(ckpt
+                            .get_shaped(&format!("{t}.rg_lru.{name}"), &[heads, bw])?
+                            .to_f32_vec())
                     };
                     let a_param = vec(&format!("{t}.rg_lru.recurrent_param"), lru)?;
                     Temporal::Recurrent(Box::new(Recurrent {
@@ -203,14 +217,14 @@ impl Griffin {
                 }
                 BlockKind::Attention => {
                     n_attention += 1;
-                    Temporal::Attention(Attention {
+                    Temporal::Attention(Box::new(Attention {
                         q: mat(&format!("{t}.q_proj.weight"), heads * hd, c)?,
                         k: mat(&format!("{t}.k_proj.weight"), kv_heads * hd, c)?,
                         v: mat(&format!("{t}.v_proj.weight"), kv_heads * hd, c)?,
                         o: mat(&format!("{t}.o_proj.weight"), c, heads * hd)?,
                         o_b: vec(&format!("{t}.o_proj.bias"), c)?,
                         kv_index: n_attention - 1,
-                    })
+                    }))
                 }
             };
             let m = format!("{p}.mlp_block");
@@ -270,7 +284,8 @@ impl Griffin {
             State::Griffin(s)
                 if s.conv.len() == self.n_recurrent
                     && s.lru.first().is_none_or(|h| h.len() == self.lru)
-                    && s.kv.shape_matches(self.n_attention, self.kv_dim(), Some(self.window)) =>
+                    && s.kv
+                        .shape_matches(self.n_attention, self.kv_dim(), Some(self.window)) =>
             {
                 Ok(s)
             }
@@ -279,6 +294,7 @@ impl Griffin {
     }
 
     /// Recurrent block over the batch: `normed` [rows, C] → `out` [rows, C].
+    #[allow(clippy::too_many_arguments)]
     fn recurrent(
         &self,
         rec: &Recurrent,
@@ -342,11 +358,13 @@ impl Griffin {
         let mut block_out = vec![0f32; rows * bw];
         for h in 0..heads {
             for r in 0..rows {
-                block_in[r * bw..(r + 1) * bw].copy_from_slice(&conv[r * lru + h * bw..r * lru + (h + 1) * bw]);
+                block_in[r * bw..(r + 1) * bw]
+                    .copy_from_slice(&conv[r * lru + h * bw..r * lru + (h + 1) * bw]);
             }
-            for (gates, bias, dst) in
-                [(&rec.input_gate, &rec.input_gate_b, &mut gx), (&rec.a_gate, &rec.a_gate_b, &mut ga)]
-            {
+            for (gates, bias, dst) in [
+                (&rec.input_gate, &rec.input_gate_b, &mut gx),
+                (&rec.a_gate, &rec.a_gate_b, &mut ga),
+            ] {
                 linear(&block_in, rows, &gates[h], &mut block_out);
                 for r in 0..rows {
                     for j in 0..bw {
@@ -367,7 +385,11 @@ impl Griffin {
                 for i in 0..lru {
                     let log_a = rec.log_a_scale[i] * ga[r * lru + i];
                     let a = log_a.exp();
-                    let mult = if first { 1.0 } else { (1.0 - (2.0 * log_a).exp()).sqrt() };
+                    let mult = if first {
+                        1.0
+                    } else {
+                        (1.0 - (2.0 * log_a).exp()).sqrt()
+                    };
                     let xn = conv[r * lru + i] * gx[r * lru + i] * mult;
                     let prev = if first { 0.0 } else { a * hstate[i] };
                     hstate[i] = prev + xn;
@@ -391,28 +413,54 @@ impl Griffin {
         out: &mut [f32],
     ) -> Result<()> {
         let (h, hd, kvd) = (self.heads, self.head_dim, self.kv_dim());
-        let (mut q, mut kk, mut vv) = (vec![0f32; rows * h * hd], vec![0f32; rows * kvd], vec![0f32; rows * kvd]);
+        let (mut q, mut kk, mut vv) = (
+            vec![0f32; rows * h * hd],
+            vec![0f32; rows * kvd],
+            vec![0f32; rows * kvd],
+        );
         linear(normed, rows, &att.q, &mut q);
         linear(normed, rows, &att.k, &mut kk);
         linear(normed, rows, &att.v, &mut vv);
         for seg in segs {
             for i in 0..seg.len {
                 let r = seg.row + i;
-                k::rope_half_split(&mut q[r * h * hd..(r + 1) * h * hd], hd, seg.pos + i, &self.inv_freq);
+                k::rope_half_split(
+                    &mut q[r * h * hd..(r + 1) * h * hd],
+                    hd,
+                    seg.pos + i,
+                    &self.inv_freq,
+                );
                 k::rope_half_split(&mut kk[r * kvd..(r + 1) * kvd], hd, seg.pos + i, &self.inv_freq);
             }
         }
-        let dims = AttnDims { heads: h, kv_heads: self.kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+        let dims = AttnDims {
+            heads: h,
+            kv_heads: self.kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
         let window = self.window;
         let mut attn = vec![0f32; rows * h * hd];
         for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
             let st = self.griffin_state(seq.state)?;
             let o = &mut attn[seg.row * h * hd..(seg.row + seg.len) * h * hd];
-            layers::attend_chunk(dims, &q, &kk, &vv, *seg, &st.kv, att.kv_index, |p| p.saturating_sub(window), o);
+            layers::attend_chunk(
+                dims,
+                &q,
+                &kk,
+                &vv,
+                *seg,
+                &st.kv,
+                att.kv_index,
+                |p| p.saturating_sub(window),
+                o,
+            );
         }
         for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
             let span = seg.row * kvd..(seg.row + seg.len) * kvd;
-            self.griffin_state(seq.state)?.kv.write(att.kv_index, &kk[span.clone()], &vv[span]);
+            self.griffin_state(seq.state)?
+                .kv
+                .write(att.kv_index, &kk[span.clone()], &vv[span]);
         }
         layers::linear_bias(&attn, rows, &att.o, Some(&att.o_b), out);
         Ok(())

@@ -27,7 +27,11 @@ pub fn segments(batch: &[SeqInput<'_>], pos_of: impl Fn(usize) -> usize) -> (Vec
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let seg = Segment { row: rows, len: s.tokens.len(), pos: pos_of(i) };
+            let seg = Segment {
+                row: rows,
+                len: s.tokens.len(),
+                pos: pos_of(i),
+            };
             rows += s.tokens.len();
             seg
         })
@@ -76,27 +80,34 @@ pub fn attend_chunk(
     first_visible: impl Fn(usize) -> usize + Sync,
     out: &mut [f32],
 ) {
-    let AttnDims { heads: h, kv_heads, head_dim: hd, scale } = dims;
+    let AttnDims {
+        heads: h,
+        kv_heads,
+        head_dim: hd,
+        scale,
+    } = dims;
     let kvd = kv_heads * hd;
     let group = h / kv_heads;
-    out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, |scores, (idx, o)| {
-        let (i, head) = (idx / h, idx % h);
-        let g = head / group;
-        let pos = seg.pos + i;
-        let lo = first_visible(pos);
-        let qv = &q[(seg.row + i) * h * hd + head * hd..][..hd];
-        let kv = |j: usize| {
-            let p = lo + j;
-            if p >= seg.pos {
-                let r = (seg.row + p - seg.pos) * kvd + g * hd;
-                (&kk[r..r + hd], &vv[r..r + hd])
-            } else {
-                let (ck, cv) = cache.get(layer, p);
-                (&ck[g * hd..(g + 1) * hd], &cv[g * hd..(g + 1) * hd])
-            }
-        };
-        k::attend(qv, pos + 1 - lo, kv, scale, scores, o);
-    });
+    out.par_chunks_mut(hd)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (idx, o)| {
+            let (i, head) = (idx / h, idx % h);
+            let g = head / group;
+            let pos = seg.pos + i;
+            let lo = first_visible(pos);
+            let qv = &q[(seg.row + i) * h * hd + head * hd..][..hd];
+            let kv = |j: usize| {
+                let p = lo + j;
+                if p >= seg.pos {
+                    let r = (seg.row + p - seg.pos) * kvd + g * hd;
+                    (&kk[r..r + hd], &vv[r..r + hd])
+                } else {
+                    let (ck, cv) = cache.get(layer, p);
+                    (&ck[g * hd..(g + 1) * hd], &cv[g * hd..(g + 1) * hd])
+                }
+            };
+            k::attend(qv, pos + 1 - lo, kv, scale, scores, o);
+        });
 }
 
 /// The rows whose logits are wanted, copied out of `x` [rows, C].
@@ -114,7 +125,10 @@ pub fn pick_rows(x: &[f32], c: usize, segs: &[Segment], which: Logits) -> Vec<f3
 pub fn split_logits(logits: Vec<f32>, v: usize, segs: &[Segment], which: Logits) -> Vec<Vec<f32>> {
     match which {
         Logits::Last => logits.chunks_exact(v).map(<[f32]>::to_vec).collect(),
-        Logits::All => segs.iter().map(|s| logits[s.row * v..(s.row + s.len) * v].to_vec()).collect(),
+        Logits::All => segs
+            .iter()
+            .map(|s| logits[s.row * v..(s.row + s.len) * v].to_vec())
+            .collect(),
     }
 }
 

@@ -68,7 +68,8 @@ impl Llama {
         let cfg = LlamaConfig::from_value(ckpt.config()?, &source)?;
         let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
-        let vec = |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
+        let vec =
+            |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
         let mat = |name: &str, rows: usize, cols: usize| ckpt.get_shaped(name, &[rows, cols]);
         let embed = mat("model.embed_tokens.weight", v, c)?;
         let lm_head = if ckpt.has("lm_head.weight") {
@@ -125,7 +126,10 @@ impl Llama {
     fn cache<'s>(&self, state: &'s mut State) -> Result<&'s mut KvCache> {
         match state {
             State::Kv(c) if c.shape_matches(self.layers.len(), self.kv_dim(), self.window) => Ok(c),
-            _ => bail!("this state does not belong to a {} model of this shape", self.info.arch.name()),
+            _ => bail!(
+                "this state does not belong to a {} model of this shape",
+                self.info.arch.name()
+            ),
         }
     }
 }
@@ -151,7 +155,12 @@ impl Model for Llama {
         }
         let (segments, rows) = layers::segments(batch, |i| positions[i]);
         let (c, hd, h, kvd) = (self.info.hidden_size, self.head_dim, self.heads, self.kv_dim());
-        let dims = AttnDims { heads: h, kv_heads: self.kv_heads, head_dim: hd, scale: 1.0 / (hd as f32).sqrt() };
+        let dims = AttnDims {
+            heads: h,
+            kv_heads: self.kv_heads,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
         let window = self.window;
         let first_visible = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
 
@@ -160,7 +169,11 @@ impl Model for Llama {
         layers::gather_embeddings(batch, &self.embed, 1.0, &mut x);
         let f = self.layers.first().map_or(0, |l| l.gate.shape()[0]);
         let mut normed = vec![0f32; rows * c];
-        let (mut q, mut kk, mut vv) = (vec![0f32; rows * h * hd], vec![0f32; rows * kvd], vec![0f32; rows * kvd]);
+        let (mut q, mut kk, mut vv) = (
+            vec![0f32; rows * h * hd],
+            vec![0f32; rows * kvd],
+            vec![0f32; rows * kvd],
+        );
         let mut attn = vec![0f32; rows * h * hd];
         let mut proj = vec![0f32; rows * c];
         let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
@@ -173,7 +186,12 @@ impl Model for Llama {
             for seg in &segments {
                 for i in 0..seg.len {
                     let r = seg.row + i;
-                    k::rope_half_split(&mut q[r * h * hd..(r + 1) * h * hd], hd, seg.pos + i, &self.inv_freq);
+                    k::rope_half_split(
+                        &mut q[r * h * hd..(r + 1) * h * hd],
+                        hd,
+                        seg.pos + i,
+                        &self.inv_freq,
+                    );
                     k::rope_half_split(&mut kk[r * kvd..(r + 1) * kvd], hd, seg.pos + i, &self.inv_freq);
                 }
             }

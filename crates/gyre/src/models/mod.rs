@@ -94,7 +94,10 @@ pub fn check_tokens(batch: &[SeqInput<'_>], vocab_size: usize) -> Result<()> {
             bail!("sequence {s} of the batch has no tokens to feed");
         }
         if let Some(&bad) = seq.tokens.iter().find(|&&t| t as usize >= vocab_size) {
-            bail!("token id {bad} is out of range: the vocabulary has {vocab_size} tokens (0..{})", vocab_size - 1);
+            bail!(
+                "token id {bad} is out of range: the vocabulary has {vocab_size} tokens (0..{})",
+                vocab_size - 1
+            );
         }
     }
     Ok(())

@@ -113,7 +113,11 @@ impl Rwkv5 {
         }
         let emb = ckpt.get("emb.weight")?.clone();
         if emb.shape().len() != 2 {
-            bail!("{}: emb.weight must be 2-D, has shape {:?}", ckpt.source, emb.shape());
+            bail!(
+                "{}: emb.weight must be 2-D, has shape {:?}",
+                ckpt.source,
+                emb.shape()
+            );
         }
         let (v, c) = (emb.shape()[0], emb.shape()[1]);
         let decay0 = ckpt.get("blocks.0.att.time_decay")?;
@@ -127,7 +131,11 @@ impl Rwkv5 {
         let vec = |name: &str, len: usize| -> Result<Vec<f32>> {
             let t = ckpt.get(name)?;
             if t.numel() != len || t.shape().iter().filter(|&&d| d != 1).count() > 1 {
-                bail!("tensor '{name}' in {} has shape {:?}, expected {len} values", ckpt.source, t.shape());
+                bail!(
+                    "tensor '{name}' in {} has shape {:?}, expected {len} values",
+                    ckpt.source,
+                    t.shape()
+                );
             }
             Ok(t.to_f32_vec())
         };
@@ -149,14 +157,20 @@ impl Rwkv5 {
                 mix_v: vec(&format!("{a}.time_mix_v"), c)?,
                 mix_r: vec(&format!("{a}.time_mix_r"), c)?,
                 mix_g: vec(&format!("{a}.time_mix_g"), c)?,
-                decay: heads_mat("time_decay")?.iter().map(|&d| (-d.exp()).exp()).collect(),
+                decay: heads_mat("time_decay")?
+                    .iter()
+                    .map(|&d| (-d.exp()).exp())
+                    .collect(),
                 bonus: heads_mat("time_faaaa")?,
                 wr: mat(&format!("{a}.receptance.weight"), c_att, c)?,
                 wk: mat(&format!("{a}.key.weight"), c_att, c)?,
                 wv: mat(&format!("{a}.value.weight"), c_att, c)?,
                 wg: mat(&format!("{a}.gate.weight"), c_att, c)?,
                 wo: mat(&format!("{a}.output.weight"), c, c_att)?,
-                ln_x: (vec(&format!("{a}.ln_x.weight"), c_att)?, vec(&format!("{a}.ln_x.bias"), c_att)?),
+                ln_x: (
+                    vec(&format!("{a}.ln_x.weight"), c_att)?,
+                    vec(&format!("{a}.ln_x.bias"), c_att)?,
+                ),
                 ffn_mix_k: vec(&format!("{fm}.time_mix_k"), c)?,
                 ffn_mix_r: vec(&format!("{fm}.time_mix_r"), c)?,
                 ffn_k: mat(&format!("{fm}.key.weight"), f, c)?,
@@ -188,7 +202,16 @@ impl Rwkv5 {
 
     fn rwkv_state<'s>(&self, state: &'s mut State) -> Result<&'s mut RwkvState> {
         match state {
-            State::Rwkv(s) if s.fits(self.blocks.len(), self.info.hidden_size, self.heads, self.head_size) => Ok(s),
+            State::Rwkv(s)
+                if s.fits(
+                    self.blocks.len(),
+                    self.info.hidden_size,
+                    self.heads,
+                    self.head_size,
+                ) =>
+            {
+                Ok(s)
+            }
             _ => bail!("this state does not belong to an RWKV-5 model of this shape"),
         }
     }
@@ -213,7 +236,18 @@ impl Rwkv5 {
 /// Runs the WKV recurrence of one head over `len` tokens. `r`, `k`, `v`: the sequence's rows
 /// [len, C_att]; `s`: the head's state [N (key i), N (value j)]; writes `y` [len, N].
 #[allow(clippy::too_many_arguments)]
-fn wkv_head(h: usize, n: usize, c_att: usize, r: &[f32], kk: &[f32], v: &[f32], w: &[f32], u: &[f32], s: &mut [f32], y: &mut [f32]) {
+fn wkv_head(
+    h: usize,
+    n: usize,
+    c_att: usize,
+    r: &[f32],
+    kk: &[f32],
+    v: &[f32],
+    w: &[f32],
+    u: &[f32],
+    s: &mut [f32],
+    y: &mut [f32],
+) {
     let len = r.len() / c_att;
     let (w, u) = (&w[h * n..(h + 1) * n], &u[h * n..(h + 1) * n]);
     for t in 0..len {
@@ -241,11 +275,21 @@ impl Model for Rwkv5 {
     }
 
     fn new_state(&self) -> State {
-        State::Rwkv(RwkvState::new(self.blocks.len(), self.info.hidden_size, self.heads, self.head_size))
+        State::Rwkv(RwkvState::new(
+            self.blocks.len(),
+            self.info.hidden_size,
+            self.heads,
+            self.head_size,
+        ))
     }
 
     fn state_bytes(&self, _tokens: usize) -> usize {
-        RwkvState::bytes_for(self.blocks.len(), self.info.hidden_size, self.heads, self.head_size)
+        RwkvState::bytes_for(
+            self.blocks.len(),
+            self.info.hidden_size,
+            self.heads,
+            self.head_size,
+        )
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
@@ -270,10 +314,21 @@ impl Model for Rwkv5 {
         }
 
         let mut xx = vec![0f32; rows * c];
-        let mix_bufs = || [vec![0f32; rows * c], vec![0f32; rows * c], vec![0f32; rows * c], vec![0f32; rows * c]];
+        let mix_bufs = || {
+            [
+                vec![0f32; rows * c],
+                vec![0f32; rows * c],
+                vec![0f32; rows * c],
+                vec![0f32; rows * c],
+            ]
+        };
         let [mut mk, mut mv, mut mr, mut mg] = mix_bufs();
-        let (mut r, mut kk, mut vv, mut g) =
-            (vec![0f32; rows * c_att], vec![0f32; rows * c_att], vec![0f32; rows * c_att], vec![0f32; rows * c_att]);
+        let (mut r, mut kk, mut vv, mut g) = (
+            vec![0f32; rows * c_att],
+            vec![0f32; rows * c_att],
+            vec![0f32; rows * c_att],
+            vec![0f32; rows * c_att],
+        );
         let mut y = vec![0f32; rows * c_att];
         let mut out = vec![0f32; rows * c];
         let f = self.blocks.first().map_or(0, |b| b.ffn_k.shape()[0]);
@@ -290,7 +345,12 @@ impl Model for Rwkv5 {
                     &xx[span.clone()],
                     shift,
                     &[&b.mix_k, &b.mix_v, &b.mix_r, &b.mix_g],
-                    &mut [&mut mk[span.clone()], &mut mv[span.clone()], &mut mr[span.clone()], &mut mg[span.clone()]],
+                    &mut [
+                        &mut mk[span.clone()],
+                        &mut mv[span.clone()],
+                        &mut mr[span.clone()],
+                        &mut mg[span.clone()],
+                    ],
                 );
                 shift.copy_from_slice(&xx[span.end - c..span.end]);
             }
@@ -304,13 +364,16 @@ impl Model for Rwkv5 {
                 let span = seg.row * c_att..(seg.row + seg.len) * c_att;
                 let (rs, ks, vs) = (&r[span.clone()], &kk[span.clone()], &vv[span.clone()]);
                 let mut per_head = vec![0f32; h * seg.len * n];
-                st.wkv[li].par_chunks_mut(n * n).zip(per_head.par_chunks_mut(seg.len * n)).enumerate().for_each(
-                    |(hi, (s, yh))| wkv_head(hi, n, c_att, rs, ks, vs, &b.decay, &b.bonus, s, yh),
-                );
+                st.wkv[li]
+                    .par_chunks_mut(n * n)
+                    .zip(per_head.par_chunks_mut(seg.len * n))
+                    .enumerate()
+                    .for_each(|(hi, (s, yh))| wkv_head(hi, n, c_att, rs, ks, vs, &b.decay, &b.bonus, s, yh));
                 for t in 0..seg.len {
                     for hi in 0..h {
                         let dst = (seg.row + t) * c_att + hi * n;
-                        y[dst..dst + n].copy_from_slice(&per_head[(hi * seg.len + t) * n..(hi * seg.len + t + 1) * n]);
+                        y[dst..dst + n]
+                            .copy_from_slice(&per_head[(hi * seg.len + t) * n..(hi * seg.len + t + 1) * n]);
                     }
                 }
             }

@@ -48,7 +48,11 @@ impl fmt::Display for DType {
 #[derive(Clone)]
 enum Bytes {
     /// A byte range of a shared memory map.
-    Mapped { map: Arc<Mmap>, start: usize, len: usize },
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+    },
     /// An owned copy, 8-byte aligned (u64 backing) so any dtype view is aligned.
     Owned { words: Arc<Vec<u64>>, len: usize },
 }
@@ -99,17 +103,18 @@ impl Tensor {
         shape: Vec<usize>,
     ) -> Result<Tensor> {
         if numel(&shape) * dtype.size() != len {
-            bail!(
-                "{} bytes do not hold a {dtype} tensor of shape {shape:?}",
-                len
-            );
+            bail!("{} bytes do not hold a {dtype} tensor of shape {shape:?}", len);
         }
         if start.checked_add(len).is_none_or(|end| end > map.len()) {
             bail!("byte range {start}..{} is past the end of the file", start + len);
         }
         let addr = map.as_ptr() as usize + start;
         if addr % dtype.size() == 0 {
-            return Ok(Tensor { dtype, shape, bytes: Bytes::Mapped { map, start, len } });
+            return Ok(Tensor {
+                dtype,
+                shape,
+                bytes: Bytes::Mapped { map, start, len },
+            });
         }
         Ok(Tensor::from_bytes(&map[start..start + len], dtype, shape))
     }
@@ -119,7 +124,14 @@ impl Tensor {
         assert_eq!(raw.len(), numel(&shape) * dtype.size(), "tensor byte length");
         let mut words = vec![0u64; raw.len().div_ceil(8)];
         bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..raw.len()].copy_from_slice(raw);
-        Tensor { dtype, shape, bytes: Bytes::Owned { words: Arc::new(words), len: raw.len() } }
+        Tensor {
+            dtype,
+            shape,
+            bytes: Bytes::Owned {
+                words: Arc::new(words),
+                len: raw.len(),
+            },
+        }
     }
 
     /// An owned f32 tensor.
@@ -180,7 +192,11 @@ impl Tensor {
         if numel(&shape) != self.numel() {
             bail!("cannot reshape {:?} to {shape:?}", self.shape);
         }
-        Ok(Tensor { dtype: self.dtype, shape, bytes: self.bytes.clone() })
+        Ok(Tensor {
+            dtype: self.dtype,
+            shape,
+            bytes: self.bytes.clone(),
+        })
     }
 
     /// All elements widened to f32 (for small tensors: norms, biases, fixtures).

@@ -10,7 +10,10 @@ use gyre::state::State;
 
 /// `tests/fixtures/<family>/<case>`.
 pub fn fixture(family: &str, case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(family).join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(family)
+        .join(case)
 }
 
 /// Tensors of an `expected.safetensors`: f32 ones as values, int64 ones as token ids.
@@ -27,11 +30,19 @@ impl Expected {
         for (name, t) in st.tensors() {
             match t.dtype() {
                 safetensors::Dtype::F32 => {
-                    let v = t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+                    let v = t
+                        .data()
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                        .collect();
                     floats.insert(name, v);
                 }
                 safetensors::Dtype::I64 => {
-                    let v = t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32).collect();
+                    let v = t
+                        .data()
+                        .chunks_exact(8)
+                        .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+                        .collect();
                     ints.insert(name, v);
                 }
                 other => panic!("unexpected dtype {other:?} for {name}"),
@@ -41,11 +52,15 @@ impl Expected {
     }
 
     pub fn f(&self, name: &str) -> &[f32] {
-        self.floats.get(name).unwrap_or_else(|| panic!("expected tensor {name}"))
+        self.floats
+            .get(name)
+            .unwrap_or_else(|| panic!("expected tensor {name}"))
     }
 
     pub fn ids(&self, name: &str) -> &[u32] {
-        self.ints.get(name).unwrap_or_else(|| panic!("expected ids {name}"))
+        self.ints
+            .get(name)
+            .unwrap_or_else(|| panic!("expected ids {name}"))
     }
 }
 
@@ -62,7 +77,9 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 
 /// Logits of every position from one prefill of `tokens`, starting at `state`.
 pub fn prefill_from(model: &dyn Model, state: &mut State, tokens: &[u32]) -> Vec<f32> {
-    let mut out = model.forward(&mut [SeqInput { tokens, state }], Logits::All).unwrap();
+    let mut out = model
+        .forward(&mut [SeqInput { tokens, state }], Logits::All)
+        .unwrap();
     out.pop().unwrap()
 }
 
@@ -76,7 +93,13 @@ pub fn step_from(model: &dyn Model, state: &mut State, tokens: &[u32]) -> Vec<f3
     let mut rows = Vec::new();
     for t in tokens {
         let out = model
-            .forward(&mut [SeqInput { tokens: std::slice::from_ref(t), state }], Logits::Last)
+            .forward(
+                &mut [SeqInput {
+                    tokens: std::slice::from_ref(t),
+                    state,
+                }],
+                Logits::Last,
+            )
             .unwrap();
         rows.extend_from_slice(&out[0]);
     }

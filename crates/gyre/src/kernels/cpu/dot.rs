@@ -62,7 +62,10 @@ mod tests {
             for n in [0, 1, 7, 15, 16, 17, 31, 64, 100, 257] {
                 let (x, y) = (&a[off..off + n], &b[off + 1..off + 1 + n]);
                 let (got, want) = (dot(x, y), dot_scalar(x, y));
-                assert!((got - want).abs() <= 1e-4 * (1.0 + want.abs()), "n={n} off={off}: {got} vs {want}");
+                assert!(
+                    (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                    "n={n} off={off}: {got} vs {want}"
+                );
             }
         }
     }

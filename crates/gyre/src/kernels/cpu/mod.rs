@@ -44,28 +44,31 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
     }
     // Transposed result [out, n_rows] so each task owns a contiguous block of it.
     let mut out_t = vec![0f32; n_out * n_rows];
-    out_t.par_chunks_mut(ROW_BLOCK * n_rows).enumerate().for_each_init(
-        || vec![0f32; ROW_BLOCK * n_in],
-        |scratch, (b, chunk)| {
-            let rows = chunk.len() / n_rows;
-            // Widen the block's weight rows once; they are reused for every activation row.
-            let mut rest = scratch.as_mut_slice();
-            let mut block: Vec<&[f32]> = Vec::with_capacity(rows);
-            for j in 0..rows {
-                let (head, tail) = rest.split_at_mut(n_in);
-                rest = tail;
-                block.push(weight_row(&data, (b * ROW_BLOCK + j) * n_in, n_in, head));
-            }
-            for t0 in (0..n_rows).step_by(TOKEN_BLOCK) {
-                let t1 = (t0 + TOKEN_BLOCK).min(n_rows);
-                for (j, row) in block.iter().enumerate() {
-                    for t in t0..t1 {
-                        chunk[j * n_rows + t] = dot(row, &x[t * n_in..(t + 1) * n_in]);
+    out_t
+        .par_chunks_mut(ROW_BLOCK * n_rows)
+        .enumerate()
+        .for_each_init(
+            || vec![0f32; ROW_BLOCK * n_in],
+            |scratch, (b, chunk)| {
+                let rows = chunk.len() / n_rows;
+                // Widen the block's weight rows once; they are reused for every activation row.
+                let mut rest = scratch.as_mut_slice();
+                let mut block: Vec<&[f32]> = Vec::with_capacity(rows);
+                for j in 0..rows {
+                    let (head, tail) = rest.split_at_mut(n_in);
+                    rest = tail;
+                    block.push(weight_row(&data, (b * ROW_BLOCK + j) * n_in, n_in, head));
+                }
+                for t0 in (0..n_rows).step_by(TOKEN_BLOCK) {
+                    let t1 = (t0 + TOKEN_BLOCK).min(n_rows);
+                    for (j, row) in block.iter().enumerate() {
+                        for t in t0..t1 {
+                            chunk[j * n_rows + t] = dot(row, &x[t * n_in..(t + 1) * n_in]);
+                        }
                     }
                 }
-            }
-        },
-    );
+            },
+        );
     for (o, col) in out_t.chunks_exact(n_rows).enumerate() {
         for (t, &v) in col.iter().enumerate() {
             out[t * n_out + o] = v;
@@ -127,7 +130,11 @@ mod tests {
                 linear(&x, rows, &w, &mut got);
                 linear_scalar(&x, rows, &w, &mut want);
                 for (g, e) in got.iter().zip(&want) {
-                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{:?} {rows}: {g} vs {e}", w);
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "{:?} {rows}: {g} vs {e}",
+                        w
+                    );
                 }
             }
         }

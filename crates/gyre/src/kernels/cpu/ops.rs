@@ -189,7 +189,14 @@ mod tests {
         let vals = [[10.0f32, 0.0], [0.0, 10.0]];
         let mut out = [0.0; 2];
         let mut scratch = Vec::new();
-        attend(&[2.0, 0.0], 2, |i| (&keys[i][..], &vals[i][..]), 1.0, &mut scratch, &mut out);
+        attend(
+            &[2.0, 0.0],
+            2,
+            |i| (&keys[i][..], &vals[i][..]),
+            1.0,
+            &mut scratch,
+            &mut out,
+        );
         let p0 = 1.0 / (1.0 + (-2f32).exp());
         assert!((out[0] - 10.0 * p0).abs() < 1e-5 && (out[1] - 10.0 * (1.0 - p0)).abs() < 1e-5);
     }
