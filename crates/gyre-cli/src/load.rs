@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use gyre::chat::{BuiltinTemplate, ChatTemplate};
 use gyre::loader::Checkpoint;
-use gyre::models::{self, Model};
+use gyre::models::{self, Arch, Model};
+use gyre::state::State;
 use gyre::tokenizer::Tokenizer;
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -44,31 +45,84 @@ impl Loaded {
         })
     }
 
-    /// The model's tokenizer (loaded on first use).
+    /// The model's tokenizer (loaded on first use): the directory's tokenizer.json, or the
+    /// built-in World tokenizer for RWKV checkpoints of vocabulary 65536 that come without one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         if let Some(t) = self.tokenizer.get() {
             return Ok(t);
         }
-        let t = Tokenizer::from_model_dir(&self.dir, self.config.as_ref())?;
+        let info = self.model.info();
+        let world = info.arch == Arch::Rwkv5 && !self.dir.join("tokenizer.json").exists();
+        let t = if world {
+            if info.vocab_size != 65536 {
+                anyhow::bail!(
+                    "{}: this RWKV model has a vocabulary of {} tokens and no tokenizer.json; the \
+                     built-in World tokenizer fits vocabulary 65536 only",
+                    self.dir.display(),
+                    info.vocab_size
+                );
+            }
+            Tokenizer::world()
+        } else {
+            Tokenizer::from_model_dir(&self.dir, self.config.as_ref())?
+        };
         Ok(self.tokenizer.get_or_init(|| t))
     }
 
-    /// The checkpoint's chat template, or the built-in one for its family.
-    pub fn chat_template(&self) -> Result<ChatTemplate> {
-        let tokenizer = self.tokenizer()?;
-        match ChatTemplate::from_model_dir(&self.dir, tokenizer.specials())? {
-            Some(t) => Ok(t),
-            None => {
-                eprintln!(
-                    "note: {} has no chat template; using the built-in SOLAR-instruct format",
-                    self.dir.display()
-                );
-                let s = tokenizer.specials();
-                Ok(ChatTemplate::builtin(BuiltinTemplate::Solar)
-                    .with_special_tokens(s.bos_text.as_deref(), s.eos_text.as_deref()))
-            }
+    /// The state a sequence starts from: fresh, or loaded from `state_file`.
+    pub fn initial_state(&self, state_file: Option<&Path>) -> Result<State> {
+        let fresh = self.model.new_state();
+        match state_file {
+            None => Ok(fresh),
+            Some(path) => gyre::loader::state_file::load(path, fresh, self.model.info().arch.name()),
         }
     }
+
+    /// The chat template (the checkpoint's, else the family's built-in one) and stop rules.
+    pub fn chat_setup(&self) -> Result<ChatSetup> {
+        let tokenizer = self.tokenizer()?;
+        let arch = self.model.info().arch;
+        let builtin = match arch {
+            Arch::Llama | Arch::Mistral => (BuiltinTemplate::Solar, "SOLAR-instruct"),
+            Arch::RecurrentGemma => (BuiltinTemplate::Gemma, "Gemma"),
+            Arch::Rwkv5 => (BuiltinTemplate::Rwkv, "RWKV World (User:/Assistant:)"),
+        };
+        let template = match ChatTemplate::from_model_dir(&self.dir, tokenizer.specials())? {
+            Some(t) => t,
+            None => {
+                if arch != Arch::Rwkv5 {
+                    eprintln!(
+                        "note: {} has no chat template; using the built-in {} format",
+                        self.dir.display(),
+                        builtin.1
+                    );
+                }
+                let s = tokenizer.specials();
+                ChatTemplate::builtin(builtin.0)
+                    .with_special_tokens(s.bos_text.as_deref(), s.eos_text.as_deref())
+            }
+        };
+        // RWKV World chat ends a turn with a blank line (ChatRWKV stops on "\n\n").
+        let stop_strings = if arch == Arch::Rwkv5 {
+            vec!["\n\n".to_string()]
+        } else {
+            Vec::new()
+        };
+        Ok(ChatSetup {
+            template,
+            stop_ids: chat_stop_ids(tokenizer),
+            stop_strings,
+        })
+    }
+}
+
+/// How to chat with a model.
+pub struct ChatSetup {
+    pub template: ChatTemplate,
+    /// Ids that end the assistant's turn.
+    pub stop_ids: Vec<u32>,
+    /// Strings that end the assistant's turn.
+    pub stop_strings: Vec<String>,
 }
 
 /// The tokenizer of a model directory (or of a weight file's directory), without the weights.

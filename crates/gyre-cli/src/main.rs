@@ -38,6 +38,30 @@ enum Command {
     Detokenize(DetokenizeArgs),
     /// Describe a model: architecture, parameters, dtypes, weight and state bytes.
     Info(ModelArgs),
+    /// Save or inspect sequence states.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Run a prompt and save the state after it, to resume later with `--state FILE`.
+    Save(StateSaveArgs),
+}
+
+#[derive(Args)]
+struct StateSaveArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt; read from stdin when absent.
+    #[arg(long)]
+    prompt: Option<String>,
+    /// Where to write the state (safetensors).
+    #[arg(long)]
+    out: PathBuf,
+    /// Start from this state file instead of a fresh state.
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -122,6 +146,9 @@ struct GenerateArgs {
     /// The prompt; read from stdin when absent.
     #[arg(long)]
     prompt: Option<String>,
+    /// Start from a saved state (`gyre state save`) or an RWKV state-tuning file.
+    #[arg(long)]
+    state: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -133,6 +160,9 @@ struct ChatArgs {
     /// A system message to start the conversation with.
     #[arg(long)]
     system: Option<String>,
+    /// Start every conversation from this state file (`gyre state save`, or an RWKV state).
+    #[arg(long)]
+    state: Option<PathBuf>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -147,6 +177,9 @@ struct LogitsArgs {
     /// Feed one token at a time through the state instead.
     #[arg(long)]
     step: bool,
+    /// Start from this state file.
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -154,7 +187,7 @@ struct TokenizerArgs {
     /// Model directory whose tokenizer to use.
     #[arg(long, conflicts_with = "tokenizer", required_unless_present = "tokenizer")]
     model: Option<PathBuf>,
-    /// A tokenizer.json file.
+    /// A tokenizer.json file, an RWKV vocab file, or `world` for the built-in RWKV World tokenizer.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -200,6 +233,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Detokenize(a) => detokenize(a),
         Command::Info(a) => info(a),
+        Command::State(StateCommand::Save(a)) => state_save(a),
     }
 }
 
@@ -242,9 +276,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
     };
     let loaded = open(&a.model)?;
     let tokenizer = loaded.tokenizer()?;
-    let ids = tokenizer.encode(&prompt, true)?;
+    let mut session = Session::with_state(loaded.model.as_ref(), loaded.initial_state(a.state.as_deref())?);
+    // A fresh sequence starts with the tokenizer's special tokens (BOS); a resumed one continues.
+    let ids = tokenizer.encode(&prompt, session.is_fresh())?;
     let params = a.sampling.params(tokenizer.specials().eos.clone(), &[]);
-    let mut session = Session::new(loaded.model.as_ref());
     let mut out = io::stdout().lock();
     session.generate(&ids, &params, tokenizer, |t| {
         out.write_all(t.as_bytes())?;
@@ -258,10 +293,10 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn chat(a: ChatArgs) -> Result<()> {
     let loaded = open(&a.model)?;
     let tokenizer = loaded.tokenizer()?;
-    let template = loaded.chat_template()?;
-    let params = a.sampling.params(load::chat_stop_ids(tokenizer), &[]);
+    let chat = loaded.chat_setup()?;
+    let params = a.sampling.params(chat.stop_ids.clone(), &chat.stop_strings);
     let interactive = io::stdin().is_terminal();
-    let mut session = Session::new(loaded.model.as_ref());
+    let mut session = Session::with_state(loaded.model.as_ref(), loaded.initial_state(a.state.as_deref())?);
     let mut messages: Vec<Message> = Vec::new();
     let start = |messages: &mut Vec<Message>| {
         messages.clear();
@@ -305,8 +340,11 @@ fn chat(a: ChatArgs) -> Result<()> {
             role: "user".into(),
             content: line,
         });
-        let rendered = template.render(&messages, true)?;
-        let ids = tokenizer.encode_chat(&rendered)?;
+        let rendered = chat.template.render(&messages, true)?;
+        let mut ids = tokenizer.encode_chat(&rendered)?;
+        if !session.is_fresh() && ids.first().is_some_and(|&t| Some(t) == tokenizer.specials().bos) {
+            ids.remove(0); // resuming a saved state: BOS is already behind us
+        }
         let mut out = io::stdout().lock();
         let done = session.generate(&ids, &params, tokenizer, |t| {
             out.write_all(t.as_bytes())?;
@@ -326,7 +364,7 @@ fn chat(a: ChatArgs) -> Result<()> {
 fn logits(a: LogitsArgs) -> Result<()> {
     let loaded = open(&a.model)?;
     let model = loaded.model.as_ref();
-    let mut state = model.new_state();
+    let mut state = loaded.initial_state(a.state.as_deref())?;
     let rows: Vec<Vec<f32>> = if a.step {
         let mut rows = Vec::with_capacity(a.tokens.len());
         for t in &a.tokens {
@@ -363,6 +401,7 @@ fn open_tokenizer(a: &TokenizerArgs) -> Result<Tokenizer> {
     check_device(a.device)?;
     match (&a.model, &a.tokenizer) {
         (Some(dir), _) => load::tokenizer_for(dir),
+        (None, Some(file)) if file.as_os_str() == "world" => Tokenizer::from_name("world"),
         (None, Some(file)) => Tokenizer::from_file(file),
         (None, None) => bail!("give --model PATH or --tokenizer FILE"),
     }
@@ -418,5 +457,28 @@ fn info(a: ModelArgs) -> Result<()> {
             b as f64 / (1 << 20) as f64
         );
     }
+    Ok(())
+}
+
+fn state_save(a: StateSaveArgs) -> Result<()> {
+    let prompt = match &a.prompt {
+        Some(p) => p.clone(),
+        None => read_stdin_text()?,
+    };
+    let loaded = open(&a.model)?;
+    let tokenizer = loaded.tokenizer()?;
+    let mut session = Session::with_state(loaded.model.as_ref(), loaded.initial_state(a.state.as_deref())?);
+    let ids = tokenizer.encode(&prompt, session.is_fresh())?;
+    if ids.is_empty() {
+        bail!("the prompt is empty: there is nothing to save a state after");
+    }
+    session.feed(&ids)?;
+    gyre::loader::state_file::save(&a.out, session.state(), loaded.model.info().arch.name())?;
+    eprintln!(
+        "saved the state after {} tokens ({} bytes of state) to {}",
+        session.state().tokens_seen(),
+        session.state().bytes(),
+        a.out.display()
+    );
     Ok(())
 }

@@ -429,3 +429,228 @@ fn unknown_architectures_and_bad_configs_are_named() {
         "{err}"
     );
 }
+
+fn gyre_fixture(family: &str, case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../gyre/tests/fixtures")
+        .join(family)
+        .join(case)
+}
+
+fn logits_rows(out: &str) -> Vec<Vec<f32>> {
+    let v: Value = serde_json::from_str(out).unwrap();
+    v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+fn read_expected(path: &Path) -> (Vec<u32>, std::collections::HashMap<String, Vec<f32>>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut floats = std::collections::HashMap::new();
+    let mut tokens = Vec::new();
+    for (name, t) in st.tensors() {
+        if t.dtype() == safetensors::Dtype::I64 && name.starts_with("tokens") {
+            if name == "tokens" || name == "tokens_long" {
+                tokens = t
+                    .data()
+                    .chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+                    .collect();
+            }
+        } else if t.dtype() == safetensors::Dtype::F32 {
+            floats.insert(
+                name,
+                t.data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect(),
+            );
+        }
+    }
+    (tokens, floats)
+}
+
+fn max_diff(rows: &[Vec<f32>], flat: &[f32]) -> f32 {
+    let got: Vec<f32> = rows.iter().flatten().copied().collect();
+    assert_eq!(got.len(), flat.len());
+    got.iter()
+        .zip(flat)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
+fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn recurrent_gemma_runs_through_every_model_command() {
+    let dir = gyre_fixture("griffin", "griffin_small");
+    let (tokens, exp) = read_expected(&dir.join("expected.safetensors"));
+    let t = ids_arg(&tokens);
+    let prefill = logits_rows(&ok(&gyre(&["logits", "--model", s(&dir), "--tokens", &t], b"")));
+    let step = logits_rows(&ok(&gyre(
+        &["logits", "--model", s(&dir), "--tokens", &t, "--step"],
+        b"",
+    )));
+    assert!(max_diff(&prefill, &exp["logits_long"]) <= 1e-4);
+    assert!(max_diff(&step, &exp["logits_long"]) <= 1e-4);
+    let info = ok(&gyre(&["info", "--model", s(&dir)], b""));
+    assert!(
+        info.contains("RecurrentGemmaForCausalLM") && info.contains("unbounded"),
+        "{info}"
+    );
+    let bytes: Vec<&str> = info
+        .lines()
+        .filter(|l| l.starts_with("state @"))
+        .map(|l| l.split(':').nth(1).unwrap())
+        .collect();
+    assert_eq!(bytes.len(), 3);
+    assert!(
+        bytes.iter().all(|b| *b == bytes[0]),
+        "state bytes must not grow: {info}"
+    );
+}
+
+#[test]
+fn rwkv_state_tuning_file_sets_the_initial_state() {
+    let dir = gyre_fixture("rwkv5", "rwkv5_tiny_f32");
+    let (tokens, exp) = read_expected(&dir.join("expected.safetensors"));
+    let (m, st) = (dir.join("model.pth"), dir.join("state_tiny.pth"));
+    let t = ids_arg(&tokens);
+    let plain = logits_rows(&ok(&gyre(&["logits", "--model", s(&m), "--tokens", &t], b"")));
+    assert!(max_diff(&plain, &exp["logits"]) <= 1e-4);
+    let tuned = logits_rows(&ok(&gyre(
+        &["logits", "--model", s(&m), "--tokens", &t, "--state", s(&st)],
+        b"",
+    )));
+    assert!(max_diff(&tuned, &exp["logits_state"]) <= 1e-4);
+    let tuned_step = logits_rows(&ok(&gyre(
+        &[
+            "logits",
+            "--model",
+            s(&m),
+            "--tokens",
+            &t,
+            "--step",
+            "--state",
+            s(&st),
+        ],
+        b"",
+    )));
+    assert!(max_diff(&tuned_step, &exp["logits_state"]) <= 1e-4);
+    // A state file of another model is refused with a clear message.
+    let err = fails(
+        &[
+            "logits",
+            "--model",
+            s(&tiny()),
+            "--tokens",
+            "1,2",
+            "--state",
+            s(&st),
+        ],
+        b"",
+    );
+    assert!(err.contains("not RWKV"), "{err}");
+}
+
+#[test]
+fn saved_state_resumes_exactly_where_the_prompt_ended() {
+    let m = tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("prompt.state");
+    let prompt = "Copyright holders may";
+    ok(&gyre(
+        &[
+            "state",
+            "save",
+            "--model",
+            s(&m),
+            "--prompt",
+            prompt,
+            "--out",
+            s(&file),
+        ],
+        b"",
+    ));
+    let ids: Value =
+        serde_json::from_str(&ok(&gyre(&["tokenize", "--model", s(&m)], prompt.as_bytes()))).unwrap();
+    let mut all: Vec<u32> = vec![1]; // BOS, as `state save` adds it to a fresh sequence
+    all.extend(
+        ids["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32),
+    );
+    let rest = [300u32, 301, 5, 42];
+    let n = all.len();
+    all.extend(rest);
+    let full = logits_rows(&ok(&gyre(
+        &["logits", "--model", s(&m), "--tokens", &ids_arg(&all)],
+        b"",
+    )));
+    let resumed = logits_rows(&ok(&gyre(
+        &[
+            "logits",
+            "--model",
+            s(&m),
+            "--tokens",
+            &ids_arg(&rest),
+            "--state",
+            s(&file),
+        ],
+        b"",
+    )));
+    let want: Vec<f32> = full[n..].iter().flatten().copied().collect();
+    assert!(max_diff(&resumed, &want) <= 1e-4);
+
+    // Loading it into a model of another family is refused, naming both.
+    let griffin = gyre_fixture("griffin", "griffin_small");
+    let err = fails(
+        &[
+            "logits",
+            "--model",
+            s(&griffin),
+            "--tokens",
+            "1",
+            "--state",
+            s(&file),
+        ],
+        b"",
+    );
+    assert!(
+        err.contains("LlamaForCausalLM") && err.contains("RecurrentGemmaForCausalLM"),
+        "{err}"
+    );
+}
+
+#[test]
+fn world_tokenizer_is_available_without_a_model() {
+    let corpus: Value = serde_json::from_str(
+        &std::fs::read_to_string(gyre_fixture("rwkv5", "world_tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    for case in corpus["cases"].as_array().unwrap().iter().take(12) {
+        let text = case["text"].as_str().unwrap();
+        let out: Value =
+            serde_json::from_str(&ok(&gyre(&["tokenize", "--tokenizer", "world"], text.as_bytes()))).unwrap();
+        assert_eq!(out["ids"], case["ids"], "text {text:?}");
+    }
+    let back = ok(&gyre(
+        &["detokenize", "--tokenizer", "world", "--ids", "33,11,261"],
+        b"",
+    ));
+    assert_eq!(back, " \n\n\n\n");
+}

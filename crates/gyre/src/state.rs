@@ -175,6 +175,9 @@ pub struct RwkvState {
     pub ffn_shift: Vec<Vec<f32>>,
     /// Tokens consumed.
     pub pos: usize,
+    /// Heads H and head size N of the WKV matrices.
+    pub heads: usize,
+    pub head_size: usize,
 }
 
 impl RwkvState {
@@ -185,6 +188,8 @@ impl RwkvState {
             wkv: vec![vec![0.0; heads * head_size * head_size]; n_layers],
             ffn_shift: vec![vec![0.0; c]; n_layers],
             pos: 0,
+            heads,
+            head_size,
         }
     }
 
@@ -215,7 +220,98 @@ pub enum State {
     Rwkv(RwkvState),
 }
 
+/// One tensor of a state, for saving and loading: name, shape and a mutable handle on its values.
+pub type StatePart<'a> = (String, Vec<usize>, &'a mut Vec<f32>);
+
+impl KvCache {
+    /// Sets the token count and sizes the per-layer buffers for it (before loading a saved state).
+    fn prepare_for(&mut self, tokens: usize) {
+        self.len = tokens;
+        let slots = self.ring_slots.map_or(tokens, |cap| tokens.min(cap));
+        for l in &mut self.layers {
+            let want = (slots * self.kv_dim).max(l.k.len());
+            l.k.resize(want, 0.0);
+            l.v.resize(want, 0.0);
+        }
+    }
+
+    fn parts(&mut self, prefix: &str) -> Vec<StatePart<'_>> {
+        let d = self.kv_dim;
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let rows = l.k.len() / d;
+            out.push((format!("{prefix}{i}.k"), vec![rows, d], &mut l.k));
+            out.push((format!("{prefix}{i}.v"), vec![rows, d], &mut l.v));
+        }
+        out
+    }
+}
+
 impl State {
+    /// The family name written into state files.
+    pub fn family(&self) -> &'static str {
+        match self {
+            State::Kv(_) => "kv-cache",
+            State::Griffin(_) => "recurrent_gemma",
+            State::Rwkv(_) => "rwkv5",
+        }
+    }
+
+    /// Sets the token count of a fresh state before its tensors are loaded.
+    pub fn prepare_for(&mut self, tokens: usize) {
+        match self {
+            State::Kv(c) => c.prepare_for(tokens),
+            State::Griffin(g) => {
+                g.pos = tokens;
+                g.kv.prepare_for(tokens);
+            }
+            State::Rwkv(r) => r.pos = tokens,
+        }
+    }
+
+    /// Every tensor of the state with its name and shape (the state-file layout).
+    ///
+    /// Llama: `kv.{l}.k`, `kv.{l}.v` [slots, kv_heads·head_dim] (ring slot `p % slots` holds
+    /// position p). RecurrentGemma: `conv.{r}` [conv1d_width − 1, lru] (oldest first),
+    /// `lru.{r}` [lru] per recurrent layer r, and `kv.{a}.k/v` [window, kv_dim] per attention
+    /// layer a. RWKV-5: `state.{n}.att_shift` [C], `state.{n}.wkv` [H, N (key), N (value)],
+    /// `state.{n}.ffn_shift` [C].
+    pub fn parts(&mut self) -> Vec<StatePart<'_>> {
+        match self {
+            State::Kv(c) => c.parts("kv."),
+            State::Griffin(g) => {
+                let lru = g.lru.first().map_or(0, Vec::len);
+                let mut out: Vec<StatePart<'_>> = Vec::new();
+                for (i, v) in g.conv.iter_mut().enumerate() {
+                    let rows = v.len() / lru.max(1);
+                    out.push((format!("conv.{i}"), vec![rows, lru], v));
+                }
+                for (i, v) in g.lru.iter_mut().enumerate() {
+                    out.push((format!("lru.{i}"), vec![lru], v));
+                }
+                out.extend(g.kv.parts("kv."));
+                out
+            }
+            State::Rwkv(r) => {
+                let mut out: Vec<StatePart<'_>> = Vec::new();
+                let c = r.att_shift.first().map_or(0, Vec::len);
+                let (h, n_) = (r.heads, r.head_size);
+                for (n, ((a, w), f)) in r
+                    .att_shift
+                    .iter_mut()
+                    .zip(r.wkv.iter_mut())
+                    .zip(r.ffn_shift.iter_mut())
+                    .enumerate()
+                {
+                    out.push((format!("state.{n}.att_shift"), vec![c], a));
+                    out.push((format!("state.{n}.wkv"), vec![h, n_, n_], w));
+                    out.push((format!("state.{n}.ffn_shift"), vec![c], f));
+                }
+                out
+            }
+        }
+    }
+
     /// Tokens consumed so far.
     pub fn tokens_seen(&self) -> usize {
         match self {

@@ -51,6 +51,8 @@ pub struct Completion {
 /// A sequence in progress.
 pub struct Session<'m> {
     model: &'m dyn Model,
+    /// What `reset` returns to: a fresh state, or one loaded from a state file.
+    initial: State,
     state: State,
     /// Ids the state has consumed, in order.
     consumed: Vec<u32>,
@@ -59,26 +61,28 @@ pub struct Session<'m> {
 impl<'m> Session<'m> {
     /// A fresh sequence.
     pub fn new(model: &'m dyn Model) -> Session<'m> {
-        Session {
-            model,
-            state: model.new_state(),
-            consumed: Vec::new(),
-        }
+        Session::with_state(model, model.new_state())
     }
 
-    /// A sequence starting from a given state (e.g. a loaded state file), with no ids.
+    /// A sequence starting from a given state (e.g. a loaded state file); `reset` returns to it.
     pub fn with_state(model: &'m dyn Model, state: State) -> Session<'m> {
         Session {
             model,
+            initial: state.clone(),
             state,
             consumed: Vec::new(),
         }
     }
 
-    /// Forgets everything.
+    /// Returns to the initial state.
     pub fn reset(&mut self) {
-        self.state = self.model.new_state();
+        self.state = self.initial.clone();
         self.consumed.clear();
+    }
+
+    /// True when the state has consumed no tokens (a prompt should then start with BOS).
+    pub fn is_fresh(&self) -> bool {
+        self.state.tokens_seen() == 0
     }
 
     /// The state after the consumed ids.
@@ -89,11 +93,9 @@ impl<'m> Session<'m> {
     /// Feeds `tokens` and returns the logits after the last one.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         if let Some(ctx) = self.model.info().context_length {
-            if self.consumed.len() + tokens.len() > ctx {
-                bail!(
-                    "the sequence would be {} tokens, longer than the model's context of {ctx}",
-                    self.consumed.len() + tokens.len()
-                );
+            let total = self.state.tokens_seen() + tokens.len();
+            if total > ctx {
+                bail!("the sequence would be {total} tokens, longer than the model's context of {ctx}");
             }
         }
         let mut out = self.model.forward(
@@ -173,7 +175,7 @@ impl<'m> Session<'m> {
                     }
                 }
             }
-            if tokens.len() >= params.max_tokens || ctx.is_some_and(|c| self.consumed.len() >= c) {
+            if tokens.len() >= params.max_tokens || ctx.is_some_and(|c| self.state.tokens_seen() >= c) {
                 break FinishReason::Length;
             }
             logits = self.feed(&[id])?;

@@ -8,6 +8,7 @@ pub mod config;
 pub mod pickle;
 pub mod pth;
 pub mod safetensors;
+pub mod state_file;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -1,16 +1,18 @@
 //! Tokenizers: text to token ids and back, and the special tokens a model directory declares.
 //!
-//! [`Tokenizer`] is the public face. Its backend today is a Hugging Face `tokenizer.json`
-//! ([`hf`]); an RWKV "World" trie tokenizer will become another arm of the private `Backend`
-//! enum without changing this API. The module also resolves [`SpecialTokens`] from
-//! `tokenizer_config.json`, `config.json` and `generation_config.json`, and offers
-//! [`DecodeStream`] for UTF-8-safe incremental detokenizing. Chat templates live in
+//! [`Tokenizer`] is the public face. Its backend is either a Hugging Face `tokenizer.json`
+//! ([`hf`]) or the RWKV "World" trie tokenizer ([`world`], vocabulary embedded in the library),
+//! arms of the private `Backend` enum behind one API. The module also resolves
+//! [`SpecialTokens`] from `tokenizer_config.json`, `config.json` and `generation_config.json`,
+//! and offers [`DecodeStream`] for UTF-8-safe incremental detokenizing. Chat templates live in
 //! [`crate::chat`]; this module never renders prompts, it only tokenizes them.
 
 mod hf;
 pub mod stream;
+mod world;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -36,7 +38,12 @@ pub struct SpecialTokens {
 enum Backend {
     /// A Hugging Face `tokenizer.json`.
     Hf(hf::HfTokenizer),
+    /// The RWKV World tokenizer (shared: the embedded one is parsed once per process).
+    World(Arc<world::WorldTokenizer>),
 }
+
+/// Names accepted by [`Tokenizer::from_name`].
+const BUILTIN_NAMES: &[&str] = &["world"];
 
 /// A tokenizer together with the model's special tokens.
 pub struct Tokenizer {
@@ -58,8 +65,57 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// Loads a `tokenizer.json`; BOS is whatever its post-processor prepends, EOS is unknown.
+    /// The RWKV World tokenizer (vocabulary `rwkv_vocab_v20230424.txt`, embedded).
+    ///
+    /// Specials: no BOS, EOS `<|endoftext|>` = id 0, nothing added when encoding. The id space
+    /// is 65536 (the models' embedding rows; ids 65530..=65535 have no token). Encoding never
+    /// produces id 0, even for the text `<|endoftext|>`. Decoding is lossy: bytes that are not
+    /// valid UTF-8 become U+FFFD. Tokens that are not valid UTF-8 on their own (pieces of a
+    /// character) have `<0xHH>` names, one group per byte, in `id_to_token`/`token_to_id`.
+    pub fn world() -> Tokenizer {
+        Tokenizer::from_world(world::WorldTokenizer::embedded())
+    }
+
+    /// Wraps a World tokenizer with its fixed special tokens.
+    fn from_world(tok: Arc<world::WorldTokenizer>) -> Tokenizer {
+        Tokenizer {
+            backend: Backend::World(tok),
+            specials: SpecialTokens {
+                bos: None,
+                eos: vec![world::EOS_ID],
+                bos_text: None,
+                eos_text: Some(world::EOS_TEXT.to_string()),
+                add_bos: false,
+            },
+            add_eos: false,
+        }
+    }
+
+    /// A tokenizer built into the library, by name; today only `"world"` ([`Tokenizer::world`]).
+    pub fn from_name(name: &str) -> Result<Tokenizer> {
+        if name.eq_ignore_ascii_case("world") {
+            return Ok(Tokenizer::world());
+        }
+        bail!(
+            "unknown built-in tokenizer `{name}`; known names: {} (to load a tokenizer.json or a \
+             World vocabulary file, give its path instead)",
+            BUILTIN_NAMES.join(", ")
+        )
+    }
+
+    /// The names [`Tokenizer::from_name`] accepts.
+    pub fn builtin_names() -> &'static [&'static str] {
+        BUILTIN_NAMES
+    }
+
+    /// Loads a tokenizer file: a World vocabulary (first line like `1 '\x00' 1`, see
+    /// [`Tokenizer::world`]) or a `tokenizer.json`, whose BOS is whatever its post-processor
+    /// prepends and whose EOS is unknown.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
+        if world::WorldTokenizer::is_vocab_file(path) {
+            let tok = world::WorldTokenizer::from_file(path)?;
+            return Ok(Tokenizer::from_world(Arc::new(tok)));
+        }
         let hf = hf::HfTokenizer::from_file(path)?;
         let bos = hf.post_processor_bos();
         let specials = SpecialTokens {
@@ -78,6 +134,9 @@ impl Tokenizer {
 
     /// Loads `dir/tokenizer.json` and resolves special tokens from the directory's configs.
     ///
+    /// A directory without `tokenizer.json` is an error: RWKV World checkpoints ship none, and
+    /// the caller, which knows the architecture, should use [`Tokenizer::world`] for them.
+    ///
     /// `config` is the model's parsed `config.json` when the caller already has it; when it is
     /// `None`, `dir/config.json` is read if present. `tokenizer_config.json` and
     /// `generation_config.json` are optional; a malformed one is an error naming the file.
@@ -85,7 +144,8 @@ impl Tokenizer {
         let tokenizer_path = dir.join("tokenizer.json");
         if !tokenizer_path.is_file() {
             bail!(
-                "no tokenizer.json in model directory {} (the tokenizer is needed to encode prompts)",
+                "no tokenizer.json in model directory {} (the tokenizer is needed to encode prompts; \
+                 RWKV World models use the built-in World tokenizer)",
                 dir.display()
             );
         }
@@ -142,8 +202,10 @@ impl Tokenizer {
     ///
     /// With `add_special_tokens` true the `tokenizer.json` post-processor runs, and the BOS
     /// decision follows [`SpecialTokens::add_bos`] (which `tokenizer_config.json` may override).
+    /// The World tokenizer adds nothing either way.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         match &self.backend {
+            Backend::World(w) => Ok(w.encode(text)),
             Backend::Hf(hf) => {
                 let mut ids = hf.encode(text, add_special_tokens)?;
                 if add_special_tokens {
@@ -179,9 +241,12 @@ impl Tokenizer {
     }
 
     /// Decodes `ids` to text; an id outside the vocabulary is an error.
+    ///
+    /// Bytes that do not form valid UTF-8 come out as U+FFFD (lossy decoding).
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         match &self.backend {
             Backend::Hf(hf) => hf.decode(ids, skip_special_tokens),
+            Backend::World(w) => w.decode(ids, skip_special_tokens),
         }
     }
 
@@ -190,17 +255,27 @@ impl Tokenizer {
         DecodeStream::new(self, skip_special_tokens)
     }
 
-    /// Size of the id space (vocabulary plus added tokens).
-    pub fn vocab_size(&self) -> usize {
+    /// The byte-level decoder for streaming, when the backend's text is its ids' bytes joined.
+    pub(crate) fn byte_decoder(&self) -> Option<&dyn stream::ByteDecode> {
         match &self.backend {
-            Backend::Hf(hf) => hf.vocab_size(),
+            Backend::Hf(_) => None,
+            Backend::World(w) => Some(w.as_ref()),
         }
     }
 
-    /// The id of a token string, if the vocabulary has it.
+    /// Size of the id space (vocabulary plus added tokens; 65536 for the World tokenizer).
+    pub fn vocab_size(&self) -> usize {
+        match &self.backend {
+            Backend::Hf(hf) => hf.vocab_size(),
+            Backend::World(w) => w.vocab_size(),
+        }
+    }
+
+    /// The id of a token string, if the vocabulary has it (World: see [`Tokenizer::world`]).
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
         match &self.backend {
             Backend::Hf(hf) => hf.token_to_id(s),
+            Backend::World(w) => w.token_to_id(s),
         }
     }
 
@@ -208,6 +283,7 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         match &self.backend {
             Backend::Hf(hf) => hf.id_to_token(id),
+            Backend::World(w) => w.id_to_token(id),
         }
     }
 }
