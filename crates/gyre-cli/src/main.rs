@@ -1,6 +1,9 @@
 //! `gyre`: the command line. Parses arguments and drives the library; no model logic here.
 
+mod bench;
 mod load;
+mod serve;
+mod upscale;
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::path::PathBuf;
@@ -41,6 +44,12 @@ enum Command {
     /// Save or inspect sequence states.
     #[command(subcommand)]
     State(StateCommand),
+    /// Serve an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
+    /// Depth up-scaling: stack layer ranges of a checkpoint into a deeper one.
+    Upscale(upscale::UpscaleArgs),
+    /// Measure prefill and decode speed against the machine's memory bandwidth.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -65,22 +74,22 @@ struct StateSaveArgs {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-enum Device {
+pub(crate) enum Device {
     Cpu,
     Cuda,
 }
 
 #[derive(Args)]
-struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// Model directory (config.json, weights, tokenizer) or a single weight file.
     #[arg(long)]
-    model: PathBuf,
+    pub model: PathBuf,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cpu")]
-    device: Device,
+    pub device: Device,
     /// Worker threads for the kernels (default: all cores).
     #[arg(long)]
-    threads: Option<usize>,
+    pub threads: Option<usize>,
 }
 
 #[derive(Args, Clone)]
@@ -234,17 +243,20 @@ fn run(cli: Cli) -> Result<()> {
         Command::Detokenize(a) => detokenize(a),
         Command::Info(a) => info(a),
         Command::State(StateCommand::Save(a)) => state_save(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Upscale(a) => upscale::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }
 
-fn check_device(device: Device) -> Result<()> {
+pub(crate) fn check_device(device: Device) -> Result<()> {
     match device {
         Device::Cpu => Ok(()),
         Device::Cuda => bail!("--device cuda: this build of gyre has no CUDA backend yet; use --device cpu"),
     }
 }
 
-fn open(args: &ModelArgs) -> Result<Loaded> {
+pub(crate) fn open(args: &ModelArgs) -> Result<Loaded> {
     check_device(args.device)?;
     if let Some(n) = args.threads {
         if n == 0 {

@@ -413,7 +413,7 @@ fn parse_vocab(text: &str) -> Result<Vec<VocabEntry>> {
 ///
 /// The literal is everything between the first and the last space, as in the reference.
 fn parse_line(line: &str) -> Result<(u32, Vec<u8>), String> {
-    let line = line.trim_end_matches(['\r', ' ', '\t']);
+    let line = line.trim_end_matches(['\n', '\r', ' ', '\t']);
     let shape = || format!("expected `<id> <python literal> <byte length>`, found `{line}`");
     let first = line.find(' ').ok_or_else(shape)?;
     let last = line.rfind(' ').ok_or_else(shape)?;
@@ -642,6 +642,7 @@ mod tests {
     #[test]
     fn lines_are_checked_and_errors_name_the_line() {
         assert_eq!(parse_line(r"1 '\x00' 1").unwrap(), (1, vec![0]));
+        assert_eq!(parse_line("1 '\\x00' 1\n").unwrap(), (1, vec![0]));
         assert_eq!(parse_line("33 ' ' 1").unwrap(), (33, vec![b' ']));
         assert_eq!(parse_line("9 'a b' 3\r").unwrap(), (9, b"a b".to_vec()));
         let good = "1 'a' 1\n2 'b' 1\n";
