@@ -1,13 +1,116 @@
-//! `gyre bench`: speed against the bandwidth limit (not built yet).
+//! `gyre bench`: prefill and decode speed, with the machine's read bandwidth measured in the
+//! same run and the fraction of it that decoding reaches.
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use clap::Args;
+use clap::{Args, ValueEnum};
+use gyre::bench;
+use gyre::loader::Checkpoint;
+use gyre::models;
+use gyre::tensor::DType;
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum BenchDtype {
+    Bf16,
+    F16,
+    F32,
+}
 
 /// Arguments of `gyre bench`.
 #[derive(Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// A model shape built in memory with random weights (see --help for the list).
+    #[arg(long, conflicts_with = "model", required_unless_present = "model",
+          help = format!("random weights at the real shape of: {}", bench::SHAPES.join(", ")))]
+    synthetic: Option<String>,
+    /// Benchmark a real checkpoint instead.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Storage dtype of the synthetic model's matrices.
+    #[arg(long, value_enum, default_value = "bf16")]
+    dtype: BenchDtype,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Prompt length prefilled into each sequence.
+    #[arg(long, default_value_t = 16)]
+    prompt: usize,
+    /// Decode steps (the median step is reported).
+    #[arg(long, default_value_t = 16)]
+    gen: usize,
+    /// Sequences decoded together in one batched forward per step.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    json: bool,
+    #[arg(long, value_enum, default_value = "cpu")]
+    device: crate::Device,
+}
 
 /// Runs `gyre bench`.
-pub fn run(_args: BenchArgs) -> Result<()> {
-    bail!("gyre bench is not built yet")
+pub fn run(a: BenchArgs) -> Result<()> {
+    crate::check_device(a.device)?;
+    if let Some(n) = a.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+    }
+    if a.batch == 0 || a.prompt == 0 || a.gen == 0 {
+        bail!("--batch, --prompt and --gen must be at least 1");
+    }
+    let dtype = match a.dtype {
+        BenchDtype::Bf16 => DType::BF16,
+        BenchDtype::F16 => DType::F16,
+        BenchDtype::F32 => DType::F32,
+    };
+    let (ckpt, what) = match (&a.synthetic, &a.model) {
+        (Some(shape), _) => {
+            eprintln!("building a random {shape} ({dtype}) in memory…");
+            (
+                bench::synthetic_checkpoint(shape, dtype)?,
+                format!("{shape} {dtype} (synthetic)"),
+            )
+        }
+        (None, Some(path)) => (Checkpoint::open(path, |_, _| {})?, path.display().to_string()),
+        (None, None) => bail!("give --synthetic SHAPE or --model PATH"),
+    };
+    let model = models::load(&ckpt)?;
+    let bytes = bench::weight_bytes_per_token(&ckpt);
+    eprintln!("measuring the machine's read bandwidth…");
+    let machine = bench::read_bandwidth_gbs(5);
+    eprintln!(
+        "running: prompt {} × batch {}, then {} decode steps…",
+        a.prompt, a.batch, a.gen
+    );
+    let r = bench::run(model.as_ref(), a.prompt, a.gen, a.batch, bytes, machine)?;
+    let threads = rayon::current_num_threads();
+    println!("model:            {what}, {threads} threads");
+    println!(
+        "prefill:          {:.2} tok/s ({} tokens × {} sequences)",
+        r.prefill_tok_s, r.prompt, r.batch
+    );
+    println!(
+        "decode:           {:.2} tok/s (median of {} steps, batch {})",
+        r.decode_tok_s, r.gen, r.batch
+    );
+    println!(
+        "weights/token:    {:.3} GB",
+        r.weight_bytes_per_token as f64 / 1e9
+    );
+    println!("achieved read:    {:.2} GB/s", r.achieved_read_gbs);
+    println!(
+        "machine read:     {:.2} GB/s (sum over 1 GiB, best of 5, same run)",
+        r.machine_read_gbs
+    );
+    println!("bandwidth ratio:  {:.1}%", r.bandwidth_ratio * 100.0);
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["model"] = serde_json::json!(what);
+        v["threads"] = serde_json::json!(threads);
+        println!("{v}");
+    }
+    Ok(())
 }

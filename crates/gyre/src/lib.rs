@@ -4,6 +4,7 @@
 //! weights, CPU kernels, checkpoint loaders, the model families, per-sequence state,
 //! tokenizers, chat templates, sampling and the generation engine.
 
+pub mod bench;
 pub mod chat;
 pub mod engine;
 pub mod kernels;
@@ -13,3 +14,4 @@ pub mod sampling;
 pub mod state;
 pub mod tensor;
 pub mod tokenizer;
+pub mod upscale;

@@ -1,4 +1,7 @@
-//! The f32 dot product, with an AVX2+FMA build of the same loop chosen at run time.
+//! Dot products: f32·f32, bf16·f32 and f16·f32 (weights widened in registers), and the 4×4
+//! block used by prefill, each dispatching to the best SIMD level at run time.
+
+use half::{bf16, f16};
 
 /// Σ a[i]·b[i] over the common length, using the widest instruction set the CPU has.
 #[inline]
@@ -18,6 +21,78 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     dot_lanes(a, b)
+}
+
+/// Σ w[i]·x[i] with bf16 weights, widened in registers.
+#[inline]
+pub fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+    let bits: &[u16] = bytemuck::cast_slice(w);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd::{self, Level};
+        match simd::level() {
+            // SAFETY: `level()` checked that the CPU supports these instruction sets.
+            Level::Avx512 => return unsafe { simd::dot_bf16_avx512(bits, x) },
+            Level::Avx2 => return unsafe { simd::dot_bf16_avx2(bits, x) },
+            Level::None => {}
+        }
+    }
+    dot_bf16_portable(bits, x)
+}
+
+/// Σ w[i]·x[i] with f16 weights, widened in registers.
+#[inline]
+pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
+    let bits: &[u16] = bytemuck::cast_slice(w);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd::{self, Level};
+        match simd::level() {
+            // SAFETY: `level()` checked that the CPU supports these instruction sets.
+            Level::Avx512 => return unsafe { simd::dot_f16_avx512(bits, x) },
+            Level::Avx2 => return unsafe { simd::dot_f16_avx2(bits, x) },
+            Level::None => {}
+        }
+    }
+    w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
+}
+
+/// Portable bf16 dot (the reference for the SIMD versions).
+pub fn dot_bf16_portable(w: &[u16], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (cw, cx) = (w.chunks_exact(16), x.chunks_exact(16));
+    let tail: f32 = cw
+        .remainder()
+        .iter()
+        .zip(cx.remainder())
+        .map(|(&a, b)| f32::from_bits((a as u32) << 16) * b)
+        .sum();
+    for (a, b) in cw.zip(cx) {
+        for i in 0..16 {
+            acc[i] += f32::from_bits((a[i] as u32) << 16) * b[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The 4×4 block of dot products `out[r][t] = Σ w[r][i]·x[t][i]` over `n` elements.
+#[inline]
+pub fn dot_4x4(w: [&[f32]; 4], x: [&[f32]; 4], n: usize) -> [[f32; 4]; 4] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd::{self, Level};
+        if simd::level() == Level::Avx512 && w.iter().chain(&x).all(|s| s.len() == n) {
+            // SAFETY: AVX-512F is supported (checked) and every slice has length n.
+            return unsafe { simd::dot_4x4_avx512(w, x, n) };
+        }
+    }
+    let mut out = [[0f32; 4]; 4];
+    for r in 0..4 {
+        for t in 0..4 {
+            out[r][t] = dot(&w[r][..n], &x[t][..n]);
+        }
+    }
+    out
 }
 
 /// Sixteen independent partial sums, so the compiler can keep them in vector registers.
@@ -53,6 +128,62 @@ pub fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn half_precision_dots_match_scalar_across_lengths_and_offsets() {
+        let a: Vec<f32> = (0..400).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+        let x: Vec<f32> = (0..400).map(|i| ((i * 53 % 97) as f32 - 48.0) / 31.0).collect();
+        let wb: Vec<bf16> = a.iter().map(|&v| bf16::from_f32(v)).collect();
+        let wh: Vec<f16> = a.iter().map(|&v| f16::from_f32(v)).collect();
+        for off in 0..3 {
+            for n in [0, 1, 15, 16, 17, 63, 64, 65, 100, 333] {
+                let xs = &x[off + 1..off + 1 + n];
+                let want_b = dot_scalar(
+                    &wb[off..off + n].iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                    xs,
+                );
+                let want_h = dot_scalar(
+                    &wh[off..off + n].iter().map(|v| v.to_f32()).collect::<Vec<_>>(),
+                    xs,
+                );
+                let tol = |w: f32| 1e-4 * (1.0 + w.abs());
+                assert!(
+                    (dot_bf16(&wb[off..off + n], xs) - want_b).abs() <= tol(want_b),
+                    "bf16 n={n}"
+                );
+                assert!(
+                    (dot_f16(&wh[off..off + n], xs) - want_h).abs() <= tol(want_h),
+                    "f16 n={n}"
+                );
+                let bits: &[u16] = bytemuck::cast_slice(&wb[off..off + n]);
+                assert!((dot_bf16_portable(bits, xs) - want_b).abs() <= tol(want_b));
+            }
+        }
+    }
+
+    #[test]
+    fn dot_4x4_matches_scalar() {
+        let v: Vec<f32> = (0..8 * 70)
+            .map(|i| ((i * 29 % 83) as f32 - 41.0) / 19.0)
+            .collect();
+        for n in [1, 16, 33, 70] {
+            let rows: Vec<&[f32]> = (0..8).map(|k| &v[k * 70..k * 70 + n]).collect();
+            let got = dot_4x4(
+                [rows[0], rows[1], rows[2], rows[3]],
+                [rows[4], rows[5], rows[6], rows[7]],
+                n,
+            );
+            for r in 0..4 {
+                for t in 0..4 {
+                    let want = dot_scalar(rows[r], rows[4 + t]);
+                    assert!(
+                        (got[r][t] - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "n={n} r={r} t={t}"
+                    );
+                }
+            }
+        }
+    }
 
     #[test]
     fn dot_matches_scalar_across_lengths_and_offsets() {

@@ -6,8 +6,10 @@
 
 mod dot;
 pub mod ops;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 
-pub use dot::{dot, dot_scalar};
+pub use dot::{dot, dot_4x4, dot_bf16, dot_f16, dot_scalar};
 pub use ops::*;
 
 use rayon::prelude::*;
@@ -16,8 +18,6 @@ use crate::tensor::{Tensor, TensorData};
 
 /// Rows of the weight matrix handled by one parallel task.
 const ROW_BLOCK: usize = 16;
-/// Activation rows processed against one weight block at a time (kept hot in L1/L2).
-const TOKEN_BLOCK: usize = 8;
 
 /// `out[t, o] = Σ_i x[t, i] · w[o, i]` for `t < n_rows`.
 ///
@@ -31,18 +31,22 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
     }
     let data = w.data();
     if n_rows == 1 {
-        out.par_chunks_mut(ROW_BLOCK).enumerate().for_each_init(
-            || vec![0f32; n_in],
-            |scratch, (b, chunk)| {
-                for (j, o) in chunk.iter_mut().enumerate() {
-                    let row = weight_row(&data, (b * ROW_BLOCK + j) * n_in, n_in, scratch);
-                    *o = dot(row, x);
-                }
-            },
-        );
+        // Decode: stream each weight row once, widening in registers.
+        out.par_chunks_mut(ROW_BLOCK).enumerate().for_each(|(b, chunk)| {
+            for (j, o) in chunk.iter_mut().enumerate() {
+                let start = (b * ROW_BLOCK + j) * n_in;
+                *o = match data {
+                    TensorData::F32(s) => dot(&s[start..start + n_in], x),
+                    TensorData::BF16(s) => dot_bf16(&s[start..start + n_in], x),
+                    TensorData::F16(s) => dot_f16(&s[start..start + n_in], x),
+                };
+            }
+        });
         return;
     }
-    // Transposed result [out, n_rows] so each task owns a contiguous block of it.
+    // Several rows of activations: widen a block of weight rows once, then 4×4 tiles of
+    // (weight row, activation row) dot products. The result is built transposed,
+    // [out, n_rows], so each task owns a contiguous block of it.
     let mut out_t = vec![0f32; n_out * n_rows];
     out_t
         .par_chunks_mut(ROW_BLOCK * n_rows)
@@ -51,7 +55,6 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
             || vec![0f32; ROW_BLOCK * n_in],
             |scratch, (b, chunk)| {
                 let rows = chunk.len() / n_rows;
-                // Widen the block's weight rows once; they are reused for every activation row.
                 let mut rest = scratch.as_mut_slice();
                 let mut block: Vec<&[f32]> = Vec::with_capacity(rows);
                 for j in 0..rows {
@@ -59,12 +62,25 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
                     rest = tail;
                     block.push(weight_row(&data, (b * ROW_BLOCK + j) * n_in, n_in, head));
                 }
-                for t0 in (0..n_rows).step_by(TOKEN_BLOCK) {
-                    let t1 = (t0 + TOKEN_BLOCK).min(n_rows);
-                    for (j, row) in block.iter().enumerate() {
-                        for t in t0..t1 {
-                            chunk[j * n_rows + t] = dot(row, &x[t * n_in..(t + 1) * n_in]);
+                let xrow = |t: usize| &x[t * n_in..(t + 1) * n_in];
+                let (full_r, full_t) = (rows / 4 * 4, n_rows / 4 * 4);
+                for t0 in (0..full_t).step_by(4) {
+                    let xs = [xrow(t0), xrow(t0 + 1), xrow(t0 + 2), xrow(t0 + 3)];
+                    for r0 in (0..full_r).step_by(4) {
+                        let ws = [block[r0], block[r0 + 1], block[r0 + 2], block[r0 + 3]];
+                        let tile = dot_4x4(ws, xs, n_in);
+                        for (dr, row) in tile.iter().enumerate() {
+                            for (dt, &v) in row.iter().enumerate() {
+                                chunk[(r0 + dr) * n_rows + t0 + dt] = v;
+                            }
                         }
+                    }
+                }
+                // Edges: the rows and activation rows that do not fill a 4×4 tile.
+                for (j, row) in block.iter().enumerate() {
+                    let first = if j < full_r { full_t } else { 0 };
+                    for t in first..n_rows {
+                        chunk[j * n_rows + t] = dot(row, xrow(t));
                     }
                 }
             },

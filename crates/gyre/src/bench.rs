@@ -1,0 +1,404 @@
+//! Benchmarks: synthetic models at the real shapes, the machine's own read bandwidth, and the
+//! roofline figures (bytes of weights read per decoded token, achieved GB/s, their ratio).
+//!
+//! Decoding one token reads every weight once (plus one embedding row), so its speed limit
+//! is `bandwidth / weight bytes per token`. Both figures are measured in the same run, so the
+//! ratio holds on a shared, noisy machine.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use half::{bf16, f16};
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::loader::Checkpoint;
+use crate::models::{Logits, Model, SeqInput};
+use crate::tensor::{DType, Tensor};
+
+/// Model shapes `gyre bench --synthetic` can build.
+pub const SHAPES: &[&str] = &[
+    "recurrentgemma-2b",
+    "recurrentgemma-9b",
+    "rwkv5-1b5",
+    "rwkv5-3b",
+    "rwkv5-7b",
+    "llama-7b",
+    "mistral-7b",
+    "solar-10.7b",
+    "gemma-2b-like",
+    "tiny-llama",
+];
+
+/// How a synthetic tensor is filled.
+#[derive(Clone, Copy)]
+enum Fill {
+    /// Uniform with the standard deviation of a fan-in `n` initialisation.
+    FanIn(usize),
+    /// A constant.
+    Const(f32),
+    /// Uniform in [lo, hi).
+    Range(f32, f32),
+}
+
+struct Spec {
+    config: Value,
+    tensors: Vec<(String, Vec<usize>, Fill)>,
+}
+
+fn llama_spec(
+    arch: &str,
+    c: usize,
+    layers: usize,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+    f: usize,
+    v: usize,
+    tied: bool,
+) -> Spec {
+    let model_type = if arch == "MistralForCausalLM" {
+        "mistral"
+    } else {
+        "llama"
+    };
+    let mut config = json!({
+        "architectures": [arch], "model_type": model_type, "hidden_size": c, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": hd, "intermediate_size": f,
+        "vocab_size": v, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 32768,
+        "tie_word_embeddings": tied,
+    });
+    if arch == "MistralForCausalLM" {
+        config["sliding_window"] = json!(4096);
+    }
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![v, c],
+        Fill::Range(-0.05, 0.05),
+    )];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        t.push((format!("{p}.input_layernorm.weight"), vec![c], Fill::Const(1.0)));
+        t.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            vec![heads * hd, c],
+            Fill::FanIn(c),
+        ));
+        t.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            vec![kv * hd, c],
+            Fill::FanIn(c),
+        ));
+        t.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            vec![kv * hd, c],
+            Fill::FanIn(c),
+        ));
+        t.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            vec![c, heads * hd],
+            Fill::FanIn(heads * hd),
+        ));
+        t.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![c],
+            Fill::Const(1.0),
+        ));
+        t.push((format!("{p}.mlp.gate_proj.weight"), vec![f, c], Fill::FanIn(c)));
+        t.push((format!("{p}.mlp.up_proj.weight"), vec![f, c], Fill::FanIn(c)));
+        t.push((format!("{p}.mlp.down_proj.weight"), vec![c, f], Fill::FanIn(f)));
+    }
+    t.push(("model.norm.weight".into(), vec![c], Fill::Const(1.0)));
+    if !tied {
+        t.push(("lm_head.weight".into(), vec![v, c], Fill::FanIn(c)));
+    }
+    Spec { config, tensors: t }
+}
+
+fn griffin_spec(c: usize, layers: usize, heads: usize, f: usize, v: usize) -> Spec {
+    let (lru, hd, bw) = (c, c / heads, c / heads);
+    let config = json!({
+        "architectures": ["RecurrentGemmaForCausalLM"], "model_type": "recurrent_gemma", "hidden_size": c,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": 1, "lru_width": lru,
+        "intermediate_size": 2 * f, "vocab_size": v, "attention_window_size": 2048, "conv1d_width": 4,
+        "block_types": ["recurrent", "recurrent", "attention"], "rms_norm_eps": 1e-6, "logits_soft_cap": 30.0,
+    });
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![v, c],
+        Fill::Range(-0.05, 0.05),
+    )];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        let tb = format!("{p}.temporal_block");
+        t.push((format!("{p}.temporal_pre_norm.weight"), vec![c], Fill::Const(0.0)));
+        t.push((format!("{p}.channel_pre_norm.weight"), vec![c], Fill::Const(0.0)));
+        if i % 3 == 2 {
+            t.push((format!("{tb}.q_proj.weight"), vec![c, c], Fill::FanIn(c)));
+            t.push((format!("{tb}.k_proj.weight"), vec![hd, c], Fill::FanIn(c)));
+            t.push((format!("{tb}.v_proj.weight"), vec![hd, c], Fill::FanIn(c)));
+            t.push((format!("{tb}.o_proj.weight"), vec![c, c], Fill::FanIn(c)));
+            t.push((format!("{tb}.o_proj.bias"), vec![c], Fill::Const(0.0)));
+        } else {
+            for (n, rows, cols) in [("linear_x", lru, c), ("linear_y", lru, c), ("linear_out", c, lru)] {
+                t.push((format!("{tb}.{n}.weight"), vec![rows, cols], Fill::FanIn(cols)));
+                t.push((format!("{tb}.{n}.bias"), vec![rows], Fill::Const(0.0)));
+            }
+            t.push((
+                format!("{tb}.conv_1d.weight"),
+                vec![lru, 1, 4],
+                Fill::Range(-0.5, 0.5),
+            ));
+            t.push((format!("{tb}.conv_1d.bias"), vec![lru], Fill::Const(0.0)));
+            t.push((
+                format!("{tb}.rg_lru.recurrent_param"),
+                vec![lru],
+                Fill::Range(0.5, 2.0),
+            ));
+            for g in ["input_gate", "recurrent_gate"] {
+                t.push((
+                    format!("{tb}.rg_lru.{g}_weight"),
+                    vec![heads, bw, bw],
+                    Fill::FanIn(bw),
+                ));
+                t.push((format!("{tb}.rg_lru.{g}_bias"), vec![heads, bw], Fill::Const(0.0)));
+            }
+        }
+        let m = format!("{p}.mlp_block");
+        for (n, rows, cols) in [("gate_proj", f, c), ("up_proj", f, c), ("down_proj", c, f)] {
+            t.push((format!("{m}.{n}.weight"), vec![rows, cols], Fill::FanIn(cols)));
+            t.push((format!("{m}.{n}.bias"), vec![rows], Fill::Const(0.0)));
+        }
+    }
+    t.push(("model.final_norm.weight".into(), vec![c], Fill::Const(0.0)));
+    Spec { config, tensors: t }
+}
+
+fn rwkv_spec(c: usize, layers: usize, f: usize, v: usize) -> Spec {
+    let h = c / 64;
+    let mut t = vec![("emb.weight".to_string(), vec![v, c], Fill::Range(-0.05, 0.05))];
+    t.push(("blocks.0.ln0.weight".into(), vec![c], Fill::Const(1.0)));
+    t.push(("blocks.0.ln0.bias".into(), vec![c], Fill::Const(0.0)));
+    for i in 0..layers {
+        let b = format!("blocks.{i}");
+        for ln in ["ln1", "ln2"] {
+            t.push((format!("{b}.{ln}.weight"), vec![c], Fill::Const(1.0)));
+            t.push((format!("{b}.{ln}.bias"), vec![c], Fill::Const(0.0)));
+        }
+        for m in ["k", "v", "r", "g"] {
+            t.push((
+                format!("{b}.att.time_mix_{m}"),
+                vec![1, 1, c],
+                Fill::Range(0.0, 1.0),
+            ));
+        }
+        t.push((format!("{b}.att.time_decay"), vec![h, 64], Fill::Range(-6.0, 1.0)));
+        t.push((format!("{b}.att.time_faaaa"), vec![h, 64], Fill::Range(-1.0, 1.0)));
+        for n in ["receptance", "key", "value", "gate", "output"] {
+            t.push((format!("{b}.att.{n}.weight"), vec![c, c], Fill::FanIn(c)));
+        }
+        t.push((format!("{b}.att.ln_x.weight"), vec![c], Fill::Const(1.0)));
+        t.push((format!("{b}.att.ln_x.bias"), vec![c], Fill::Const(0.0)));
+        for m in ["k", "r"] {
+            t.push((
+                format!("{b}.ffn.time_mix_{m}"),
+                vec![1, 1, c],
+                Fill::Range(0.0, 1.0),
+            ));
+        }
+        t.push((format!("{b}.ffn.key.weight"), vec![f, c], Fill::FanIn(c)));
+        t.push((format!("{b}.ffn.receptance.weight"), vec![c, c], Fill::FanIn(c)));
+        t.push((format!("{b}.ffn.value.weight"), vec![c, f], Fill::FanIn(f)));
+    }
+    t.push(("ln_out.weight".into(), vec![c], Fill::Const(1.0)));
+    t.push(("ln_out.bias".into(), vec![c], Fill::Const(0.0)));
+    t.push(("head.weight".into(), vec![v, c], Fill::FanIn(c)));
+    Spec {
+        config: json!({}),
+        tensors: t,
+    }
+}
+
+fn spec(shape: &str) -> Result<Spec> {
+    Ok(match shape {
+        "recurrentgemma-2b" => griffin_spec(2560, 26, 10, 7680, 256_000),
+        "recurrentgemma-9b" => griffin_spec(4096, 38, 16, 12288, 256_000),
+        "rwkv5-1b5" => rwkv_spec(2048, 24, 7168, 65536),
+        "rwkv5-3b" => rwkv_spec(2560, 32, 8960, 65536),
+        "rwkv5-7b" => rwkv_spec(4096, 32, 14336, 65536),
+        "llama-7b" => llama_spec("LlamaForCausalLM", 4096, 32, 32, 32, 128, 11008, 32000, false),
+        "mistral-7b" => llama_spec("MistralForCausalLM", 4096, 32, 32, 8, 128, 14336, 32000, false),
+        "solar-10.7b" => llama_spec("LlamaForCausalLM", 4096, 48, 32, 8, 128, 14336, 32000, false),
+        "gemma-2b-like" => llama_spec("LlamaForCausalLM", 2048, 18, 8, 1, 256, 16384, 256_000, true),
+        "tiny-llama" => llama_spec("LlamaForCausalLM", 256, 4, 4, 2, 64, 704, 4096, false),
+        other => bail!("unknown shape '{other}'; known: {}", SHAPES.join(", ")),
+    })
+}
+
+fn fill(numel: usize, how: Fill, seed: u64, dtype: DType) -> Tensor {
+    let (lo, hi) = match how {
+        Fill::FanIn(n) => {
+            let a = (3.0 / n as f32).sqrt();
+            (-a, a)
+        }
+        Fill::Const(v) => (v, v),
+        Fill::Range(lo, hi) => (lo, hi),
+    };
+    const CHUNK: usize = 1 << 16;
+    let value = |i: usize| -> f32 {
+        // SplitMix64 of (seed, index): reproducible and parallel.
+        let mut z = seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        lo + (hi - lo) * ((z >> 40) as f32 / (1u64 << 24) as f32)
+    };
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => {
+            let mut v = vec![0f32; numel];
+            v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, s)| {
+                s.iter_mut()
+                    .enumerate()
+                    .for_each(|(j, x)| *x = value(c * CHUNK + j))
+            });
+            bytemuck::cast_slice(&v).to_vec()
+        }
+        DType::BF16 | DType::F16 => {
+            let mut v = vec![0u16; numel];
+            v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, s)| {
+                s.iter_mut().enumerate().for_each(|(j, x)| {
+                    let f = value(c * CHUNK + j);
+                    *x = if dtype == DType::BF16 {
+                        bf16::from_f32(f).to_bits()
+                    } else {
+                        f16::from_f32(f).to_bits()
+                    };
+                })
+            });
+            bytemuck::cast_slice(&v).to_vec()
+        }
+    };
+    Tensor::from_bytes(&bytes, dtype, vec![numel])
+}
+
+/// Builds a random model of `shape` in memory, every matrix stored as `dtype` (norms, biases
+/// and the recurrence parameters in f32, as checkpoints usually keep them small).
+pub fn synthetic_checkpoint(shape: &str, dtype: DType) -> Result<Checkpoint> {
+    let spec = spec(shape)?;
+    let mut tensors = BTreeMap::new();
+    for (i, (name, dims, how)) in spec.tensors.into_iter().enumerate() {
+        let numel: usize = dims.iter().product();
+        let dt = if dims.len() >= 2 && dims.iter().filter(|&&d| d > 1).count() >= 2 {
+            dtype
+        } else {
+            DType::F32
+        };
+        let t = fill(numel, how, 0x5EED ^ (i as u64) << 20, dt).reshape(dims)?;
+        tensors.insert(name, t);
+    }
+    Ok(Checkpoint::from_tensors(spec.config, tensors))
+}
+
+/// Measures the machine's read bandwidth in GB/s: the best of `reps` sums over a 1 GiB
+/// buffer, split over the current rayon pool's threads.
+pub fn read_bandwidth_gbs(reps: usize) -> f64 {
+    let n = (1usize << 30) / 4;
+    let mut buf = vec![0f32; n];
+    buf.par_chunks_mut(1 << 16)
+        .for_each(|c| c.iter_mut().enumerate().for_each(|(i, v)| *v = (i & 1023) as f32));
+    let mut best = f64::MAX;
+    let mut sink = 0.0;
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        let s: f32 = buf.par_chunks(1 << 20).map(crate::kernels::cpu::sum).sum();
+        best = best.min(t0.elapsed().as_secs_f64());
+        sink += s as f64;
+    }
+    std::hint::black_box(sink);
+    (n * 4) as f64 / best / 1e9
+}
+
+/// Bytes of weights one decode step reads: everything but the embedding table, plus one row
+/// of it (the whole table when it doubles as the output head).
+pub fn weight_bytes_per_token(ckpt: &Checkpoint) -> usize {
+    let (_, total, _) = ckpt.summary();
+    let embed = ["model.embed_tokens.weight", "emb.weight"]
+        .iter()
+        .find_map(|n| ckpt.get(n).ok());
+    let tied = embed.is_some() && !ckpt.has("lm_head.weight") && !ckpt.has("head.weight");
+    match embed {
+        Some(e) if !tied => total - e.nbytes() + e.nbytes() / e.shape()[0],
+        _ => total,
+    }
+}
+
+/// One benchmark run's figures.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+    pub weight_bytes_per_token: usize,
+    pub achieved_read_gbs: f64,
+    pub machine_read_gbs: f64,
+    pub bandwidth_ratio: f64,
+    pub batch: usize,
+    pub prompt: usize,
+    pub gen: usize,
+}
+
+/// Prefill `prompt` tokens into each of `batch` sequences, then decode `gen` steps of the whole
+/// batch; decode speed is the median step.
+pub fn run(
+    model: &dyn Model,
+    prompt: usize,
+    gen: usize,
+    batch: usize,
+    bytes_per_token: usize,
+    machine_gbs: f64,
+) -> Result<BenchReport> {
+    let v = model.info().vocab_size as u32;
+    let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % v).collect();
+    let mut states: Vec<_> = (0..batch).map(|_| model.new_state()).collect();
+    let t0 = Instant::now();
+    for st in states.iter_mut() {
+        model.forward(
+            &mut [SeqInput {
+                tokens: &tokens,
+                state: st,
+            }],
+            Logits::Last,
+        )?;
+    }
+    let prefill_tok_s = (prompt * batch) as f64 / t0.elapsed().as_secs_f64();
+    let mut steps = Vec::with_capacity(gen);
+    let next: Vec<u32> = (0..batch as u32).map(|b| (b * 31 + 5) % v).collect();
+    for _ in 0..gen {
+        let mut inputs: Vec<SeqInput<'_>> = states
+            .iter_mut()
+            .zip(&next)
+            .map(|(state, t)| SeqInput {
+                tokens: std::slice::from_ref(t),
+                state,
+            })
+            .collect();
+        let t = Instant::now();
+        model.forward(&mut inputs, Logits::Last)?;
+        steps.push(t.elapsed().as_secs_f64());
+    }
+    steps.sort_by(f64::total_cmp);
+    let median = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
+    let decode_tok_s = batch as f64 / median;
+    let achieved = bytes_per_token as f64 / median / 1e9;
+    Ok(BenchReport {
+        prefill_tok_s,
+        decode_tok_s,
+        weight_bytes_per_token: bytes_per_token,
+        achieved_read_gbs: achieved,
+        machine_read_gbs: machine_gbs,
+        bandwidth_ratio: achieved / machine_gbs,
+        batch,
+        prompt,
+        gen,
+    })
+}

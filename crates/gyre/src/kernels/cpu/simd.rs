@@ -1,0 +1,208 @@
+//! Hand-vectorised dot products for x86-64 (AVX-512F, or AVX2 + FMA + F16C), chosen at run
+//! time; every function here has a portable twin in `dot.rs` that it is tested against.
+//!
+//! Weights are widened in registers: bf16 by a 16-bit shift into the f32 exponent/mantissa,
+//! f16 by the hardware conversion. Accumulation is f32 in four independent vector sums.
+
+#![cfg(target_arch = "x86_64")]
+
+use std::arch::x86_64::*;
+
+/// Which instruction set the dispatching functions use.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Level {
+    Avx512,
+    Avx2,
+    None,
+}
+
+/// The best level this CPU supports (detected once).
+pub fn level() -> Level {
+    use std::sync::OnceLock;
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        if is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c") {
+            Level::Avx512
+        } else if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            Level::Avx2
+        } else {
+            Level::None
+        }
+    })
+}
+
+/// Σ w[i]·x[i] with bf16 weights (as raw bits). Caller guarantees `level() == Avx512`.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_bf16_avx512(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY (all loads below): i + 16·k + 16 <= n for every load, so they stay in bounds.
+    while i + 64 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let raw = _mm256_loadu_si256(wp.add(i + 16 * k) as *const __m256i);
+            let wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+            *a = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(i + 16 * k)), *a);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        let raw = _mm256_loadu_si256(wp.add(i) as *const __m256i);
+        let wf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+        acc[0] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(i)), acc[0]);
+        i += 16;
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let mut s = _mm512_reduce_add_ps(sum);
+    while i < n {
+        s += f32::from_bits((w[i] as u32) << 16) * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// Σ w[i]·x[i] with f16 weights (raw bits).
+///
+/// # Safety
+/// The CPU must support AVX-512F (which implies the F16C conversions used).
+#[target_feature(enable = "avx512f,f16c")]
+pub unsafe fn dot_f16_avx512(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: as in `dot_bf16_avx512`, every load ends at or before n.
+    while i + 64 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let wf = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(i + 16 * k) as *const __m256i));
+            *a = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(i + 16 * k)), *a);
+        }
+        i += 64;
+    }
+    while i + 16 <= n {
+        let wf = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(i) as *const __m256i));
+        acc[0] = _mm512_fmadd_ps(wf, _mm512_loadu_ps(xp.add(i)), acc[0]);
+        i += 16;
+    }
+    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+    let mut s = _mm512_reduce_add_ps(sum);
+    while i < n {
+        s += half::f16::from_bits(w[i]).to_f32() * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// Σ w[i]·x[i] with bf16 weights, AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_bf16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load ends at or before n.
+    while i + 32 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let raw = _mm_loadu_si128(wp.add(i + 8 * k) as *const __m128i);
+            let wf = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+            *a = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xp.add(i + 8 * k)), *a);
+        }
+        i += 32;
+    }
+    let mut s = hsum256(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += f32::from_bits((w[i] as u32) << 16) * x[i];
+        i += 1;
+    }
+    s
+}
+
+/// Σ w[i]·x[i] with f16 weights, AVX2 + F16C.
+///
+/// # Safety
+/// The CPU must support AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub unsafe fn dot_f16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut i = 0;
+    // SAFETY: every load ends at or before n.
+    while i + 32 <= n {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let wf = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(i + 8 * k) as *const __m128i));
+            *a = _mm256_fmadd_ps(wf, _mm256_loadu_ps(xp.add(i + 8 * k)), *a);
+        }
+        i += 32;
+    }
+    let mut s = hsum256(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    ));
+    while i < n {
+        s += half::f16::from_bits(w[i]).to_f32() * x[i];
+        i += 1;
+    }
+    s
+}
+
+#[target_feature(enable = "avx2")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let hi = _mm256_extractf128_ps(v, 1);
+    let lo = _mm256_castps256_ps128(v);
+    let s = _mm_add_ps(hi, lo);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+/// The 4×4 block of dot products `out[r][t] = Σ w[r][i]·x[t][i]` (f32), AVX-512: eight loads
+/// feed sixteen FMAs, so prefill runs near the FMA units' rate instead of the load ports'.
+///
+/// # Safety
+/// The CPU must support AVX-512F; all eight slices must have length `n`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_4x4_avx512(w: [&[f32]; 4], x: [&[f32]; 4], n: usize) -> [[f32; 4]; 4] {
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    let mut i = 0;
+    // SAFETY: i + 16 <= n and every slice has length n.
+    while i + 16 <= n {
+        let xs = [
+            _mm512_loadu_ps(x[0].as_ptr().add(i)),
+            _mm512_loadu_ps(x[1].as_ptr().add(i)),
+            _mm512_loadu_ps(x[2].as_ptr().add(i)),
+            _mm512_loadu_ps(x[3].as_ptr().add(i)),
+        ];
+        for r in 0..4 {
+            let wv = _mm512_loadu_ps(w[r].as_ptr().add(i));
+            for t in 0..4 {
+                acc[r][t] = _mm512_fmadd_ps(wv, xs[t], acc[r][t]);
+            }
+        }
+        i += 16;
+    }
+    let mut out = [[0f32; 4]; 4];
+    for r in 0..4 {
+        for t in 0..4 {
+            let mut s = _mm512_reduce_add_ps(acc[r][t]);
+            for j in i..n {
+                s += w[r][j] * x[t][j];
+            }
+            out[r][t] = s;
+        }
+    }
+    out
+}
