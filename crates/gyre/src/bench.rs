@@ -47,17 +47,11 @@ struct Spec {
     tensors: Vec<(String, Vec<usize>, Fill)>,
 }
 
-fn llama_spec(
-    arch: &str,
-    c: usize,
-    layers: usize,
-    heads: usize,
-    kv: usize,
-    hd: usize,
-    f: usize,
-    v: usize,
-    tied: bool,
-) -> Spec {
+/// A Llama-architecture shape: hidden, layers, heads, kv heads, head dim, MLP width, vocab.
+struct LlamaShape(usize, usize, usize, usize, usize, usize, usize);
+
+fn llama_spec(arch: &str, shape: LlamaShape, tied: bool) -> Spec {
+    let LlamaShape(c, layers, heads, kv, hd, f, v) = shape;
     let model_type = if arch == "MistralForCausalLM" {
         "mistral"
     } else {
@@ -227,11 +221,27 @@ fn spec(shape: &str) -> Result<Spec> {
         "rwkv5-1b5" => rwkv_spec(2048, 24, 7168, 65536),
         "rwkv5-3b" => rwkv_spec(2560, 32, 8960, 65536),
         "rwkv5-7b" => rwkv_spec(4096, 32, 14336, 65536),
-        "llama-7b" => llama_spec("LlamaForCausalLM", 4096, 32, 32, 32, 128, 11008, 32000, false),
-        "mistral-7b" => llama_spec("MistralForCausalLM", 4096, 32, 32, 8, 128, 14336, 32000, false),
-        "solar-10.7b" => llama_spec("LlamaForCausalLM", 4096, 48, 32, 8, 128, 14336, 32000, false),
-        "gemma-2b-like" => llama_spec("LlamaForCausalLM", 2048, 18, 8, 1, 256, 16384, 256_000, true),
-        "tiny-llama" => llama_spec("LlamaForCausalLM", 256, 4, 4, 2, 64, 704, 4096, false),
+        "llama-7b" => llama_spec(
+            "LlamaForCausalLM",
+            LlamaShape(4096, 32, 32, 32, 128, 11008, 32000),
+            false,
+        ),
+        "mistral-7b" => llama_spec(
+            "MistralForCausalLM",
+            LlamaShape(4096, 32, 32, 8, 128, 14336, 32000),
+            false,
+        ),
+        "solar-10.7b" => llama_spec(
+            "LlamaForCausalLM",
+            LlamaShape(4096, 48, 32, 8, 128, 14336, 32000),
+            false,
+        ),
+        "gemma-2b-like" => llama_spec(
+            "LlamaForCausalLM",
+            LlamaShape(2048, 18, 8, 1, 256, 16384, 256_000),
+            true,
+        ),
+        "tiny-llama" => llama_spec("LlamaForCausalLM", LlamaShape(256, 4, 4, 2, 64, 704, 4096), false),
         other => bail!("unknown shape '{other}'; known: {}", SHAPES.join(", ")),
     })
 }

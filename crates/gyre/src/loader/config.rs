@@ -96,13 +96,13 @@ impl LlamaConfig {
             bail!("{source}: hidden_size, num_attention_heads, num_hidden_layers and vocab_size must be positive");
         }
         let kv = cfg.kv_heads();
-        if kv == 0 || cfg.num_attention_heads % kv != 0 {
+        if kv == 0 || !cfg.num_attention_heads.is_multiple_of(kv) {
             bail!(
                 "{source}: num_attention_heads ({}) must be a multiple of num_key_value_heads ({kv})",
                 cfg.num_attention_heads
             );
         }
-        if cfg.head_dim() % 2 != 0 {
+        if !cfg.head_dim().is_multiple_of(2) {
             bail!("{source}: head_dim {} must be even for RoPE", cfg.head_dim());
         }
         Ok(cfg)
@@ -221,17 +221,17 @@ impl GriffinConfig {
         if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.num_hidden_layers == 0 {
             bail!("{source}: hidden_size, num_attention_heads and num_hidden_layers must be positive");
         }
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!("{source}: hidden_size must be a multiple of num_attention_heads");
         }
-        if cfg.lru_width() % cfg.num_attention_heads != 0 {
+        if !cfg.lru_width().is_multiple_of(cfg.num_attention_heads) {
             bail!(
                 "{source}: lru_width {} must be a multiple of num_attention_heads",
                 cfg.lru_width()
             );
         }
         let kv = cfg.kv_heads();
-        if kv == 0 || cfg.num_attention_heads % kv != 0 {
+        if kv == 0 || !cfg.num_attention_heads.is_multiple_of(kv) {
             bail!("{source}: num_attention_heads must be a multiple of num_key_value_heads ({kv})");
         }
         if cfg.block_types.is_empty() {
@@ -251,7 +251,7 @@ impl GriffinConfig {
         if cfg.conv1d_width == 0 || cfg.attention_window_size == 0 {
             bail!("{source}: conv1d_width and attention_window_size must be positive");
         }
-        if cfg.rot_dim() % 2 != 0 || cfg.rot_dim() > cfg.head_dim() {
+        if !cfg.rot_dim().is_multiple_of(2) || cfg.rot_dim() > cfg.head_dim() {
             bail!(
                 "{source}: the rotary part of the head ({}) must be even and fit in head_dim",
                 cfg.rot_dim()

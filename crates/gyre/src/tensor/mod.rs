@@ -109,7 +109,7 @@ impl Tensor {
             bail!("byte range {start}..{} is past the end of the file", start + len);
         }
         let addr = map.as_ptr() as usize + start;
-        if addr % dtype.size() == 0 {
+        if addr.is_multiple_of(dtype.size()) {
             return Ok(Tensor {
                 dtype,
                 shape,

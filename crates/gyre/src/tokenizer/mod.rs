@@ -36,8 +36,8 @@ pub struct SpecialTokens {
 
 /// The implementation behind a [`Tokenizer`].
 enum Backend {
-    /// A Hugging Face `tokenizer.json`.
-    Hf(hf::HfTokenizer),
+    /// A Hugging Face `tokenizer.json` (boxed: it is far larger than the other arm).
+    Hf(Box<hf::HfTokenizer>),
     /// The RWKV World tokenizer (shared: the embedded one is parsed once per process).
     World(Arc<world::WorldTokenizer>),
 }
@@ -108,9 +108,10 @@ impl Tokenizer {
         BUILTIN_NAMES
     }
 
-    /// Loads a tokenizer file: a World vocabulary (first line like `1 '\x00' 1`, see
-    /// [`Tokenizer::world`]) or a `tokenizer.json`, whose BOS is whatever its post-processor
-    /// prepends and whose EOS is unknown.
+    /// Loads a tokenizer file: a World vocabulary (first line like `1 '\x00' 1`; it behaves like
+    /// [`Tokenizer::world`], with an id space of its largest id plus one, padded to a multiple of
+    /// 64) or a `tokenizer.json`, whose BOS is whatever its post-processor prepends and whose EOS
+    /// is unknown.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
         if world::WorldTokenizer::is_vocab_file(path) {
             let tok = world::WorldTokenizer::from_file(path)?;
@@ -126,7 +127,7 @@ impl Tokenizer {
             add_bos: bos.is_some(),
         };
         Ok(Tokenizer {
-            backend: Backend::Hf(hf),
+            backend: Backend::Hf(Box::new(hf)),
             specials,
             add_eos: false,
         })
@@ -182,7 +183,7 @@ impl Tokenizer {
         }
         let specials = resolve_specials(&hf, &sources);
         Ok(Tokenizer {
-            backend: Backend::Hf(hf),
+            backend: Backend::Hf(Box::new(hf)),
             specials,
             add_eos: sources.add_eos.unwrap_or(false),
         })

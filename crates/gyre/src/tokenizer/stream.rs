@@ -35,7 +35,9 @@ const REPLACEMENT: char = '\u{FFFD}';
 const MAX_PENDING: usize = 16;
 
 /// A backend whose text is the plain concatenation of per-id bytes (a byte-level tokenizer).
-pub(crate) trait ByteDecode {
+///
+/// `Sync` so that a [`DecodeStream`] can move between threads like the tokenizer it borrows.
+pub(crate) trait ByteDecode: Sync {
     /// Appends the bytes of `id` to `out`, nothing for a skipped special token; an id outside
     /// the vocabulary is an error and leaves `out` unchanged.
     fn append_token_bytes(&self, id: u32, skip_special_tokens: bool, out: &mut Vec<u8>) -> Result<()>;
@@ -249,7 +251,13 @@ fn diff(prefix: &str, text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{diff, Utf8Pending};
+    use super::{diff, DecodeStream, Utf8Pending};
+
+    #[test]
+    fn decode_stream_is_send() {
+        fn assert_send<T: Send>() {}
+        assert_send::<DecodeStream<'static>>();
+    }
 
     #[test]
     fn diff_takes_the_extension() {
