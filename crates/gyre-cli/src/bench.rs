@@ -30,6 +30,10 @@ pub struct BenchArgs {
     /// Storage dtype of the synthetic model's matrices.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: BenchDtype,
+    /// Quantize the weight matrices at load; the logit error against the unquantized model
+    /// on the benchmark prompt is printed.
+    #[arg(long, value_enum)]
+    quant: Option<crate::QuantArg>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -77,8 +81,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         (None, Some(path)) => (Checkpoint::open(path, |_, _| {})?, path.display().to_string()),
         (None, None) => bail!("give --synthetic SHAPE or --model PATH"),
     };
-    let model = models::load(&ckpt)?;
-    let bytes = bench::weight_bytes_per_token(&ckpt);
+    let quant = a.quant.map(crate::QuantArg::quant);
+    let mut quality = None;
+    let model = match quant {
+        None => models::load(&ckpt)?,
+        Some(q) => {
+            eprintln!(
+                "measuring the {} logit error against the unquantized model…",
+                q.name()
+            );
+            let tokens = bench::prompt_tokens(a.prompt, models::load(&ckpt)?.info().vocab_size);
+            let want = bench::all_logits(models::load(&ckpt)?.as_ref(), &tokens)?;
+            let model = models::load_with(&ckpt, models::LoadOptions { quant: Some(q) })?;
+            let got = bench::all_logits(model.as_ref(), &tokens)?;
+            quality = Some(bench::quant_error(&got, &want, model.info().vocab_size));
+            model
+        }
+    };
+    let bytes = bench::weight_bytes_per_token(&ckpt, quant);
     eprintln!("measuring the machine's read bandwidth…");
     let machine = bench::read_bandwidth_gbs(5);
     eprintln!(
@@ -106,10 +126,24 @@ pub fn run(a: BenchArgs) -> Result<()> {
         r.machine_read_gbs
     );
     println!("bandwidth ratio:  {:.1}%", r.bandwidth_ratio * 100.0);
+    if let (Some(q), Some(e)) = (quant, &quality) {
+        println!(
+            "{} logit error:   max {:.4}, mean {:.5}, top-1 agreement {:.1}% ({} positions)",
+            q.name(),
+            e.max_abs,
+            e.mean_abs,
+            e.top1_agreement * 100.0,
+            a.prompt
+        );
+    }
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = serde_json::json!(what);
         v["threads"] = serde_json::json!(threads);
+        v["quant"] = serde_json::json!(quant.map(|q| q.name()));
+        if let Some(e) = &quality {
+            v["quant_error"] = serde_json::to_value(e)?;
+        }
         println!("{v}");
     }
     Ok(())

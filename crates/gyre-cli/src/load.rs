@@ -20,7 +20,7 @@ pub struct Loaded {
 
 impl Loaded {
     /// Maps the weights and builds the model. The progress bar only draws on a terminal.
-    pub fn open(path: &Path) -> Result<Loaded> {
+    pub fn open(path: &Path, opts: models::LoadOptions) -> Result<Loaded> {
         let bar = ProgressBar::hidden();
         let bar_started = std::cell::Cell::new(false);
         let ckpt = Checkpoint::open(path, |done, total| {
@@ -36,7 +36,7 @@ impl Loaded {
             bar.set_position(done as u64);
         })?;
         bar.finish_and_clear();
-        let model = models::load(&ckpt)?;
+        let model = models::load_with(&ckpt, opts)?;
         Ok(Loaded {
             model,
             dir: ckpt.dir.clone(),

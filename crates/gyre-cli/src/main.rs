@@ -90,6 +90,23 @@ pub(crate) struct ModelArgs {
     /// Worker threads for the kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Quantize the weight matrices at load (q8: int8 in groups of 32 with f32 scales).
+    #[arg(long, value_enum)]
+    pub quant: Option<QuantArg>,
+}
+
+/// `--quant` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum QuantArg {
+    Q8,
+}
+
+impl QuantArg {
+    pub(crate) fn quant(self) -> gyre::tensor::Quant {
+        match self {
+            QuantArg::Q8 => gyre::tensor::Quant::Q8,
+        }
+    }
 }
 
 #[derive(Args, Clone)]
@@ -267,7 +284,10 @@ pub(crate) fn open(args: &ModelArgs) -> Result<Loaded> {
             .build_global()
             .context("cannot start the thread pool")?;
     }
-    Loaded::open(&args.model)
+    let opts = gyre::models::LoadOptions {
+        quant: args.quant.map(QuantArg::quant),
+    };
+    Loaded::open(&args.model, opts)
 }
 
 fn read_stdin_text() -> Result<String> {

@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 
 use crate::loader::Checkpoint;
 use crate::models::{Logits, Model, SeqInput};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::quant::Q8_GROUP;
+use crate::tensor::{DType, Quant, Tensor};
 
 /// Model shapes `gyre bench --synthetic` can build.
 pub const SHAPES: &[&str] = &[
@@ -329,18 +330,79 @@ pub fn read_bandwidth_gbs(reps: usize) -> f64 {
     (n * 4) as f64 / best / 1e9
 }
 
-/// Bytes of weights one decode step reads: everything but the embedding table, plus one row
-/// of it (the whole table when it doubles as the output head).
-pub fn weight_bytes_per_token(ckpt: &Checkpoint) -> usize {
-    let (_, total, _) = ckpt.summary();
-    let embed = ["model.embed_tokens.weight", "emb.weight"]
-        .iter()
-        .find_map(|n| ckpt.get(n).ok());
-    let tied = embed.is_some() && !ckpt.has("lm_head.weight") && !ckpt.has("head.weight");
-    match embed {
-        Some(e) if !tied => total - e.nbytes() + e.nbytes() / e.shape()[0],
-        _ => total,
+/// Bytes of weights one decode step reads: every matrix once (at its quantized size when
+/// `quant` is set), plus one row of the embedding table (all of it when it doubles as the
+/// output head).
+pub fn weight_bytes_per_token(ckpt: &Checkpoint, quant: Option<Quant>) -> usize {
+    let embed_names = ["model.embed_tokens.weight", "emb.weight"];
+    let tied = !ckpt.has("lm_head.weight") && !ckpt.has("head.weight");
+    let mut bytes = 0;
+    for name in ckpt.names() {
+        let Ok(t) = ckpt.get(name) else { continue };
+        let shape = t.shape();
+        let is_matrix = shape.len() == 2 && shape[0] > 1 && shape[1] > 1 && name.ends_with("weight");
+        let stored = |t: &Tensor| match (quant, is_matrix) {
+            (Some(Quant::Q8), true) => shape[0] * shape[1] + 4 * shape[0] * shape[1].div_ceil(Q8_GROUP),
+            _ => t.nbytes(),
+        };
+        bytes += if embed_names.contains(&name) {
+            // One gathered row, plus the whole table when it is also the head.
+            t.nbytes() / shape[0] + if tied { stored(t) } else { 0 }
+        } else {
+            stored(t)
+        };
     }
+    bytes
+}
+
+/// How far a quantized model's logits are from the unquantized model's on the same tokens.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct QuantError {
+    /// Largest |Δlogit| over all positions.
+    pub max_abs: f32,
+    /// Mean |Δlogit|.
+    pub mean_abs: f32,
+    /// Fraction of positions whose top-1 token is unchanged.
+    pub top1_agreement: f32,
+}
+
+/// Compares logits `[T, V]` of a quantized model (`got`) with the reference (`want`).
+pub fn quant_error(got: &[f32], want: &[f32], vocab: usize) -> QuantError {
+    let (mut max_abs, mut sum) = (0f32, 0f64);
+    for (a, b) in got.iter().zip(want) {
+        let d = (a - b).abs();
+        max_abs = max_abs.max(d);
+        sum += d as f64;
+    }
+    let rows = want.len() / vocab;
+    let agree = got
+        .chunks_exact(vocab)
+        .zip(want.chunks_exact(vocab))
+        .filter(|(a, b)| crate::sampling::argmax(a) == crate::sampling::argmax(b))
+        .count();
+    QuantError {
+        max_abs,
+        mean_abs: (sum / want.len() as f64) as f32,
+        top1_agreement: agree as f32 / rows as f32,
+    }
+}
+
+/// Logits of every position of `tokens` from a fresh state.
+pub fn all_logits(model: &dyn Model, tokens: &[u32]) -> Result<Vec<f32>> {
+    let mut state = model.new_state();
+    let mut out = model.forward(
+        &mut [SeqInput {
+            tokens,
+            state: &mut state,
+        }],
+        Logits::All,
+    )?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// The token ids the benchmark feeds (deterministic, spread over the vocabulary).
+pub fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| (i * 7919 + 13) % vocab as u32).collect()
 }
 
 /// One benchmark run's figures.
@@ -368,7 +430,7 @@ pub fn run(
     machine_gbs: f64,
 ) -> Result<BenchReport> {
     let v = model.info().vocab_size as u32;
-    let tokens: Vec<u32> = (0..prompt as u32).map(|i| (i * 7919 + 13) % v).collect();
+    let tokens = prompt_tokens(prompt, v as usize);
     let mut states: Vec<_> = (0..batch).map(|_| model.new_state()).collect();
     let t0 = Instant::now();
     for st in states.iter_mut() {

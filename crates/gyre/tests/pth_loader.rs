@@ -132,7 +132,7 @@ fn large_tensor_points_into_the_file_map() {
     }
     let (lo, hi) = (map.as_ptr() as usize, map.as_ptr() as usize + map.len());
     let p = t.raw().as_ptr() as usize;
-    assert!(p % 4 == 0, "torch aligns storages to 64 bytes");
+    assert!(p.is_multiple_of(4), "torch aligns storages to 64 bytes");
     assert!(
         lo <= p && p + t.nbytes() <= hi,
         "the tensor's bytes were copied out of the map"

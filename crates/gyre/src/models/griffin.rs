@@ -26,31 +26,31 @@ use anyhow::{bail, Context, Result};
 use half::bf16;
 
 use super::layers::{self, AttnDims, Segment};
-use super::{check_tokens, Arch, Logits, Model, ModelInfo, SeqInput};
+use super::{check_tokens, Arch, LoadOptions, Logits, Model, ModelInfo, SeqInput};
 use crate::kernels::cpu::{self as k, linear};
 use crate::loader::config::{BlockKind, GriffinConfig};
 use crate::loader::Checkpoint;
 use crate::state::{GriffinState, KvCache, State};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Matrix, Tensor};
 
 /// The recurrent temporal block (HF `RecurrentGemmaRecurrentBlock`).
 struct Recurrent {
     /// linear_x / linear_y [lru, C] with biases [lru]
-    linear_x: Tensor,
+    linear_x: Matrix,
     linear_x_b: Vec<f32>,
-    linear_y: Tensor,
+    linear_y: Matrix,
     linear_y_b: Vec<f32>,
     /// linear_out [C, lru], bias [C]
-    linear_out: Tensor,
+    linear_out: Matrix,
     linear_out_b: Vec<f32>,
     /// conv_1d weight as [width, lru] (tap w−1 multiplies the current token), bias [lru]
     conv_w: Vec<f32>,
     conv_b: Vec<f32>,
     /// Block-diagonal gates, one [bw_out, bw_in] matrix per head (transposed from the
     /// checkpoint's input-major [H, bw_in, bw_out]), biases [H·bw]
-    input_gate: Vec<Tensor>,
+    input_gate: Vec<Matrix>,
     input_gate_b: Vec<f32>,
-    a_gate: Vec<Tensor>,
+    a_gate: Vec<Matrix>,
     a_gate_b: Vec<f32>,
     /// −8 · softplus(recurrent_param) [lru]: log a = this · recurrence gate
     log_a_scale: Vec<f32>,
@@ -59,10 +59,10 @@ struct Recurrent {
 /// The local attention temporal block (HF `RecurrentGemmaSdpaAttention`).
 struct Attention {
     /// q_proj [H·hd, C], k_proj / v_proj [KV·hd, C], o_proj [C, H·hd] with bias [C]
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: Matrix,
+    k: Matrix,
+    v: Matrix,
+    o: Matrix,
     o_b: Vec<f32>,
     /// Index of this layer among the attention layers (its slot in the KV ring set)
     kv_index: usize,
@@ -79,11 +79,11 @@ struct Layer {
     channel_norm: Vec<f32>,
     temporal: Temporal,
     /// mlp gate_proj / up_proj [F, C] + [F], down_proj [C, F] + [C]
-    gate: Tensor,
+    gate: Matrix,
     gate_b: Vec<f32>,
-    up: Tensor,
+    up: Matrix,
     up_b: Vec<f32>,
-    down: Tensor,
+    down: Matrix,
     down_b: Vec<f32>,
 }
 
@@ -101,8 +101,10 @@ pub struct Griffin {
     /// bf16-rounded sqrt(C) (or 1 when the config turns scaling off)
     embed_scale: f32,
     inv_freq: Vec<f32>,
-    /// embed_tokens [V, C], also the output head
+    /// embed_tokens [V, C] (rows gathered as stored)
     embed: Tensor,
+    /// the tied output head: the same tensor, quantized when asked
+    head: Matrix,
     layers: Vec<Layer>,
     n_attention: usize,
     n_recurrent: usize,
@@ -112,7 +114,7 @@ pub struct Griffin {
 
 /// Splits an input-major block-diagonal gate [H, bw, bw] into H [out, in] matrices, keeping
 /// the stored dtype.
-fn split_gate(t: &Tensor, heads: usize, bw: usize) -> Vec<Tensor> {
+fn split_gate(t: &Tensor, heads: usize, bw: usize) -> Vec<Matrix> {
     let vals = t.to_f32_vec();
     (0..heads)
         .map(|h| {
@@ -122,11 +124,11 @@ fn split_gate(t: &Tensor, heads: usize, bw: usize) -> Vec<Tensor> {
                     m[j * bw + i] = vals[h * bw * bw + i * bw + j];
                 }
             }
-            match t.dtype() {
+            Matrix::Dense(match t.dtype() {
                 DType::F32 => Tensor::from_f32(&m, vec![bw, bw]),
                 DType::F16 => Tensor::from_f32_as_f16(&m, vec![bw, bw]),
                 DType::BF16 => Tensor::from_f32_as_bf16(&m, vec![bw, bw]),
-            }
+            })
         })
         .collect()
 }
@@ -142,7 +144,7 @@ fn softplus(x: f32) -> f32 {
 
 impl Griffin {
     /// Builds the model from a `RecurrentGemmaForCausalLM` checkpoint.
-    pub fn load(ckpt: &Checkpoint) -> Result<Griffin> {
+    pub fn load(ckpt: &Checkpoint, opts: LoadOptions) -> Result<Griffin> {
         let source = format!("{}/config.json", ckpt.dir.display());
         let cfg = GriffinConfig::from_value(ckpt.config()?, &source)?;
         let (c, v, lru) = (cfg.hidden_size, cfg.vocab_size, cfg.lru_width());
@@ -151,8 +153,10 @@ impl Griffin {
         let width = cfg.conv1d_width;
         let vec =
             |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
-        let mat = |name: &str, rows: usize, cols: usize| ckpt.get_shaped(name, &[rows, cols]);
-        let embed = mat("model.embed_tokens.weight", v, c)?;
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            Ok(Matrix::new(ckpt.get_shaped(name, &[rows, cols])?, opts.quant))
+        };
+        let embed = ckpt.get_shaped("model.embed_tokens.weight", &[v, c])?;
         let f_name = "model.layers.0.mlp_block.gate_proj.weight";
         let f = ckpt
             .get(f_name)?
@@ -186,7 +190,7 @@ impl Griffin {
                             conv_w[tap * lru + ch] = conv[ch * width + tap];
                         }
                     }
-                    let gate = |name: &str| -> Result<Vec<Tensor>> {
+                    let gate = |name: &str| -> Result<Vec<Matrix>> {
                         Ok(split_gate(
                             &ckpt.get_shaped(&format!("{t}.rg_lru.{name}"), &[heads, bw, bw])?,
                             heads,
@@ -267,6 +271,7 @@ impl Griffin {
             soft_cap: cfg.logits_soft_cap as f32,
             embed_scale,
             inv_freq: k::rope_inv_freq(cfg.theta(), cfg.rot_dim()),
+            head: Matrix::new(embed.clone(), opts.quant),
             embed,
             layers,
             n_attention,
@@ -511,7 +516,7 @@ impl Model for Griffin {
             k::add_assign(&mut x, &out);
 
             k::rmsnorm_gemma(&x, &layer.channel_norm, self.eps, &mut normed);
-            let f = layer.gate.shape()[0];
+            let f = layer.gate.rows();
             let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
             layers::linear_bias(&normed, rows, &layer.gate, Some(&layer.gate_b), &mut gate);
             layers::linear_bias(&normed, rows, &layer.up, Some(&layer.up_b), &mut up);
@@ -532,7 +537,7 @@ impl Model for Griffin {
         k::rmsnorm_gemma(&sel, &self.final_norm, self.eps, &mut sel_normed);
         let v = self.info.vocab_size;
         let mut logits = vec![0f32; n * v];
-        linear(&sel_normed, n, &self.embed, &mut logits);
+        linear(&sel_normed, n, &self.head, &mut logits);
         let cap = self.soft_cap;
         if cap > 0.0 {
             logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());

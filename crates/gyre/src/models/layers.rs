@@ -6,7 +6,7 @@ use rayon::prelude::*;
 use super::{Logits, SeqInput};
 use crate::kernels::cpu as k;
 use crate::state::KvCache;
-use crate::tensor::Tensor;
+use crate::tensor::{Matrix, Tensor};
 
 /// Rows of the batch matrices that belong to one sequence.
 #[derive(Clone, Copy, Debug)]
@@ -133,7 +133,7 @@ pub fn split_logits(logits: Vec<f32>, v: usize, segs: &[Segment], which: Logits)
 }
 
 /// `out = x·Wᵀ + b` for every row (`b` optional): [`k::linear`] plus a bias.
-pub fn linear_bias(x: &[f32], rows: usize, w: &Tensor, b: Option<&[f32]>, out: &mut [f32]) {
+pub fn linear_bias(x: &[f32], rows: usize, w: &Matrix, b: Option<&[f32]>, out: &mut [f32]) {
     k::linear(x, rows, w, out);
     if let Some(b) = b {
         for row in out.chunks_exact_mut(b.len()) {

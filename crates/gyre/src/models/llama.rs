@@ -18,28 +18,28 @@
 use anyhow::{bail, Result};
 
 use super::layers::{self, AttnDims};
-use super::{check_tokens, Arch, Logits, Model, ModelInfo, SeqInput};
+use super::{check_tokens, Arch, LoadOptions, Logits, Model, ModelInfo, SeqInput};
 use crate::kernels::cpu::{self as k, linear};
 use crate::loader::config::LlamaConfig;
 use crate::loader::Checkpoint;
 use crate::state::{KvCache, State};
-use crate::tensor::Tensor;
+use crate::tensor::{Matrix, Tensor};
 
 /// One decoder layer's weights (nn.Linear layout [out, in]).
 struct Layer {
     /// input_layernorm.weight [C]
     attn_norm: Vec<f32>,
     /// q_proj [H·hd, C], k_proj / v_proj [KV·hd, C], o_proj [C, H·hd]
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    o: Tensor,
+    q: Matrix,
+    k: Matrix,
+    v: Matrix,
+    o: Matrix,
     /// post_attention_layernorm.weight [C]
     mlp_norm: Vec<f32>,
     /// gate_proj / up_proj [F, C], down_proj [C, F]
-    gate: Tensor,
-    up: Tensor,
-    down: Tensor,
+    gate: Matrix,
+    up: Matrix,
+    down: Matrix,
 }
 
 /// A Llama-architecture model with its weights.
@@ -58,24 +58,26 @@ pub struct Llama {
     /// model.norm.weight [C]
     norm: Vec<f32>,
     /// lm_head [V, C]; the embedding when tied
-    lm_head: Tensor,
+    lm_head: Matrix,
 }
 
 impl Llama {
     /// Builds the model from a checkpoint whose architecture is Llama or Mistral.
-    pub fn load(ckpt: &Checkpoint, arch: Arch) -> Result<Llama> {
+    pub fn load(ckpt: &Checkpoint, arch: Arch, opts: LoadOptions) -> Result<Llama> {
         let source = format!("{}/config.json", ckpt.dir.display());
         let cfg = LlamaConfig::from_value(ckpt.config()?, &source)?;
         let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let vec =
             |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
-        let mat = |name: &str, rows: usize, cols: usize| ckpt.get_shaped(name, &[rows, cols]);
-        let embed = mat("model.embed_tokens.weight", v, c)?;
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            Ok(Matrix::new(ckpt.get_shaped(name, &[rows, cols])?, opts.quant))
+        };
+        let embed = ckpt.get_shaped("model.embed_tokens.weight", &[v, c])?;
         let lm_head = if ckpt.has("lm_head.weight") {
             mat("lm_head.weight", v, c)?
         } else {
-            embed.clone()
+            Matrix::new(embed.clone(), opts.quant)
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
@@ -167,7 +169,7 @@ impl Model for Llama {
         // x: [rows, C] residual stream
         let mut x = vec![0f32; rows * c];
         layers::gather_embeddings(batch, &self.embed, 1.0, &mut x);
-        let f = self.layers.first().map_or(0, |l| l.gate.shape()[0]);
+        let f = self.layers.first().map_or(0, |l| l.gate.rows());
         let mut normed = vec![0f32; rows * c];
         let (mut q, mut kk, mut vv) = (
             vec![0f32; rows * h * hd],

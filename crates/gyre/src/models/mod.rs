@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use crate::loader::Checkpoint;
 use crate::state::State;
-use crate::tensor::DType;
+use crate::tensor::{DType, Quant};
 
 /// Which family and variant a checkpoint is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -138,11 +138,23 @@ pub fn detect(ckpt: &Checkpoint) -> Result<Arch> {
     }
 }
 
-/// Detects the architecture and builds the model.
+/// How to build a model from its checkpoint.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Quantize the weight matrices (linear layers and output head) at load.
+    pub quant: Option<Quant>,
+}
+
+/// Detects the architecture and builds the model with weights as stored.
 pub fn load(ckpt: &Checkpoint) -> Result<Box<dyn Model>> {
+    load_with(ckpt, LoadOptions::default())
+}
+
+/// Detects the architecture and builds the model.
+pub fn load_with(ckpt: &Checkpoint, opts: LoadOptions) -> Result<Box<dyn Model>> {
     match detect(ckpt)? {
-        arch @ (Arch::Llama | Arch::Mistral) => Ok(Box::new(llama::Llama::load(ckpt, arch)?)),
-        Arch::RecurrentGemma => Ok(Box::new(griffin::Griffin::load(ckpt)?)),
-        Arch::Rwkv5 => Ok(Box::new(rwkv5::Rwkv5::load(ckpt)?)),
+        arch @ (Arch::Llama | Arch::Mistral) => Ok(Box::new(llama::Llama::load(ckpt, arch, opts)?)),
+        Arch::RecurrentGemma => Ok(Box::new(griffin::Griffin::load(ckpt, opts)?)),
+        Arch::Rwkv5 => Ok(Box::new(rwkv5::Rwkv5::load(ckpt, opts)?)),
     }
 }

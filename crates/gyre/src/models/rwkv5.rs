@@ -22,11 +22,11 @@ use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 use super::layers;
-use super::{check_tokens, Arch, Logits, Model, ModelInfo, SeqInput};
+use super::{check_tokens, Arch, LoadOptions, Logits, Model, ModelInfo, SeqInput};
 use crate::kernels::cpu::{self as k, linear};
 use crate::loader::Checkpoint;
 use crate::state::{RwkvState, State};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Matrix, Tensor};
 use half::{bf16, f16};
 
 /// LayerNorm eps of ln0/ln1/ln2/ln_out.
@@ -47,20 +47,20 @@ struct Block {
     decay: Vec<f32>,
     bonus: Vec<f32>,
     /// receptance / key / value / gate [C_att, C], output [C, C_att]
-    wr: Tensor,
-    wk: Tensor,
-    wv: Tensor,
-    wg: Tensor,
-    wo: Tensor,
+    wr: Matrix,
+    wk: Matrix,
+    wv: Matrix,
+    wg: Matrix,
+    wo: Matrix,
     /// ln_x (GroupNorm) weight and bias [C_att]
     ln_x: (Vec<f32>, Vec<f32>),
     /// channel-mix coefficients [C]
     ffn_mix_k: Vec<f32>,
     ffn_mix_r: Vec<f32>,
     /// ffn key [F, C], receptance [C, C], value [C, F]
-    ffn_k: Tensor,
-    ffn_r: Tensor,
-    ffn_v: Tensor,
+    ffn_k: Matrix,
+    ffn_r: Matrix,
+    ffn_v: Matrix,
 }
 
 /// An RWKV-5.2 model with its weights.
@@ -75,7 +75,7 @@ pub struct Rwkv5 {
     blocks: Vec<Block>,
     ln_out: (Vec<f32>, Vec<f32>),
     /// head [V, C]
-    head: Tensor,
+    head: Matrix,
 }
 
 /// Which RWKV generation a checkpoint's tensor names and shapes say it is.
@@ -103,7 +103,7 @@ pub fn detect_version(ckpt: &Checkpoint) -> Result<&'static str> {
 
 impl Rwkv5 {
     /// Builds the model from an RWKV checkpoint (`.pth` or `.safetensors`, ChatRWKV names).
-    pub fn load(ckpt: &Checkpoint) -> Result<Rwkv5> {
+    pub fn load(ckpt: &Checkpoint, opts: LoadOptions) -> Result<Rwkv5> {
         let version = detect_version(ckpt)?;
         if version != "5.2" {
             bail!(
@@ -142,7 +142,9 @@ impl Rwkv5 {
         let ln = |p: &str| -> Result<(Vec<f32>, Vec<f32>)> {
             Ok((vec(&format!("{p}.weight"), c)?, vec(&format!("{p}.bias"), c)?))
         };
-        let mat = |name: &str, rows: usize, cols: usize| ckpt.get_shaped(name, &[rows, cols]);
+        let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
+            Ok(Matrix::new(ckpt.get_shaped(name, &[rows, cols])?, opts.quant))
+        };
         let mut blocks = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
             let a = format!("blocks.{i}.att");
@@ -331,7 +333,7 @@ impl Model for Rwkv5 {
         );
         let mut y = vec![0f32; rows * c_att];
         let mut out = vec![0f32; rows * c];
-        let f = self.blocks.first().map_or(0, |b| b.ffn_k.shape()[0]);
+        let f = self.blocks.first().map_or(0, |b| b.ffn_k.rows());
         let mut fk = vec![0f32; rows * f];
 
         for (li, b) in self.blocks.iter().enumerate() {

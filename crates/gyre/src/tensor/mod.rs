@@ -4,6 +4,10 @@
 //! checkpoint (or owns an aligned copy when the file's offset is misaligned for the dtype).
 //! This module knows nothing of models or kernels; it only hands out typed slices.
 
+pub mod quant;
+
+pub use quant::{Matrix, Q8Matrix, Quant};
+
 use std::fmt;
 use std::sync::Arc;
 

@@ -57,6 +57,29 @@ pub fn dot_f16(w: &[f16], x: &[f32]) -> f32 {
     w.iter().zip(x).map(|(a, b)| a.to_f32() * b).sum()
 }
 
+/// Σ over groups of 32: scale · Σ q·x, for one Q8 row (`scales` [⌈n/32⌉], `q`, `x` [n]).
+#[inline]
+pub fn dot_q8(scales: &[f32], q: &[i8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd::{self, Level};
+        if simd::level() == Level::Avx512 && q.len() == x.len() && scales.len() == q.len().div_ceil(32) {
+            // SAFETY: AVX-512F is supported (checked) and the lengths are as required.
+            return unsafe { simd::dot_q8_avx512(scales, q, x) };
+        }
+    }
+    dot_q8_portable(scales, q, x)
+}
+
+/// Portable Q8 dot (the reference for the SIMD version).
+pub fn dot_q8_portable(scales: &[f32], q: &[i8], x: &[f32]) -> f32 {
+    q.chunks(32)
+        .zip(x.chunks(32))
+        .zip(scales)
+        .map(|((qg, xg), s)| s * qg.iter().zip(xg).map(|(&a, b)| a as f32 * b).sum::<f32>())
+        .sum()
+}
+
 /// Portable bf16 dot (the reference for the SIMD versions).
 pub fn dot_bf16_portable(w: &[u16], x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -158,6 +181,23 @@ mod tests {
                 let bits: &[u16] = bytemuck::cast_slice(&wb[off..off + n]);
                 assert!((dot_bf16_portable(bits, xs) - want_b).abs() <= tol(want_b));
             }
+        }
+    }
+
+    #[test]
+    fn q8_dot_matches_portable() {
+        let x: Vec<f32> = (0..200).map(|i| ((i * 53 % 97) as f32 - 48.0) / 31.0).collect();
+        let q: Vec<i8> = (0..200i32).map(|i| (i * 91 % 255 - 127) as i8).collect();
+        for n in [1usize, 31, 32, 33, 64, 100, 200] {
+            let scales: Vec<f32> = (0..n.div_ceil(32)).map(|g| 0.01 + g as f32 * 0.003).collect();
+            let (got, want) = (
+                dot_q8(&scales, &q[..n], &x[..n]),
+                dot_q8_portable(&scales, &q[..n], &x[..n]),
+            );
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "n={n}: {got} vs {want}"
+            );
         }
     }
 

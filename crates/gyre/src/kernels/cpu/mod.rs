@@ -9,36 +9,51 @@ pub mod ops;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
-pub use dot::{dot, dot_4x4, dot_bf16, dot_f16, dot_scalar};
+pub use dot::{dot, dot_4x4, dot_bf16, dot_f16, dot_q8, dot_scalar};
 pub use ops::*;
 
 use rayon::prelude::*;
 
-use crate::tensor::{Tensor, TensorData};
+use crate::tensor::{Matrix, Q8Matrix, Tensor, TensorData};
 
 /// Rows of the weight matrix handled by one parallel task.
 const ROW_BLOCK: usize = 16;
 
+/// Where a matrix's rows come from.
+enum Rows<'a> {
+    Dense(TensorData<'a>),
+    Q8(&'a Q8Matrix),
+}
+
 /// `out[t, o] = Σ_i x[t, i] · w[o, i]` for `t < n_rows`.
 ///
-/// Shapes: `x` [n_rows, in], `w` [out, in] (nn.Linear layout, any stored dtype), `out` [n_rows, out].
-pub fn linear(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
-    let (n_out, n_in) = (w.shape()[0], w.shape()[1]);
+/// Shapes: `x` [n_rows, in], `w` [out, in] (nn.Linear layout, any stored dtype or
+/// quantized), `out` [n_rows, out].
+pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
+    let (n_out, n_in) = (w.rows(), w.cols());
     assert_eq!(x.len(), n_rows * n_in, "linear: activation length");
     assert_eq!(out.len(), n_rows * n_out, "linear: output length");
     if n_rows == 0 {
         return;
     }
-    let data = w.data();
+    let data = match w {
+        Matrix::Dense(t) => Rows::Dense(t.data()),
+        Matrix::Q8(q) => Rows::Q8(q),
+    };
     if n_rows == 1 {
         // Decode: stream each weight row once, widening in registers.
         out.par_chunks_mut(ROW_BLOCK).enumerate().for_each(|(b, chunk)| {
             for (j, o) in chunk.iter_mut().enumerate() {
-                let start = (b * ROW_BLOCK + j) * n_in;
-                *o = match data {
-                    TensorData::F32(s) => dot(&s[start..start + n_in], x),
-                    TensorData::BF16(s) => dot_bf16(&s[start..start + n_in], x),
-                    TensorData::F16(s) => dot_f16(&s[start..start + n_in], x),
+                let r = b * ROW_BLOCK + j;
+                let start = r * n_in;
+                *o = match &data {
+                    Rows::Dense(TensorData::F32(s)) => dot(&s[start..start + n_in], x),
+                    Rows::Dense(TensorData::BF16(s)) => dot_bf16(&s[start..start + n_in], x),
+                    Rows::Dense(TensorData::F16(s)) => dot_f16(&s[start..start + n_in], x),
+                    Rows::Q8(q) => {
+                        let (scales, qs) = q.row(r);
+                        dot_q8(scales, qs, x)
+                    }
                 };
             }
         });
@@ -60,7 +75,14 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
                 for j in 0..rows {
                     let (head, tail) = rest.split_at_mut(n_in);
                     rest = tail;
-                    block.push(weight_row(&data, (b * ROW_BLOCK + j) * n_in, n_in, head));
+                    let r = b * ROW_BLOCK + j;
+                    block.push(match &data {
+                        Rows::Dense(d) => weight_row(d, r * n_in, n_in, head),
+                        Rows::Q8(q) => {
+                            q.row_to_f32(r, head);
+                            &*head
+                        }
+                    });
                 }
                 let xrow = |t: usize| &x[t * n_in..(t + 1) * n_in];
                 let (full_r, full_t) = (rows / 4 * 4, n_rows / 4 * 4);
@@ -104,7 +126,7 @@ fn weight_row<'a>(data: &'a TensorData<'a>, start: usize, n: usize, scratch: &'a
     }
 }
 
-/// Scalar reference for [`linear`].
+/// Scalar reference for [`linear`] over a dense tensor.
 pub fn linear_scalar(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
     let (n_out, n_in) = (w.shape()[0], w.shape()[1]);
     let wf = w.to_f32_vec();
@@ -143,7 +165,7 @@ mod tests {
             ] {
                 let mut got = vec![0.0; rows * n_out];
                 let mut want = vec![0.0; rows * n_out];
-                linear(&x, rows, &w, &mut got);
+                linear(&x, rows, &Matrix::Dense(w.clone()), &mut got);
                 linear_scalar(&x, rows, &w, &mut want);
                 for (g, e) in got.iter().zip(&want) {
                     assert!(

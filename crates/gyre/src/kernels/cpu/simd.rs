@@ -206,3 +206,35 @@ pub unsafe fn dot_4x4_avx512(w: [&[f32]; 4], x: [&[f32]; 4], n: usize) -> [[f32;
     }
     out
 }
+
+/// Σ over groups g of scale[g] · Σ q[i]·x[i] (Q8 row, groups of 32), AVX-512.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `q.len() == x.len()` and `scales.len() == ⌈q.len()/32⌉`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_q8_avx512(scales: &[f32], q: &[i8], x: &[f32]) -> f32 {
+    let n = q.len().min(x.len());
+    let full = n / 32;
+    let (qp, xp) = (q.as_ptr(), x.as_ptr());
+    let mut total = _mm512_setzero_ps();
+    // SAFETY: group g reads q/x elements 32g .. 32g+32 <= n.
+    for (g, &scale) in scales.iter().enumerate().take(full) {
+        let i = g * 32;
+        let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(qp.add(i) as *const __m128i)));
+        let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+            qp.add(i + 16) as *const __m128i
+        )));
+        let s = _mm512_fmadd_ps(
+            q1,
+            _mm512_loadu_ps(xp.add(i + 16)),
+            _mm512_mul_ps(q0, _mm512_loadu_ps(xp.add(i))),
+        );
+        total = _mm512_fmadd_ps(_mm512_set1_ps(scale), s, total);
+    }
+    let mut sum = _mm512_reduce_add_ps(total);
+    if full * 32 < n {
+        let part: f32 = (full * 32..n).map(|i| q[i] as f32 * x[i]).sum();
+        sum += scales[full] * part;
+    }
+    sum
+}
