@@ -42,9 +42,12 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
     };
     if n_rows == 1 {
         // Decode: stream each weight row once, widening in registers.
-        out.par_chunks_mut(ROW_BLOCK).enumerate().for_each(|(b, chunk)| {
+        // A few large contiguous blocks per thread keep each core's hardware prefetcher on
+        // one long stream.
+        let block = n_out.div_ceil(rayon::current_num_threads() * 4).max(ROW_BLOCK);
+        out.par_chunks_mut(block).enumerate().for_each(|(b, chunk)| {
             for (j, o) in chunk.iter_mut().enumerate() {
-                let r = b * ROW_BLOCK + j;
+                let r = b * block + j;
                 let start = r * n_in;
                 *o = match &data {
                     Rows::Dense(TensorData::F32(s)) => dot(&s[start..start + n_in], x),
