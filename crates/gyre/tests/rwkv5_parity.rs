@@ -75,3 +75,78 @@ fn state_after_the_sequence_matches_the_package() {
     assert_eq!(model.state_bytes(1024), model.state_bytes(32768));
     assert_eq!(state.bytes(), model.state_bytes(1));
 }
+
+type Entry = (String, Vec<usize>, Vec<u8>);
+
+/// Rewrites the f32 fixture's safetensors through `change` (plus `extra` tensors) into `dir`.
+fn rewritten(
+    dir: &tempfile::TempDir,
+    change: impl Fn(&str, Vec<usize>, Vec<u8>) -> Option<(Vec<usize>, Vec<u8>)>,
+    extra: Vec<Entry>,
+) -> std::path::PathBuf {
+    let src = fixture("rwkv5", "rwkv5_tiny_f32").join("model.safetensors");
+    let bytes = std::fs::read(src).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut kept: Vec<Entry> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(n, v)| change(&n, v.shape().to_vec(), v.data().to_vec()).map(|(s, d)| (n, s, d)))
+        .collect();
+    kept.extend(extra);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = kept
+        .iter()
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    let out = dir.path().join("model.safetensors");
+    safetensors::serialize_to_file(views, None, &out).unwrap();
+    out
+}
+
+fn load_err(path: &std::path::Path) -> String {
+    let ckpt = gyre::loader::Checkpoint::open(path, |_, _| {}).unwrap();
+    match gyre::models::load(&ckpt) {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn wrong_shapes_and_other_rwkv_versions_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = rewritten(
+        &dir,
+        |n, s, d| {
+            if n == "blocks.1.att.key.weight" {
+                Some((vec![s[0] - 1, s[1]], d[..(s[0] - 1) * s[1] * 4].to_vec()))
+            } else {
+                Some((s, d))
+            }
+        },
+        vec![],
+    );
+    let err = load_err(&bad);
+    assert!(
+        err.contains("blocks.1.att.key.weight") && err.contains("shape"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let v4 = rewritten(&dir, |n, s, d| (!n.contains("ln_x")).then_some((s, d)), vec![]);
+    assert!(load_err(&v4).contains("unsupported RWKV version 4"));
+
+    // RWKV-6 is recognised by its time_maa_* tensors.
+    let dir = tempfile::tempdir().unwrap();
+    let maa = (
+        "blocks.0.att.time_maa_x".to_string(),
+        vec![1, 1, 128],
+        vec![0u8; 128 * 4],
+    );
+    let v6 = rewritten(&dir, |_, s, d| Some((s, d)), vec![maa]);
+    let err = load_err(&v6);
+    assert!(err.contains("unsupported RWKV version 6"), "{err}");
+}
