@@ -417,27 +417,7 @@ impl Griffin {
         batch: &mut [SeqInput<'_>],
         out: &mut [f32],
     ) -> Result<()> {
-        let (h, hd, kvd) = (self.heads, self.head_dim, self.kv_dim());
-        let (mut q, mut kk, mut vv) = (
-            vec![0f32; rows * h * hd],
-            vec![0f32; rows * kvd],
-            vec![0f32; rows * kvd],
-        );
-        linear(normed, rows, &att.q, &mut q);
-        linear(normed, rows, &att.k, &mut kk);
-        linear(normed, rows, &att.v, &mut vv);
-        for seg in segs {
-            for i in 0..seg.len {
-                let r = seg.row + i;
-                k::rope_half_split(
-                    &mut q[r * h * hd..(r + 1) * h * hd],
-                    hd,
-                    seg.pos + i,
-                    &self.inv_freq,
-                );
-                k::rope_half_split(&mut kk[r * kvd..(r + 1) * kvd], hd, seg.pos + i, &self.inv_freq);
-            }
-        }
+        let (h, hd) = (self.heads, self.head_dim);
         let dims = AttnDims {
             heads: h,
             kv_heads: self.kv_heads,
@@ -445,28 +425,28 @@ impl Griffin {
             scale: 1.0 / (hd as f32).sqrt(),
         };
         let window = self.window;
+        let mut caches = Vec::with_capacity(batch.len());
+        for seq in batch.iter_mut() {
+            caches.push(&mut self.griffin_state(seq.state)?.kv);
+        }
         let mut attn = vec![0f32; rows * h * hd];
-        for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
-            let st = self.griffin_state(seq.state)?;
-            let o = &mut attn[seg.row * h * hd..(seg.row + seg.len) * h * hd];
-            layers::attend_chunk(
-                dims,
-                &q,
-                &kk,
-                &vv,
-                *seg,
-                &st.kv,
-                att.kv_index,
-                |p| p.saturating_sub(window),
-                o,
-            );
-        }
-        for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
-            let span = seg.row * kvd..(seg.row + seg.len) * kvd;
-            self.griffin_state(seq.state)?
-                .kv
-                .write(att.kv_index, &kk[span.clone()], &vv[span]);
-        }
+        let w = layers::QkvWeights {
+            q: &att.q,
+            k: &att.k,
+            v: &att.v,
+        };
+        let first_visible = |p: usize| p.saturating_sub(window);
+        layers::rope_attention(
+            dims,
+            w,
+            &self.inv_freq,
+            normed,
+            segs,
+            &mut caches,
+            att.kv_index,
+            first_visible,
+            &mut attn,
+        );
         layers::linear_bias(&attn, rows, &att.o, Some(&att.o_b), out);
         Ok(())
     }
@@ -531,17 +511,15 @@ impl Model for Griffin {
             st.pos += seg.len;
             st.kv.advance(seg.len);
         }
-        let sel = layers::pick_rows(&x, c, &segs, which);
-        let n = sel.len() / c;
-        let mut sel_normed = vec![0f32; sel.len()];
-        k::rmsnorm_gemma(&sel, &self.final_norm, self.eps, &mut sel_normed);
-        let v = self.info.vocab_size;
-        let mut logits = vec![0f32; n * v];
-        linear(&sel_normed, n, &self.head, &mut logits);
+        let norm = |x: &[f32], out: &mut [f32]| k::rmsnorm_gemma(x, &self.final_norm, self.eps, out);
+        let mut logits = layers::head_logits(&x, c, &segs, which, norm, &self.head);
         let cap = self.soft_cap;
         if cap > 0.0 {
-            logits.iter_mut().for_each(|l| *l = cap * (*l / cap).tanh());
+            logits
+                .iter_mut()
+                .flatten()
+                .for_each(|l| *l = cap * (*l / cap).tanh());
         }
-        Ok(layers::split_logits(logits, v, &segs, which))
+        Ok(logits)
     }
 }

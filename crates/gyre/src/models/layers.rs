@@ -141,3 +141,74 @@ pub fn linear_bias(x: &[f32], rows: usize, w: &Matrix, b: Option<&[f32]>, out: &
         }
     }
 }
+
+/// The projections of one attention layer (nn.Linear layout): q [H·hd, C], k / v [KV·hd, C].
+pub struct QkvWeights<'a> {
+    pub q: &'a Matrix,
+    pub k: &'a Matrix,
+    pub v: &'a Matrix,
+}
+
+/// One rotary attention layer over a batch: projects q/k/v from `normed` [rows, C], rotates
+/// the first `2·inv_freq.len()` dims of each head at every row's position (half-split RoPE),
+/// attends each sequence's chunk over its cache (keys `first_visible(p) ..= p`), then appends
+/// the chunk's keys/values to the caches. `caches[i]` belongs to `segs[i]`; `attn` is
+/// [rows, H·hd].
+#[allow(clippy::too_many_arguments)]
+pub fn rope_attention(
+    dims: AttnDims,
+    w: QkvWeights<'_>,
+    inv_freq: &[f32],
+    normed: &[f32],
+    segs: &[Segment],
+    caches: &mut [&mut KvCache],
+    layer: usize,
+    first_visible: impl Fn(usize) -> usize + Sync + Copy,
+    attn: &mut [f32],
+) {
+    let rows = normed.len() / w.q.cols();
+    let (h, hd) = (dims.heads, dims.head_dim);
+    let kvd = dims.kv_heads * hd;
+    let (mut q, mut kk, mut vv) = (
+        vec![0f32; rows * h * hd],
+        vec![0f32; rows * kvd],
+        vec![0f32; rows * kvd],
+    );
+    k::linear(normed, rows, w.q, &mut q);
+    k::linear(normed, rows, w.k, &mut kk);
+    k::linear(normed, rows, w.v, &mut vv);
+    for seg in segs {
+        for i in 0..seg.len {
+            let r = seg.row + i;
+            k::rope_half_split(&mut q[r * h * hd..(r + 1) * h * hd], hd, seg.pos + i, inv_freq);
+            k::rope_half_split(&mut kk[r * kvd..(r + 1) * kvd], hd, seg.pos + i, inv_freq);
+        }
+    }
+    for (seg, cache) in segs.iter().zip(caches.iter()) {
+        let out = &mut attn[seg.row * h * hd..(seg.row + seg.len) * h * hd];
+        attend_chunk(dims, &q, &kk, &vv, *seg, cache, layer, first_visible, out);
+    }
+    for (seg, cache) in segs.iter().zip(caches.iter_mut()) {
+        let span = seg.row * kvd..(seg.row + seg.len) * kvd;
+        cache.write(layer, &kk[span.clone()], &vv[span]);
+    }
+}
+
+/// Final norm and output head over the rows whose logits are wanted, split per sequence.
+pub fn head_logits(
+    x: &[f32],
+    c: usize,
+    segs: &[Segment],
+    which: Logits,
+    norm: impl Fn(&[f32], &mut [f32]),
+    head: &Matrix,
+) -> Vec<Vec<f32>> {
+    let sel = pick_rows(x, c, segs, which);
+    let n = sel.len() / c;
+    let mut normed = vec![0f32; sel.len()];
+    norm(&sel, &mut normed);
+    let v = head.rows();
+    let mut logits = vec![0f32; n * v];
+    k::linear(&normed, n, head, &mut logits);
+    split_logits(logits, v, segs, which)
+}

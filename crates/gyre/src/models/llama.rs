@@ -156,7 +156,7 @@ impl Model for Llama {
             positions.push(self.cache(seq.state)?.len());
         }
         let (segments, rows) = layers::segments(batch, |i| positions[i]);
-        let (c, hd, h, kvd) = (self.info.hidden_size, self.head_dim, self.heads, self.kv_dim());
+        let (c, hd, h) = (self.info.hidden_size, self.head_dim, self.heads);
         let dims = AttnDims {
             heads: h,
             kv_heads: self.kv_heads,
@@ -171,41 +171,32 @@ impl Model for Llama {
         layers::gather_embeddings(batch, &self.embed, 1.0, &mut x);
         let f = self.layers.first().map_or(0, |l| l.gate.rows());
         let mut normed = vec![0f32; rows * c];
-        let (mut q, mut kk, mut vv) = (
-            vec![0f32; rows * h * hd],
-            vec![0f32; rows * kvd],
-            vec![0f32; rows * kvd],
-        );
         let mut attn = vec![0f32; rows * h * hd];
         let mut proj = vec![0f32; rows * c];
         let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
 
         for (li, layer) in self.layers.iter().enumerate() {
             k::rmsnorm(&x, &layer.attn_norm, self.eps, &mut normed);
-            linear(&normed, rows, &layer.q, &mut q);
-            linear(&normed, rows, &layer.k, &mut kk);
-            linear(&normed, rows, &layer.v, &mut vv);
-            for seg in &segments {
-                for i in 0..seg.len {
-                    let r = seg.row + i;
-                    k::rope_half_split(
-                        &mut q[r * h * hd..(r + 1) * h * hd],
-                        hd,
-                        seg.pos + i,
-                        &self.inv_freq,
-                    );
-                    k::rope_half_split(&mut kk[r * kvd..(r + 1) * kvd], hd, seg.pos + i, &self.inv_freq);
-                }
-            }
-            for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
-                let cache = self.cache(seq.state)?;
-                let out = &mut attn[seg.row * h * hd..(seg.row + seg.len) * h * hd];
-                layers::attend_chunk(dims, &q, &kk, &vv, *seg, cache, li, first_visible, out);
-            }
-            for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
-                let span = seg.row * kvd..(seg.row + seg.len) * kvd;
-                self.cache(seq.state)?.write(li, &kk[span.clone()], &vv[span]);
-            }
+            let mut caches = batch
+                .iter_mut()
+                .map(|s| self.cache(s.state))
+                .collect::<Result<Vec<_>>>()?;
+            let w = layers::QkvWeights {
+                q: &layer.q,
+                k: &layer.k,
+                v: &layer.v,
+            };
+            layers::rope_attention(
+                dims,
+                w,
+                &self.inv_freq,
+                &normed,
+                &segments,
+                &mut caches,
+                li,
+                first_visible,
+                &mut attn,
+            );
             linear(&attn, rows, &layer.o, &mut proj);
             k::add_assign(&mut x, &proj);
 
@@ -220,14 +211,7 @@ impl Model for Llama {
             self.cache(seq.state)?.advance(seg.len);
         }
 
-        // Final norm and head over the rows whose logits are wanted.
-        let sel = layers::pick_rows(&x, c, &segments, which);
-        let n = sel.len() / c;
-        let mut sel_normed = vec![0f32; sel.len()];
-        k::rmsnorm(&sel, &self.norm, self.eps, &mut sel_normed);
-        let v = self.info.vocab_size;
-        let mut logits = vec![0f32; n * v];
-        linear(&sel_normed, n, &self.lm_head, &mut logits);
-        Ok(layers::split_logits(logits, v, &segments, which))
+        let norm = |x: &[f32], out: &mut [f32]| k::rmsnorm(x, &self.norm, self.eps, out);
+        Ok(layers::head_logits(&x, c, &segments, which, norm, &self.lm_head))
     }
 }

@@ -422,13 +422,7 @@ impl Model for Rwkv5 {
         for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
             self.rwkv_state(seq.state)?.pos += seg.len;
         }
-        let sel = layers::pick_rows(&x, c, &segs, which);
-        let picked = sel.len() / c;
-        let mut sel_normed = vec![0f32; sel.len()];
-        k::layernorm(&sel, &self.ln_out.0, &self.ln_out.1, LN_EPS, &mut sel_normed);
-        let v = self.info.vocab_size;
-        let mut logits = vec![0f32; picked * v];
-        linear(&sel_normed, picked, &self.head, &mut logits);
-        Ok(layers::split_logits(logits, v, &segs, which))
+        let norm = |x: &[f32], out: &mut [f32]| k::layernorm(x, &self.ln_out.0, &self.ln_out.1, LN_EPS, out);
+        Ok(layers::head_logits(&x, c, &segs, which, norm, &self.head))
     }
 }
