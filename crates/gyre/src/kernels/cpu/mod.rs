@@ -45,6 +45,22 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
         // A few large contiguous blocks per thread keep each core's hardware prefetcher on
         // one long stream.
         let block = n_out.div_ceil(rayon::current_num_threads() * 4).max(ROW_BLOCK);
+        #[cfg(target_arch = "x86_64")]
+        if let Rows::Dense(TensorData::BF16(s)) = &data {
+            if simd::has_avx512bw() {
+                let mut xp = Vec::with_capacity(n_in);
+                simd::permute_for_unpack(x, &mut xp);
+                let bits: &[u16] = bytemuck::cast_slice(s);
+                out.par_chunks_mut(block).enumerate().for_each(|(b, chunk)| {
+                    for (j, o) in chunk.iter_mut().enumerate() {
+                        let start = (b * block + j) * n_in;
+                        // SAFETY: AVX-512F/BW are present (checked); xp has the row's length.
+                        *o = unsafe { simd::dot_bf16_unpacked_avx512(&bits[start..start + n_in], &xp) };
+                    }
+                });
+                return;
+            }
+        }
         out.par_chunks_mut(block).enumerate().for_each(|(b, chunk)| {
             for (j, o) in chunk.iter_mut().enumerate() {
                 let r = b * block + j;
@@ -154,6 +170,28 @@ mod tests {
                 (s as f32 / u32::MAX as f32) * 2.0 - 1.0
             })
             .collect()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn unpacked_bf16_dot_matches_the_plain_one() {
+        if !simd::has_avx512bw() {
+            return; // nothing to compare on this CPU
+        }
+        let w: Vec<half::bf16> = pseudo(300, 3).iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let x = pseudo(300, 5);
+        for n in [0, 1, 31, 32, 33, 64, 65, 100, 300] {
+            let mut xp = Vec::new();
+            simd::permute_for_unpack(&x[..n], &mut xp);
+            let bits: &[u16] = bytemuck::cast_slice(&w[..n]);
+            // SAFETY: AVX-512BW checked above; lengths equal.
+            let got = unsafe { simd::dot_bf16_unpacked_avx512(bits, &xp) };
+            let want = dot_bf16(&w[..n], &x[..n]);
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "n={n}: {got} vs {want}"
+            );
+        }
     }
 
     #[test]
