@@ -122,7 +122,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     println!("achieved read:    {:.2} GB/s", r.achieved_read_gbs);
     println!(
-        "machine read:     {:.2} GB/s (sum over 1 GiB, best of 5, same run)",
+        "machine read:     {:.2} GB/s (sum over 1 GiB, median of 5, same run)",
         r.machine_read_gbs
     );
     println!("bandwidth ratio:  {:.1}%", r.bandwidth_ratio * 100.0);

@@ -90,7 +90,7 @@ pub(crate) struct ModelArgs {
     /// Worker threads for the kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Quantize the weight matrices at load (q8: int8 in groups of 32 with f32 scales).
+    /// Quantize the weight matrices at load (int8 or 4-bit in groups of 32, an f32 scale each).
     #[arg(long, value_enum)]
     pub quant: Option<QuantArg>,
 }
@@ -99,12 +99,14 @@ pub(crate) struct ModelArgs {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum QuantArg {
     Q8,
+    Q4,
 }
 
 impl QuantArg {
     pub(crate) fn quant(self) -> gyre::tensor::Quant {
         match self {
             QuantArg::Q8 => gyre::tensor::Quant::Q8,
+            QuantArg::Q4 => gyre::tensor::Quant::Q4,
         }
     }
 }

@@ -6,7 +6,7 @@
 
 pub mod quant;
 
-pub use quant::{Matrix, Q8Matrix, Quant};
+pub use quant::{Matrix, QMatrix, Quant};
 
 use std::fmt;
 use std::sync::Arc;

@@ -1,9 +1,14 @@
 //! Quantized weight matrices, made at load time from a stored-dtype [`Tensor`].
 //!
-//! Q8 format: each row is split into groups of [`Q8_GROUP`] columns; a group stores one f32
-//! scale `s = max|w| / 127` and its values as `round(w / s)` in int8 (round half away from
-//! zero), so `w ≈ s · q`. A matrix of R×C takes `R·C + 4·R·⌈C/32⌉` bytes (≈ 1.125 bytes per
-//! weight), against 2 for bf16. Products dequantize in registers and accumulate in f32.
+//! Both formats split each row into groups of [`GROUP`] columns with one f32 scale per group
+//! and round to nearest (half away from zero); products dequantize in registers and
+//! accumulate in f32.
+//!
+//! - **Q8**: `s = max|w| / 127`, values `q = round(w / s)` as int8 (one byte each):
+//!   ≈ 1.125 bytes per weight.
+//! - **Q4**: `s = max|w| / 7`, values `q = round(w / s) ∈ [−7, 7]` stored as `q + 8` in a
+//!   nibble; byte j of a group holds element j in its low nibble and element j + 16 in its
+//!   high nibble: ≈ 0.625 bytes per weight.
 
 use std::sync::Arc;
 
@@ -11,14 +16,16 @@ use rayon::prelude::*;
 
 use super::Tensor;
 
-/// Columns per Q8 scale.
-pub const Q8_GROUP: usize = 32;
+/// Columns per scale.
+pub const GROUP: usize = 32;
 
 /// Quantization applied to weight matrices at load time.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Quant {
-    /// Group-wise int8 with f32 scales (see the module docs).
+    /// Group-wise int8 (see the module docs).
     Q8,
+    /// Group-wise 4-bit (see the module docs).
+    Q4,
 }
 
 impl Quant {
@@ -26,87 +33,130 @@ impl Quant {
     pub fn name(self) -> &'static str {
         match self {
             Quant::Q8 => "q8",
+            Quant::Q4 => "q4",
         }
+    }
+
+    /// Largest quantized magnitude.
+    fn qmax(self) -> f32 {
+        match self {
+            Quant::Q8 => 127.0,
+            Quant::Q4 => 7.0,
+        }
+    }
+
+    /// Bytes of values (without scales) for a row of `cols` columns.
+    pub fn value_bytes(self, cols: usize) -> usize {
+        match self {
+            Quant::Q8 => cols,
+            Quant::Q4 => cols.div_ceil(GROUP) * GROUP / 2,
+        }
+    }
+
+    /// Bytes of a quantized R×C matrix, scales included.
+    pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
+        rows * (self.value_bytes(cols) + 4 * cols.div_ceil(GROUP))
     }
 }
 
-/// A row-major R×C matrix in the Q8 format.
+/// A row-major R×C matrix in one of the [`Quant`] formats.
 #[derive(Debug)]
-pub struct Q8Matrix {
+pub struct QMatrix {
+    quant: Quant,
     rows: usize,
     cols: usize,
     /// [rows, ⌈cols/32⌉] scales
     scales: Vec<f32>,
-    /// [rows, cols] quantized values
-    qs: Vec<i8>,
+    /// [rows, value_bytes(cols)] quantized values
+    values: Vec<u8>,
 }
 
-impl Q8Matrix {
+impl QMatrix {
     /// Quantizes a 2-D tensor, row by row in parallel.
-    pub fn quantize(t: &Tensor) -> Q8Matrix {
+    pub fn quantize(t: &Tensor, quant: Quant) -> QMatrix {
         let (rows, cols) = (t.shape()[0], t.shape()[1]);
-        let gpr = cols.div_ceil(Q8_GROUP);
+        let (gpr, vpr) = (cols.div_ceil(GROUP), quant.value_bytes(cols));
         let mut scales = vec![0f32; rows * gpr];
-        let mut qs = vec![0i8; rows * cols];
+        let mut values = vec![0u8; rows * vpr];
         let data = t.data();
-        qs.par_chunks_mut(cols)
-            .zip(scales.par_chunks_mut(gpr))
+        values
+            .par_chunks_mut(vpr.max(1))
+            .zip(scales.par_chunks_mut(gpr.max(1)))
             .enumerate()
             .for_each_init(
                 || vec![0f32; cols],
-                |row, (r, (q, s))| {
+                |row, (r, (v, s))| {
                     data.row_to_f32(r * cols, row);
-                    for (g, (qg, wg)) in q.chunks_mut(Q8_GROUP).zip(row.chunks(Q8_GROUP)).enumerate() {
+                    for (g, wg) in row.chunks(GROUP).enumerate() {
                         let amax = wg.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        let scale = amax / 127.0;
+                        let scale = amax / quant.qmax();
                         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
                         s[g] = scale;
-                        for (qv, &w) in qg.iter_mut().zip(wg) {
-                            *qv = (w * inv).round().clamp(-127.0, 127.0) as i8;
+                        let q = |w: f32| (w * inv).round().clamp(-quant.qmax(), quant.qmax()) as i32;
+                        match quant {
+                            Quant::Q8 => {
+                                for (j, &w) in wg.iter().enumerate() {
+                                    v[g * GROUP + j] = q(w) as i8 as u8;
+                                }
+                            }
+                            Quant::Q4 => {
+                                let bytes = &mut v[g * GROUP / 2..(g + 1) * GROUP / 2];
+                                for (j, &w) in wg.iter().enumerate() {
+                                    let nib = (q(w) + 8) as u8;
+                                    bytes[j % 16] |= if j < 16 { nib } else { nib << 4 };
+                                }
+                                // Missing elements of a partial group decode to 0 (nibble 8).
+                                for j in wg.len()..GROUP {
+                                    bytes[j % 16] |= if j < 16 { 8 } else { 8 << 4 };
+                                }
+                            }
                         }
                     }
                 },
             );
-        Q8Matrix {
+        QMatrix {
+            quant,
             rows,
             cols,
             scales,
-            qs,
+            values,
         }
     }
 
-    /// Rows.
-    pub fn rows(&self) -> usize {
-        self.rows
+    /// The format.
+    pub fn quant(&self) -> Quant {
+        self.quant
     }
 
-    /// Columns.
-    pub fn cols(&self) -> usize {
-        self.cols
-    }
-
-    /// Scales and values of row `r`.
-    pub fn row(&self, r: usize) -> (&[f32], &[i8]) {
-        let gpr = self.cols.div_ceil(Q8_GROUP);
+    /// Scales and value bytes of row `r`.
+    pub fn row(&self, r: usize) -> (&[f32], &[u8]) {
+        let (gpr, vpr) = (self.cols.div_ceil(GROUP), self.quant.value_bytes(self.cols));
         (
             &self.scales[r * gpr..(r + 1) * gpr],
-            &self.qs[r * self.cols..(r + 1) * self.cols],
+            &self.values[r * vpr..(r + 1) * vpr],
         )
     }
 
     /// Row `r` dequantized into `out` [cols].
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let (scales, qs) = self.row(r);
-        for ((o, q), s) in out.chunks_mut(Q8_GROUP).zip(qs.chunks(Q8_GROUP)).zip(scales) {
-            for (ov, &qv) in o.iter_mut().zip(q) {
-                *ov = qv as f32 * s;
+        let (scales, values) = self.row(r);
+        for (g, (o, &s)) in out.chunks_mut(GROUP).zip(scales).enumerate() {
+            for (j, ov) in o.iter_mut().enumerate() {
+                let q = match self.quant {
+                    Quant::Q8 => values[g * GROUP + j] as i8 as i32,
+                    Quant::Q4 => {
+                        let b = values[g * GROUP / 2 + j % 16];
+                        (if j < 16 { b & 0x0F } else { b >> 4 }) as i32 - 8
+                    }
+                };
+                *ov = q as f32 * s;
             }
         }
     }
 
     /// Bytes of storage.
     pub fn nbytes(&self) -> usize {
-        self.qs.len() + self.scales.len() * 4
+        self.values.len() + self.scales.len() * 4
     }
 }
 
@@ -116,7 +166,7 @@ pub enum Matrix {
     /// F32 / F16 / BF16 as stored (memory-mapped).
     Dense(Tensor),
     /// Quantized at load.
-    Q8(Arc<Q8Matrix>),
+    Quantized(Arc<QMatrix>),
 }
 
 impl Matrix {
@@ -124,7 +174,7 @@ impl Matrix {
     pub fn new(t: Tensor, quant: Option<Quant>) -> Matrix {
         match quant {
             None => Matrix::Dense(t),
-            Some(Quant::Q8) => Matrix::Q8(Arc::new(Q8Matrix::quantize(&t))),
+            Some(q) => Matrix::Quantized(Arc::new(QMatrix::quantize(&t, q))),
         }
     }
 
@@ -132,7 +182,7 @@ impl Matrix {
     pub fn rows(&self) -> usize {
         match self {
             Matrix::Dense(t) => t.shape()[0],
-            Matrix::Q8(q) => q.rows,
+            Matrix::Quantized(q) => q.rows,
         }
     }
 
@@ -140,7 +190,7 @@ impl Matrix {
     pub fn cols(&self) -> usize {
         match self {
             Matrix::Dense(t) => t.shape()[1],
-            Matrix::Q8(q) => q.cols,
+            Matrix::Quantized(q) => q.cols,
         }
     }
 
@@ -148,7 +198,7 @@ impl Matrix {
     pub fn nbytes(&self) -> usize {
         match self {
             Matrix::Dense(t) => t.nbytes(),
-            Matrix::Q8(q) => q.nbytes(),
+            Matrix::Quantized(q) => q.nbytes(),
         }
     }
 }
@@ -158,24 +208,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn q8_round_trip_error_is_within_half_a_step() {
+    fn round_trip_error_is_within_half_a_step_for_both_formats() {
         let (rows, cols) = (3, 70); // a partial last group
         let v: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
-        let q = Q8Matrix::quantize(&Tensor::from_f32(&v, vec![rows, cols]));
-        assert_eq!(q.nbytes(), rows * cols + rows * 3 * 4);
-        let mut back = vec![0f32; cols];
-        for r in 0..rows {
-            q.row_to_f32(r, &mut back);
-            let (scales, _) = q.row(r);
-            for (c, &b) in back.iter().enumerate() {
-                let step = scales[c / Q8_GROUP];
-                assert!((b - v[r * cols + c]).abs() <= step * 0.5 + 1e-6);
+        for quant in [Quant::Q8, Quant::Q4] {
+            let q = QMatrix::quantize(&Tensor::from_f32(&v, vec![rows, cols]), quant);
+            assert_eq!(q.nbytes(), quant.matrix_bytes(rows, cols));
+            let mut back = vec![0f32; cols];
+            for r in 0..rows {
+                q.row_to_f32(r, &mut back);
+                let (scales, _) = q.row(r);
+                for (c, &b) in back.iter().enumerate() {
+                    let step = scales[c / GROUP];
+                    assert!(
+                        (b - v[r * cols + c]).abs() <= step * 0.5 + 1e-6,
+                        "{quant:?} r={r} c={c}"
+                    );
+                }
             }
+            let zeros = QMatrix::quantize(&Tensor::from_f32(&[0.0; 40], vec![1, 40]), quant);
+            zeros.row_to_f32(0, &mut back[..40]);
+            assert!(back[..40].iter().all(|&x| x == 0.0));
         }
-        let zeros = Q8Matrix::quantize(&Tensor::from_f32(&[0.0; 40], vec![1, 40]));
-        zeros.row_to_f32(0, &mut back[..40]);
-        assert!(back[..40].iter().all(|&x| x == 0.0));
+        assert_eq!(Quant::Q4.matrix_bytes(1, 64), 32 + 8);
     }
 }

@@ -80,6 +80,34 @@ pub fn dot_q8_portable(scales: &[f32], q: &[i8], x: &[f32]) -> f32 {
         .sum()
 }
 
+/// Σ over groups of 32: scale · Σ (nibble − 8)·x, for one Q4 row (`scales` [⌈n/32⌉],
+/// `values` [16 per group], `x` [n]; see `tensor::quant` for the layout).
+#[inline]
+pub fn dot_q4(scales: &[f32], values: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd::{self, Level};
+        if simd::level() == Level::Avx512 && values.len() == scales.len() * 16 && x.len() <= scales.len() * 32
+        {
+            // SAFETY: AVX-512F is supported (checked) and the lengths are as required.
+            return unsafe { simd::dot_q4_avx512(scales, values, x) };
+        }
+    }
+    dot_q4_portable(scales, values, x)
+}
+
+/// Portable Q4 dot (the reference for the SIMD version).
+pub fn dot_q4_portable(scales: &[f32], values: &[u8], x: &[f32]) -> f32 {
+    x.chunks(32)
+        .zip(values.chunks(16))
+        .zip(scales)
+        .map(|((xg, b), s)| {
+            let q = |j: usize| (if j < 16 { b[j] & 0x0F } else { b[j - 16] >> 4 }) as f32 - 8.0;
+            s * xg.iter().enumerate().map(|(j, v)| q(j) * v).sum::<f32>()
+        })
+        .sum()
+}
+
 /// Portable bf16 dot (the reference for the SIMD versions).
 pub fn dot_bf16_portable(w: &[u16], x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
@@ -194,6 +222,22 @@ mod tests {
                 dot_q8(&scales, &q[..n], &x[..n]),
                 dot_q8_portable(&scales, &q[..n], &x[..n]),
             );
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "n={n}: {got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn q4_dot_matches_portable_and_dequantized() {
+        let x: Vec<f32> = (0..200).map(|i| ((i * 53 % 97) as f32 - 48.0) / 31.0).collect();
+        let values: Vec<u8> = (0..112u32).map(|i| (i * 37 % 256) as u8).collect();
+        for n in [1usize, 16, 31, 32, 33, 64, 100, 200] {
+            let groups = n.div_ceil(32);
+            let scales: Vec<f32> = (0..groups).map(|g| 0.02 + g as f32 * 0.005).collect();
+            let v = &values[..groups * 16];
+            let (got, want) = (dot_q4(&scales, v, &x[..n]), dot_q4_portable(&scales, v, &x[..n]));
             assert!(
                 (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
                 "n={n}: {got} vs {want}"

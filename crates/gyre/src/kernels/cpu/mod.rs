@@ -9,12 +9,12 @@ pub mod ops;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 
-pub use dot::{dot, dot_4x4, dot_bf16, dot_f16, dot_q8, dot_scalar};
+pub use dot::{dot, dot_4x4, dot_bf16, dot_f16, dot_q4, dot_q8, dot_scalar};
 pub use ops::*;
 
 use rayon::prelude::*;
 
-use crate::tensor::{Matrix, Q8Matrix, Tensor, TensorData};
+use crate::tensor::{Matrix, QMatrix, Quant, Tensor, TensorData};
 
 /// Rows of the weight matrix handled by one parallel task.
 const ROW_BLOCK: usize = 16;
@@ -22,7 +22,7 @@ const ROW_BLOCK: usize = 16;
 /// Where a matrix's rows come from.
 enum Rows<'a> {
     Dense(TensorData<'a>),
-    Q8(&'a Q8Matrix),
+    Quantized(&'a QMatrix),
 }
 
 /// `out[t, o] = Σ_i x[t, i] · w[o, i]` for `t < n_rows`.
@@ -38,7 +38,7 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
     }
     let data = match w {
         Matrix::Dense(t) => Rows::Dense(t.data()),
-        Matrix::Q8(q) => Rows::Q8(q),
+        Matrix::Quantized(q) => Rows::Quantized(q),
     };
     if n_rows == 1 {
         // Decode: stream each weight row once, widening in registers.
@@ -69,9 +69,12 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
                     Rows::Dense(TensorData::F32(s)) => dot(&s[start..start + n_in], x),
                     Rows::Dense(TensorData::BF16(s)) => dot_bf16(&s[start..start + n_in], x),
                     Rows::Dense(TensorData::F16(s)) => dot_f16(&s[start..start + n_in], x),
-                    Rows::Q8(q) => {
-                        let (scales, qs) = q.row(r);
-                        dot_q8(scales, qs, x)
+                    Rows::Quantized(q) => {
+                        let (scales, values) = q.row(r);
+                        match q.quant() {
+                            Quant::Q8 => dot_q8(scales, bytemuck::cast_slice(values), x),
+                            Quant::Q4 => dot_q4(scales, values, x),
+                        }
                     }
                 };
             }
@@ -97,7 +100,7 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
                     let r = b * ROW_BLOCK + j;
                     block.push(match &data {
                         Rows::Dense(d) => weight_row(d, r * n_in, n_in, head),
-                        Rows::Q8(q) => {
+                        Rows::Quantized(q) => {
                             q.row_to_f32(r, head);
                             &*head
                         }

@@ -301,3 +301,46 @@ pub unsafe fn dot_bf16_unpacked_avx512(w: &[u16], xp: &[f32]) -> f32 {
     }
     s
 }
+
+/// Σ over groups of 32: scale · Σ (nibble − 8)·x, AVX-512 (layout in `tensor::quant`).
+///
+/// # Safety
+/// The CPU must support AVX-512F; `values.len() == 16·scales.len()` and
+/// `x.len() <= 32·scales.len()`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn dot_q4_avx512(scales: &[f32], values: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let full = n / 32;
+    let (vp, xp) = (values.as_ptr(), x.as_ptr());
+    let low = _mm_set1_epi8(0x0F);
+    let eight = _mm512_set1_epi32(8);
+    let mut total = _mm512_setzero_ps();
+    // SAFETY: group g reads value bytes 16g .. 16g+16 and x elements 32g .. 32g+32 <= n.
+    for (g, &scale) in scales.iter().enumerate().take(full) {
+        let b = _mm_loadu_si128(vp.add(16 * g) as *const __m128i);
+        let lo = _mm_and_si128(b, low);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+        let q0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(lo), eight));
+        let q1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(hi), eight));
+        let i = 32 * g;
+        let s = _mm512_fmadd_ps(
+            q1,
+            _mm512_loadu_ps(xp.add(i + 16)),
+            _mm512_mul_ps(q0, _mm512_loadu_ps(xp.add(i))),
+        );
+        total = _mm512_fmadd_ps(_mm512_set1_ps(scale), s, total);
+    }
+    let mut sum = _mm512_reduce_add_ps(total);
+    if full * 32 < n {
+        let b = &values[16 * full..16 * full + 16];
+        let part: f32 = (full * 32..n)
+            .map(|i| {
+                let j = i - full * 32;
+                let q = if j < 16 { b[j] & 0x0F } else { b[j - 16] >> 4 };
+                (q as f32 - 8.0) * x[i]
+            })
+            .sum();
+        sum += scales[full] * part;
+    }
+    sum
+}
