@@ -4,71 +4,16 @@
 //! SOLAR-instruct chat template; `expected.json` holds HF transformers' greedy continuations
 //! and logits for it (made by `tools/make_chat_fixture.py`).
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
+
+use common::*;
+
+use std::path::Path;
 
 use serde_json::Value;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn tiny() -> PathBuf {
-    fixtures().join("tiny_chat")
-}
-
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
-}
-
-fn gyre(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gyre"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "gyre failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// Runs gyre expecting failure; returns stderr after checking it is a clean error.
-fn fails(args: &[&str], stdin: &[u8]) -> String {
-    let out = gyre(args, stdin);
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "expected failure for {args:?}, got success"
-    );
-    assert!(
-        err.lines().any(|l| l.starts_with("error: ")),
-        "stderr should hold an error message: {err}"
-    );
-    assert!(!err.contains("panicked"), "gyre panicked: {err}");
-    err
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 #[test]
@@ -430,13 +375,6 @@ fn unknown_architectures_and_bad_configs_are_named() {
     );
 }
 
-fn gyre_fixture(family: &str, case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../gyre/tests/fixtures")
-        .join(family)
-        .join(case)
-}
-
 fn logits_rows(out: &str) -> Vec<Vec<f32>> {
     let v: Value = serde_json::from_str(out).unwrap();
     v["logits"]
@@ -653,40 +591,6 @@ fn world_tokenizer_is_available_without_a_model() {
         b"",
     ));
     assert_eq!(back, " \n\n\n\n");
-}
-
-/// A word-level tokenizer.json of `n` entries with Gemma's special tokens at their ids.
-fn word_tokenizer(n: usize) -> Value {
-    let specials = ["<pad>", "<eos>", "<bos>", "<unk>"];
-    let mut vocab = serde_json::Map::new();
-    for (i, t) in specials.iter().enumerate() {
-        vocab.insert(t.to_string(), i.into());
-    }
-    vocab.insert("<start_of_turn>".into(), 4.into());
-    vocab.insert("<end_of_turn>".into(), 5.into());
-    for i in 6..n {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let added: Vec<Value> = [
-        "<pad>",
-        "<eos>",
-        "<bos>",
-        "<unk>",
-        "<start_of_turn>",
-        "<end_of_turn>",
-    ]
-    .iter()
-    .enumerate()
-    .map(|(i, t)| {
-        serde_json::json!({"id": i, "content": t, "single_word": false, "lstrip": false,
-                               "rstrip": false, "normalized": false, "special": true})
-    })
-    .collect();
-    serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
-        "normalizer": null, "pre_tokenizer": {"type": "WhitespaceSplit"}, "post_processor": null,
-        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    })
 }
 
 #[test]

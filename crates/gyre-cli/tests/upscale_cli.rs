@@ -8,49 +8,15 @@
 //! to the residual stream. SOLAR up-scaling keeps source layers 0 and 1 as output layers 0
 //! and 1, so the 48-layer result must give the recorded reply exactly.
 
+mod common;
+
+use common::*;
+
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use serde_json::{json, Value};
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn gyre(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gyre"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child.stdin.take().unwrap().write_all(stdin).unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn ok(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "gyre failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-fn fails(args: &[&str]) -> String {
-    let out = gyre(args, b"");
-    let err = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure for {args:?}");
-    assert!(err.contains("error"), "stderr should hold an error: {err}");
-    assert!(!err.contains("panicked"), "gyre panicked: {err}");
-    err
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A small deterministic generator (xorshift) for synthetic weights.
 struct Rng(u64);
@@ -267,28 +233,34 @@ fn command_line_errors_are_clear() {
         ("0..x", "not a layer number"),
         ("", "empty"),
     ] {
-        let err = fails(&["upscale", "--model", m, "--out", o, "--layers", layers]);
+        let err = fails(&["upscale", "--model", m, "--out", o, "--layers", layers], b"");
         assert!(err.contains(says), "--layers {layers:?}: {err}");
     }
-    let err = fails(&["upscale", "--model", m, "--out", o, "--solar"]);
+    let err = fails(&["upscale", "--model", m, "--out", o, "--solar"], b"");
     assert!(err.contains("at least 4 layers"), "{err}");
-    let err = fails(&["upscale", "--model", m, "--out", o]);
+    let err = fails(&["upscale", "--model", m, "--out", o], b"");
     assert!(err.contains("--layers") && err.contains("--solar"), "{err}");
-    let err = fails(&[
-        "upscale",
-        "--model",
-        m,
-        "--out",
-        o,
-        "--layers",
-        "0..2",
-        "--shard-size",
-        "5XB",
-    ]);
+    let err = fails(
+        &[
+            "upscale",
+            "--model",
+            m,
+            "--out",
+            o,
+            "--layers",
+            "0..2",
+            "--shard-size",
+            "5XB",
+        ],
+        b"",
+    );
     assert!(err.contains("unknown unit"), "{err}");
-    let err = fails(&[
-        "upscale", "--model", m, "--out", o, "--layers", "0..2", "--dtype", "q8",
-    ]);
+    let err = fails(
+        &[
+            "upscale", "--model", m, "--out", o, "--layers", "0..2", "--dtype", "q8",
+        ],
+        b"",
+    );
     assert!(err.contains("bf16"), "{err}");
     assert!(!out.exists(), "nothing is written when the arguments are wrong");
 
@@ -297,7 +269,7 @@ fn command_line_errors_are_clear() {
         &["upscale", "--model", m, "--out", o, "--layers", "0..2,1..2"],
         b"",
     ));
-    let err = fails(&["upscale", "--model", m, "--out", o, "--layers", "0..2"]);
+    let err = fails(&["upscale", "--model", m, "--out", o, "--layers", "0..2"], b"");
     assert!(err.contains("not empty") && err.contains("--force"), "{err}");
     ok(&gyre(
         &[
@@ -321,7 +293,10 @@ fn command_line_errors_are_clear() {
         info.contains("layers:       2") && info.contains("bf16"),
         "{info}"
     );
-    let err = fails(&["upscale", "--model", m, "--out", m, "--layers", "0..2", "--force"]);
+    let err = fails(
+        &["upscale", "--model", m, "--out", m, "--layers", "0..2", "--force"],
+        b"",
+    );
     assert!(err.contains("source model's directory"), "{err}");
 }
 
