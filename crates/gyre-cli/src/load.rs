@@ -45,6 +45,11 @@ impl Loaded {
         })
     }
 
+    /// The model's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The model's tokenizer (loaded on first use): the directory's tokenizer.json, or the
     /// built-in World tokenizer for RWKV checkpoints of vocabulary 65536 that come without one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
@@ -148,4 +153,31 @@ pub fn chat_stop_ids(tokenizer: &Tokenizer) -> Vec<u32> {
         }
     }
     ids
+}
+
+/// Where the bundled RecurrentGemma demo lives: `$GYRE_DEMO_MODEL`, else `models/` next to the
+/// binary's install prefix, else the source tree the binary was built from.
+pub fn demo_model() -> Result<PathBuf> {
+    const NAME: &str = "models/demo-recurrentgemma";
+    let mut tried = Vec::new();
+    if let Some(p) = std::env::var_os("GYRE_DEMO_MODEL") {
+        tried.push(PathBuf::from(p));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        for up in exe.ancestors().skip(1).take(3) {
+            tried.push(up.join(NAME));
+        }
+    }
+    tried.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(NAME));
+    match tried.iter().find(|p| p.join("config.json").exists()) {
+        Some(p) => Ok(p.clone()),
+        None => anyhow::bail!(
+            "no --model given and the bundled demo model was not found (looked in {}); pass --model PATH",
+            tried
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }

@@ -41,6 +41,8 @@ enum Command {
     Detokenize(DetokenizeArgs),
     /// Describe a model: architecture, parameters, dtypes, weight and state bytes.
     Info(ModelArgs),
+    /// Perplexity (and tokens/s) of a model on a text file.
+    Eval(EvalArgs),
     /// Save or inspect sequence states.
     #[command(subcommand)]
     State(StateCommand),
@@ -50,6 +52,21 @@ enum Command {
     Upscale(upscale::UpscaleArgs),
     /// Measure prefill and decode speed against the machine's memory bandwidth.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A UTF-8 text file.
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per evaluation window (each window starts from a fresh state).
+    #[arg(long, default_value_t = 256)]
+    window: usize,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -79,11 +96,12 @@ pub(crate) enum Device {
     Cuda,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub(crate) struct ModelArgs {
     /// Model directory (config.json, weights, tokenizer) or a single weight file.
+    /// `generate` and `chat` use the bundled RecurrentGemma demo when it is left out.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Where to run.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
@@ -261,6 +279,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Tokenize(a) => tokenize(a),
         Command::Detokenize(a) => detokenize(a),
         Command::Info(a) => info(a),
+        Command::Eval(a) => eval(a),
         Command::State(StateCommand::Save(a)) => state_save(a),
         Command::Serve(a) => serve::run(a),
         Command::Upscale(a) => upscale::run(a),
@@ -289,7 +308,31 @@ pub(crate) fn open(args: &ModelArgs) -> Result<Loaded> {
     let opts = gyre::models::LoadOptions {
         quant: args.quant.map(QuantArg::quant),
     };
-    Loaded::open(&args.model, opts)
+    Loaded::open(&args.path()?, opts)
+}
+
+/// Like [`open`], but without `--model` it opens the bundled RecurrentGemma demo.
+fn open_or_demo(args: &ModelArgs) -> Result<Loaded> {
+    if args.model.is_some() {
+        return open(args);
+    }
+    let demo = load::demo_model()?;
+    eprintln!(
+        "note: no --model given: using the bundled RecurrentGemma demo ({})",
+        demo.display()
+    );
+    let mut with_demo = args.clone();
+    with_demo.model = Some(demo);
+    open(&with_demo)
+}
+
+impl ModelArgs {
+    /// The `--model` path, or an error saying it is needed.
+    pub(crate) fn path(&self) -> Result<PathBuf> {
+        self.model
+            .clone()
+            .context("--model PATH is required for this command")
+    }
 }
 
 fn read_stdin_text() -> Result<String> {
@@ -308,7 +351,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
         Some(p) => p.clone(),
         None => read_stdin_text()?,
     };
-    let loaded = open(&a.model)?;
+    let loaded = open_or_demo(&a.model)?;
     let tokenizer = loaded.tokenizer()?;
     let mut session = Session::with_state(loaded.model.as_ref(), loaded.initial_state(a.state.as_deref())?);
     // A fresh sequence starts with the tokenizer's special tokens (BOS); a resumed one continues.
@@ -325,7 +368,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn chat(a: ChatArgs) -> Result<()> {
-    let loaded = open(&a.model)?;
+    let loaded = open_or_demo(&a.model)?;
     let tokenizer = loaded.tokenizer()?;
     let chat = loaded.chat_setup()?;
     let params = a.sampling.params(chat.stop_ids.clone(), &chat.stop_strings);
@@ -345,7 +388,7 @@ fn chat(a: ChatArgs) -> Result<()> {
     if interactive {
         eprintln!(
             "gyre chat: {} — /reset starts over, /exit quits",
-            a.model.model.display()
+            a.model.model.as_deref().unwrap_or(loaded.dir()).display()
         );
     }
     let stdin = io::stdin();
@@ -463,7 +506,7 @@ fn info(a: ModelArgs) -> Result<()> {
     let info = loaded.model.info();
     let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
     let dtypes: Vec<&str> = info.dtypes.iter().map(|d| d.name()).collect();
-    println!("model:        {}", a.model.display());
+    println!("model:        {}", a.path()?.display());
     println!("architecture: {}", info.arch.name());
     println!("layers:       {}", info.n_layers);
     println!("hidden size:  {}", info.hidden_size);
@@ -514,5 +557,31 @@ fn state_save(a: StateSaveArgs) -> Result<()> {
         session.state().bytes(),
         a.out.display()
     );
+    Ok(())
+}
+
+fn eval(a: EvalArgs) -> Result<()> {
+    let text = std::fs::read(&a.text).with_context(|| format!("cannot read {}", a.text.display()))?;
+    let text = String::from_utf8(text).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not valid UTF-8 (invalid byte at offset {})",
+            a.text.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    let loaded = open(&a.model)?;
+    let tokenizer = loaded.tokenizer()?;
+    let ids = tokenizer.encode(&text, false)?;
+    let bos = tokenizer.specials().bos.filter(|_| tokenizer.specials().add_bos);
+    let r = gyre::engine::eval::perplexity(loaded.model.as_ref(), &ids, a.window, bos)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("text:        {} ({} tokens)", a.text.display(), ids.len());
+        println!("scored:      {} tokens in windows of {}", r.scored, a.window);
+        println!("mean NLL:    {:.5} nats/token", r.mean_nll);
+        println!("perplexity:  {:.4}", r.perplexity);
+        println!("speed:       {:.1} tokens/s (prefill)", r.tokens_per_s);
+    }
     Ok(())
 }

@@ -86,11 +86,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     };
     let (engine, handle) = Engine::new(model, tokenizer, Some(format), initial, config);
     let model_id = args.model_id.clone().unwrap_or_else(|| {
-        let p = args
-            .model
-            .model
-            .canonicalize()
-            .unwrap_or_else(|_| args.model.model.clone());
+        let path = args.model.model.clone().unwrap_or_default();
+        let p = path.canonicalize().unwrap_or(path);
         let p = if p.is_file() {
             p.parent().map(PathBuf::from).unwrap_or(p)
         } else {

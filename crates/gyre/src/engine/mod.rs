@@ -1,5 +1,6 @@
 //! The generation engine: sessions (prefill, decode, sampling, stop rules).
 
+pub mod eval;
 pub mod scheduler;
 pub mod session;
 pub mod stop;
