@@ -315,9 +315,12 @@ pub fn synthetic_checkpoint(shape: &str, dtype: DType) -> Result<Checkpoint> {
 /// virtual machine a single pass now and then runs far above the sustained rate).
 pub fn read_bandwidth_gbs(reps: usize) -> f64 {
     let n = (1usize << 30) / 4;
-    let mut buf = vec![0f32; n];
-    buf.par_chunks_mut(1 << 16)
-        .for_each(|c| c.iter_mut().enumerate().for_each(|(i, v)| *v = (i & 1023) as f32));
+    // Laid out like the weights (huge pages when the kernel offers them), so the ratio
+    // compares like with like.
+    let values: Vec<f32> = (0..n).map(|i| (i & 1023) as f32).collect();
+    let t = Tensor::from_f32(&values, vec![n]);
+    drop(values);
+    let buf: &[f32] = bytemuck::cast_slice(t.raw());
     let mut times = Vec::with_capacity(reps);
     let mut sink = 0.0;
     for _ in 0..reps.max(1) {
