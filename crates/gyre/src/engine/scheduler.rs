@@ -19,9 +19,11 @@
 //!    and sends the deltas.
 //!
 //! The queue is bounded: `submit` refuses with [`SubmitError::QueueFull`] once `max_batch +
-//! max_queue` requests are running or waiting. A sequence's result never depends on what else is
-//! in the batch: every sequence has its own state, sampler and RNG, and the models compute each
-//! row of a batch independently.
+//! max_queue` requests are running or waiting. Every sequence has its own state, sampler and
+//! RNG, and the models compute each row of a batch independently; the only coupling is float
+//! summation order (a step with several rows uses the tiled matrix kernel, a step with one row
+//! the streaming dot product), which moves logits by ~1e-6 and can flip a greedy choice only at
+//! an exact tie.
 //!
 //! Prefix-state cache: after a prompt is consumed and when a sequence ends, a copy of its state
 //! (keyed by the token ids it has consumed, with the logits after the last one) is kept in an LRU
