@@ -88,27 +88,40 @@ pub fn attend_chunk(
     } = dims;
     let kvd = kv_heads * hd;
     let group = h / kv_heads;
-    out.par_chunks_mut(hd)
-        .enumerate()
-        .for_each_init(Vec::new, |scores, (idx, o)| {
-            let (i, head) = (idx / h, idx % h);
-            let g = head / group;
-            let pos = seg.pos + i;
-            let lo = first_visible(pos);
-            let qv = &q[(seg.row + i) * h * hd + head * hd..][..hd];
-            let kv = |j: usize| {
-                let p = lo + j;
-                if p >= seg.pos {
-                    let r = (seg.row + p - seg.pos) * kvd + g * hd;
-                    (&kk[r..r + hd], &vv[r..r + hd])
-                } else {
-                    let (ck, cv) = cache.get(layer, p);
-                    (&ck[g * hd..(g + 1) * hd], &cv[g * hd..(g + 1) * hd])
-                }
-            };
-            k::attend(qv, pos + 1 - lo, kv, scale, scores, o);
-        });
+    let one = |scores: &mut Vec<f32>, (idx, o): (usize, &mut [f32])| {
+        let (i, head) = (idx / h, idx % h);
+        let g = head / group;
+        let pos = seg.pos + i;
+        let lo = first_visible(pos);
+        let qv = &q[(seg.row + i) * h * hd + head * hd..][..hd];
+        let kv = |j: usize| {
+            let p = lo + j;
+            if p >= seg.pos {
+                let r = (seg.row + p - seg.pos) * kvd + g * hd;
+                (&kk[r..r + hd], &vv[r..r + hd])
+            } else {
+                let (ck, cv) = cache.get(layer, p);
+                (&ck[g * hd..(g + 1) * hd], &cv[g * hd..(g + 1) * hd])
+            }
+        };
+        k::attend(qv, pos + 1 - lo, kv, scale, scores, o);
+    };
+    // Parallel over (position, head) pairs, unless the chunk is too little work to repay a
+    // fork-join (short decode steps). Either way each pair is computed the same way.
+    let last = seg.pos + seg.len - 1;
+    let keys = last + 1 - first_visible(last);
+    if seg.len * h * keys * hd < SMALL_ATTENTION {
+        let mut scores = Vec::new();
+        out.chunks_mut(hd)
+            .enumerate()
+            .for_each(|job| one(&mut scores, job));
+    } else {
+        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, one);
+    }
 }
+
+/// Multiply-adds below which [`attend_chunk`] stays on one thread.
+const SMALL_ATTENTION: usize = 1 << 16;
 
 /// The rows whose logits are wanted, copied out of `x` [rows, C].
 pub fn pick_rows(x: &[f32], c: usize, segs: &[Segment], which: Logits) -> Vec<f32> {

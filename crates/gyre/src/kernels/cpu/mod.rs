@@ -16,6 +16,9 @@ use rayon::prelude::*;
 
 use crate::tensor::{Matrix, QMatrix, Quant, Tensor, TensorData};
 
+/// Matrices with fewer elements than this decode on one thread (a fork-join costs more).
+const SMALL_MATRIX: usize = 1 << 16;
+
 /// Rows of the weight matrix handled by one parallel task.
 const ROW_BLOCK: usize = 16;
 
@@ -43,8 +46,12 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
     if n_rows == 1 {
         // Decode: stream each weight row once, widening in registers.
         // A few large contiguous blocks per thread keep each core's hardware prefetcher on
-        // one long stream.
-        let block = n_out.div_ceil(rayon::current_num_threads() * 4).max(ROW_BLOCK);
+        // one long stream; a matrix too small to repay a fork-join runs as one block.
+        let block = if n_out * n_in < SMALL_MATRIX {
+            n_out
+        } else {
+            n_out.div_ceil(rayon::current_num_threads() * 4).max(ROW_BLOCK)
+        };
         #[cfg(target_arch = "x86_64")]
         if let Rows::Dense(TensorData::BF16(s)) = &data {
             if simd::has_avx512bw() {
