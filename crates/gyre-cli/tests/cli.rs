@@ -143,53 +143,33 @@ fn chat_handles_several_turns_and_reset() {
 #[test]
 fn logits_prefill_and_step_equal_transformers() {
     let exp = expected();
-    let tokens: Vec<String> = exp["logits_tokens"]
+    let ids: Vec<u32> = exp["logits_tokens"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v.to_string())
+        .map(|v| v.as_u64().unwrap() as u32)
         .collect();
-    let tokens = tokens.join(",");
-    let want: Vec<f64> = exp["logits_last"]
+    let want: Vec<f32> = exp["logits_last"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|v| v.as_f64().unwrap())
+        .map(|v| v.as_f64().unwrap() as f32)
         .collect();
-    let parse = |out: String| -> Vec<Vec<f64>> {
-        let v: Value = serde_json::from_str(&out).unwrap();
-        v["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| {
-                r.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|x| x.as_f64().unwrap())
-                    .collect()
-            })
-            .collect()
-    };
-    let m = tiny();
-    let prefill = parse(ok(&gyre(&["logits", "--model", s(&m), "--tokens", &tokens], b"")));
-    let step = parse(ok(&gyre(
+    let (m, tokens) = (tiny(), ids_arg(&ids));
+    let prefill = logits_rows(&ok(&gyre(
+        &["logits", "--model", s(&m), "--tokens", &tokens],
+        b"",
+    )));
+    let step = logits_rows(&ok(&gyre(
         &["logits", "--model", s(&m), "--tokens", &tokens, "--step"],
         b"",
     )));
-    assert_eq!(prefill.len(), tokens.split(',').count());
+    assert_eq!(prefill.len(), ids.len());
     assert_eq!(step.len(), prefill.len());
-    let last = prefill.last().unwrap();
-    let d = last
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
+    let d = max_diff(&prefill[prefill.len() - 1..], &want);
     assert!(d <= 1e-4, "prefill vs transformers: {d}");
-    for (a, b) in prefill.iter().zip(&step) {
-        let d = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-        assert!(d <= 1e-5, "prefill vs step: {d}");
-    }
+    let d = max_diff(&step, &prefill.concat());
+    assert!(d <= 1e-5, "prefill vs step: {d}");
 }
 
 #[test]
