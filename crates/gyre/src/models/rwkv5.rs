@@ -383,9 +383,7 @@ impl Model for Rwkv5 {
             for (yr, gr) in y.chunks_exact_mut(c_att).zip(g.chunks_exact(c_att)) {
                 for hi in 0..h {
                     let (w, bias) = (&b.ln_x.0[hi * n..(hi + 1) * n], &b.ln_x.1[hi * n..(hi + 1) * n]);
-                    let seg = &mut yr[hi * n..(hi + 1) * n];
-                    let copy = seg.to_vec();
-                    k::layernorm(&copy, w, bias, GN_EPS, seg);
+                    k::layernorm_in_place(&mut yr[hi * n..(hi + 1) * n], w, bias, GN_EPS);
                 }
                 for (v, &gv) in yr.iter_mut().zip(gr) {
                     *v *= gv;

@@ -56,6 +56,17 @@ pub fn sum(x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// [`layernorm`] of one row, overwriting it.
+pub fn layernorm_in_place(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let d = x.len() as f32;
+    let mean = x.iter().sum::<f32>() / d;
+    let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d;
+    let inv = 1.0 / (var + eps).sqrt();
+    for ((v, &g), &bias) in x.iter_mut().zip(w).zip(b) {
+        *v = (*v - mean) * inv * g + bias;
+    }
+}
+
 /// In-place softmax over all of `x` (max-subtracted, f32).
 pub fn softmax(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -223,5 +234,8 @@ mod tests {
         let mut y = [0.0; 4];
         layernorm(&x, &w, &b, 0.0, &mut y);
         assert!((y.iter().sum::<f32>()).abs() < 1e-5);
+        let mut z = x;
+        layernorm_in_place(&mut z, &w, &b, 0.0);
+        assert_eq!(z, y);
     }
 }
