@@ -418,12 +418,7 @@ impl Griffin {
         out: &mut [f32],
     ) -> Result<()> {
         let (h, hd) = (self.heads, self.head_dim);
-        let dims = AttnDims {
-            heads: h,
-            kv_heads: self.kv_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let dims = AttnDims::scaled(h, self.kv_heads, hd);
         let window = self.window;
         let mut caches = Vec::with_capacity(batch.len());
         for seq in batch.iter_mut() {

@@ -63,6 +63,18 @@ pub struct AttnDims {
     pub scale: f32,
 }
 
+impl AttnDims {
+    /// Dimensions with the usual score scale head_dim^-0.5 (Llama, Mistral, RecurrentGemma).
+    pub fn scaled(heads: usize, kv_heads: usize, head_dim: usize) -> AttnDims {
+        AttnDims {
+            heads,
+            kv_heads,
+            head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+}
+
 /// Causal attention for one sequence's chunk of new tokens.
 ///
 /// `q` [rows, heads·hd], `kk`/`vv` [rows, kv_heads·hd] are the whole batch's projections

@@ -157,12 +157,7 @@ impl Model for Llama {
         }
         let (segments, rows) = layers::segments(batch, |i| positions[i]);
         let (c, hd, h) = (self.info.hidden_size, self.head_dim, self.heads);
-        let dims = AttnDims {
-            heads: h,
-            kv_heads: self.kv_heads,
-            head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
-        };
+        let dims = AttnDims::scaled(h, self.kv_heads, hd);
         let window = self.window;
         let first_visible = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
 
