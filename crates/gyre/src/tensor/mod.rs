@@ -48,9 +48,9 @@ impl fmt::Display for DType {
     }
 }
 
-/// Where a tensor's bytes live.
+/// Where a tensor's (or a quantized matrix's) bytes live.
 #[derive(Clone)]
-enum Bytes {
+pub(crate) enum Bytes {
     /// A byte range of a shared memory map.
     Mapped {
         map: Arc<Mmap>,
@@ -62,7 +62,28 @@ enum Bytes {
 }
 
 impl Bytes {
-    fn as_slice(&self) -> &[u8] {
+    /// An owned copy of `raw`: in huge-page-advised anonymous memory when it is large,
+    /// otherwise on the heap (8-byte aligned either way).
+    pub(crate) fn copy_of(raw: &[u8]) -> Bytes {
+        if raw.len() >= HUGE_COPY_BYTES {
+            if let Some(map) = huge_page_copy(raw) {
+                let len = raw.len();
+                return Bytes::Mapped {
+                    map: Arc::new(map),
+                    start: 0,
+                    len,
+                };
+            }
+        }
+        let mut words = vec![0u64; raw.len().div_ceil(8)];
+        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..raw.len()].copy_from_slice(raw);
+        Bytes::Owned {
+            words: Arc::new(words),
+            len: raw.len(),
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
         match self {
             Bytes::Mapped { map, start, len } => &map[*start..*start + *len],
             Bytes::Owned { words, len } => &bytemuck::cast_slice::<u64, u8>(words)[..*len],
@@ -144,29 +165,10 @@ impl Tensor {
     /// A tensor owning a copy of `raw` (little-endian elements).
     pub fn from_bytes(raw: &[u8], dtype: DType, shape: Vec<usize>) -> Tensor {
         assert_eq!(raw.len(), numel(&shape) * dtype.size(), "tensor byte length");
-        if raw.len() >= HUGE_COPY_BYTES {
-            if let Some(map) = huge_page_copy(raw) {
-                let len = raw.len();
-                return Tensor {
-                    dtype,
-                    shape,
-                    bytes: Bytes::Mapped {
-                        map: Arc::new(map),
-                        start: 0,
-                        len,
-                    },
-                };
-            }
-        }
-        let mut words = vec![0u64; raw.len().div_ceil(8)];
-        bytemuck::cast_slice_mut::<u64, u8>(&mut words)[..raw.len()].copy_from_slice(raw);
         Tensor {
             dtype,
             shape,
-            bytes: Bytes::Owned {
-                words: Arc::new(words),
-                len: raw.len(),
-            },
+            bytes: Bytes::copy_of(raw),
         }
     }
 

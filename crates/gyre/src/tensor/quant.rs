@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::Tensor;
+use super::{Bytes, Tensor};
 
 /// Columns per scale.
 pub const GROUP: usize = 32;
@@ -60,15 +60,26 @@ impl Quant {
 }
 
 /// A row-major R×C matrix in one of the [`Quant`] formats.
-#[derive(Debug)]
 pub struct QMatrix {
     quant: Quant,
     rows: usize,
     cols: usize,
-    /// [rows, ⌈cols/32⌉] scales
-    scales: Vec<f32>,
+    /// [rows, ⌈cols/32⌉] f32 scales (huge-page memory when large, like owned tensors)
+    scales: Bytes,
     /// [rows, value_bytes(cols)] quantized values
-    values: Vec<u8>,
+    values: Bytes,
+}
+
+impl std::fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "QMatrix({}, [{}, {}])",
+            self.quant.name(),
+            self.rows,
+            self.cols
+        )
+    }
 }
 
 impl QMatrix {
@@ -118,8 +129,8 @@ impl QMatrix {
             quant,
             rows,
             cols,
-            scales,
-            values,
+            scales: Bytes::copy_of(bytemuck::cast_slice(&scales)),
+            values: Bytes::copy_of(&values),
         }
     }
 
@@ -130,10 +141,16 @@ impl QMatrix {
 
     /// Scales and value bytes of row `r`.
     pub fn row(&self, r: usize) -> (&[f32], &[u8]) {
+        self.rows(r, 1)
+    }
+
+    /// Scales and value bytes of rows `first .. first + count` (row-major, contiguous).
+    pub fn rows(&self, first: usize, count: usize) -> (&[f32], &[u8]) {
         let (gpr, vpr) = (self.cols.div_ceil(GROUP), self.quant.value_bytes(self.cols));
+        let scales: &[f32] = bytemuck::cast_slice(self.scales.as_slice());
         (
-            &self.scales[r * gpr..(r + 1) * gpr],
-            &self.values[r * vpr..(r + 1) * vpr],
+            &scales[first * gpr..(first + count) * gpr],
+            &self.values.as_slice()[first * vpr..(first + count) * vpr],
         )
     }
 
@@ -156,7 +173,7 @@ impl QMatrix {
 
     /// Bytes of storage.
     pub fn nbytes(&self) -> usize {
-        self.values.len() + self.scales.len() * 4
+        self.values.as_slice().len() + self.scales.as_slice().len()
     }
 }
 

@@ -5,6 +5,7 @@
 //! sequence of a decode batch), which is where batched throughput comes from.
 
 mod dot;
+mod gemv;
 pub mod ops;
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -14,19 +15,15 @@ pub use ops::*;
 
 use rayon::prelude::*;
 
-use crate::tensor::{Matrix, QMatrix, Quant, Tensor, TensorData};
+use gemv::Rows;
+
+use crate::tensor::{Matrix, Tensor, TensorData};
 
 /// Matrices with fewer elements than this decode on one thread (a fork-join costs more).
 const SMALL_MATRIX: usize = 1 << 16;
 
 /// Rows of the weight matrix handled by one parallel task.
 const ROW_BLOCK: usize = 16;
-
-/// Where a matrix's rows come from.
-enum Rows<'a> {
-    Dense(TensorData<'a>),
-    Quantized(&'a QMatrix),
-}
 
 /// `out[t, o] = Σ_i x[t, i] · w[o, i]` for `t < n_rows`.
 ///
@@ -44,48 +41,21 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
         Matrix::Quantized(q) => Rows::Quantized(q),
     };
     if n_rows == 1 {
-        // Decode: stream each weight row once, widening in registers.
-        // A few large contiguous blocks per thread keep each core's hardware prefetcher on
-        // one long stream; a matrix too small to repay a fork-join runs as one block.
+        // Decode: stream each weight row once, widening in registers. A few large contiguous
+        // blocks per thread (whole groups of eight rows) keep each core's prefetcher on long
+        // streams; a matrix too small to repay a fork-join runs as one block.
         let block = if n_out * n_in < SMALL_MATRIX {
             n_out
         } else {
-            n_out.div_ceil(rayon::current_num_threads() * 4).max(ROW_BLOCK)
+            n_out
+                .div_ceil(rayon::current_num_threads() * 4)
+                .next_multiple_of(gemv::ROWS)
+                .max(ROW_BLOCK)
         };
-        #[cfg(target_arch = "x86_64")]
-        if let Rows::Dense(TensorData::BF16(s)) = &data {
-            if simd::has_avx512bw() {
-                let mut xp = Vec::with_capacity(n_in);
-                simd::permute_for_unpack(x, &mut xp);
-                let bits: &[u16] = bytemuck::cast_slice(s);
-                out.par_chunks_mut(block).enumerate().for_each(|(b, chunk)| {
-                    for (j, o) in chunk.iter_mut().enumerate() {
-                        let start = (b * block + j) * n_in;
-                        // SAFETY: AVX-512F/BW are present (checked); xp has the row's length.
-                        *o = unsafe { simd::dot_bf16_unpacked_avx512(&bits[start..start + n_in], &xp) };
-                    }
-                });
-                return;
-            }
-        }
-        out.par_chunks_mut(block).enumerate().for_each(|(b, chunk)| {
-            for (j, o) in chunk.iter_mut().enumerate() {
-                let r = b * block + j;
-                let start = r * n_in;
-                *o = match &data {
-                    Rows::Dense(TensorData::F32(s)) => dot(&s[start..start + n_in], x),
-                    Rows::Dense(TensorData::BF16(s)) => dot_bf16(&s[start..start + n_in], x),
-                    Rows::Dense(TensorData::F16(s)) => dot_f16(&s[start..start + n_in], x),
-                    Rows::Quantized(q) => {
-                        let (scales, values) = q.row(r);
-                        match q.quant() {
-                            Quant::Q8 => dot_q8(scales, bytemuck::cast_slice(values), x),
-                            Quant::Q4 => dot_q4(scales, values, x),
-                        }
-                    }
-                };
-            }
-        });
+        let act = gemv::Activation::new(x, &data);
+        out.par_chunks_mut(block)
+            .enumerate()
+            .for_each(|(b, chunk)| gemv::rows_times(&data, &act, b * block, chunk));
         return;
     }
     // Several rows of activations: widen a block of weight rows once, then 4×4 tiles of
@@ -180,28 +150,6 @@ mod tests {
                 (s as f32 / u32::MAX as f32) * 2.0 - 1.0
             })
             .collect()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn unpacked_bf16_dot_matches_the_plain_one() {
-        if !simd::has_avx512bw() {
-            return; // nothing to compare on this CPU
-        }
-        let w: Vec<half::bf16> = pseudo(300, 3).iter().map(|&v| half::bf16::from_f32(v)).collect();
-        let x = pseudo(300, 5);
-        for n in [0, 1, 31, 32, 33, 64, 65, 100, 300] {
-            let mut xp = Vec::new();
-            simd::permute_for_unpack(&x[..n], &mut xp);
-            let bits: &[u16] = bytemuck::cast_slice(&w[..n]);
-            // SAFETY: AVX-512BW checked above; lengths equal.
-            let got = unsafe { simd::dot_bf16_unpacked_avx512(bits, &xp) };
-            let want = dot_bf16(&w[..n], &x[..n]);
-            assert!(
-                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                "n={n}: {got} vs {want}"
-            );
-        }
     }
 
     #[test]

@@ -246,7 +246,7 @@ pub fn has_avx512bw() -> bool {
     *BW.get_or_init(|| level() == Level::Avx512 && is_x86_feature_detected!("avx512bw"))
 }
 
-/// Reorders `x` for [`dot_bf16_unpacked_avx512`]: within each block of 32, the order in which
+/// Reorders `x` for the eight-row bf16 kernel in `gemv.rs`: within each block of 32, the order in which
 /// `unpacklo/hi(0, w)` leaves bf16 weights widened to f32 (lane L of the low half holds
 /// elements 8L..8L+4, of the high half 8L+4..8L+8). A tail shorter than 32 keeps its order.
 pub fn permute_for_unpack(x: &[f32], out: &mut Vec<f32>) {
@@ -259,47 +259,6 @@ pub fn permute_for_unpack(x: &[f32], out: &mut Vec<f32>) {
             dst[16 + j] = src[lane * 8 + 4 + k];
         }
     }
-}
-
-/// Σ w[i]·x[i] for bf16 weights, with `xp` from [`permute_for_unpack`]: one 64-byte load and
-/// two unpacks widen 32 weights (instead of two widening moves and two shifts).
-///
-/// # Safety
-/// The CPU must support AVX-512F and AVX-512BW; `xp.len() == w.len()`.
-#[target_feature(enable = "avx512f,avx512bw")]
-pub unsafe fn dot_bf16_unpacked_avx512(w: &[u16], xp: &[f32]) -> f32 {
-    let n = w.len().min(xp.len());
-    let (wp, xptr) = (w.as_ptr(), xp.as_ptr());
-    let zero = _mm512_setzero_si512();
-    let mut acc = [_mm512_setzero_ps(); 4];
-    let mut i = 0;
-    // SAFETY: every load ends at or before n.
-    while i + 64 <= n {
-        for half in 0..2 {
-            let raw = _mm512_loadu_si512(wp.add(i + 32 * half) as *const __m512i);
-            let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
-            let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
-            let base = i + 32 * half;
-            acc[2 * half] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xptr.add(base)), acc[2 * half]);
-            acc[2 * half + 1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xptr.add(base + 16)), acc[2 * half + 1]);
-        }
-        i += 64;
-    }
-    while i + 32 <= n {
-        let raw = _mm512_loadu_si512(wp.add(i) as *const __m512i);
-        let lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
-        let hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
-        acc[0] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xptr.add(i)), acc[0]);
-        acc[1] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xptr.add(i + 16)), acc[1]);
-        i += 32;
-    }
-    let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-    let mut s = _mm512_reduce_add_ps(sum);
-    while i < n {
-        s += f32::from_bits((w[i] as u32) << 16) * xp[i];
-        i += 1;
-    }
-    s
 }
 
 /// Σ over groups of 32: scale · Σ (nibble − 8)·x, AVX-512 (layout in `tensor::quant`).
