@@ -41,7 +41,11 @@ fn main() {
             Matrix::new(t, quant)
         };
         let first = make();
-        let copies = (256usize << 20).div_ceil(first.nbytes());
+        let total: usize = std::env::var("GEMV_MB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(256);
+        let copies = (total << 20).div_ceil(first.nbytes());
         let mats: Vec<Matrix> = std::iter::once(first)
             .chain((1..copies).map(|_| make()))
             .collect();

@@ -20,9 +20,21 @@ fn quant_error(quant: Quant, model_path: &Path, expected: &Path, tokens: &str, l
     let (tokens, want) = (exp.ids(tokens), exp.f(logits));
     let prefill = prefill_all(model.as_ref(), tokens);
     let step = step_by_step(model.as_ref(), tokens);
-    assert!(max_abs_diff(&prefill, &step) <= 1e-4, "{quant:?} prefill vs step");
-    let d = max_abs_diff(&prefill, want);
     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    // Q8 multiplies the f32 activation: prefill equals decode as for stored dtypes. Q4 rounds
+    // the activation to int8 (tensor::quant), and a value 1e-6 from a rounding boundary can
+    // round differently in the two paths: bounded at 5% of the largest logit (measured ≤1.5%).
+    let gap = max_abs_diff(&prefill, &step);
+    let bound = match quant {
+        Quant::Q8 => 1e-4,
+        Quant::Q4 => 0.05 * scale,
+    };
+    assert!(
+        gap <= bound,
+        "{quant:?} prefill vs step: {gap} ({})",
+        model_path.display()
+    );
+    let d = max_abs_diff(&prefill, want);
     eprintln!(
         "{}: {quant:?} max |Δlogit| {d} (logits up to {scale})",
         model_path.display()

@@ -8,7 +8,7 @@
 //! CPUs without AVX-512, use the one-row dots of `dot.rs`.
 
 use super::dot::{dot, dot_bf16, dot_f16, dot_q4, dot_q8};
-use crate::tensor::quant::GROUP;
+use crate::tensor::quant::{quantize_activation, GROUP};
 use crate::tensor::{QMatrix, Quant, TensorData};
 
 /// Rows of weights one kernel call reads together.
@@ -22,86 +22,151 @@ pub enum Rows<'a> {
 
 /// The activation vector, prepared once per product for the weight format's kernel.
 pub struct Activation<'a> {
-    x: &'a [f32],
+    /// What the one-row kernels multiply: `x` itself, or for Q4 the int8-rounded activation
+    /// (`tensor::quant::quantize_activation`).
+    x: std::borrow::Cow<'a, [f32]>,
     /// `x` reordered for the bf16 unpack kernel (empty when unused).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     permuted: Vec<f32>,
-    /// Σ x over each group of [`GROUP`] (Q4's zero-point correction; empty when unused).
+    /// The int8 activation laid out for the Q4 VNNI kernel (on CPUs with AVX-512 VNNI).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    group_sums: Vec<f32>,
+    int8: Option<Int8Activation>,
     wide: bool,
+}
+
+/// An int8 activation for the Q4 integer-dot kernel, covering the first `128·⌊n/128⌋`
+/// columns; the rest go through the f32 tail with the dequantized activation.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Int8Activation {
+    /// The activation bytes in the order the kernel lays out its weight nibbles.
+    q: Vec<i8>,
+    /// 16 f32 per block: the activation scale of each i32 lane's group.
+    lane_scales: Vec<f32>,
+    /// 16 i32 per block: −8 · Σ q of each group, in the group's first lane. The kernel starts
+    /// each block's integer dot from it, removing the 8 by which stored nibbles exceed the
+    /// signed values.
+    lane_offsets: Vec<i32>,
 }
 
 impl<'a> Activation<'a> {
     /// Prepares `x` [in] for products with `rows`.
     pub fn new(x: &'a [f32], rows: &Rows) -> Activation<'a> {
+        Self::with_int8(x, rows, true)
+    }
+
+    /// As [`Activation::new`]; `allow_int8: false` keeps the f32 kernel for Q4 rows (so tests
+    /// can compare both).
+    fn with_int8(x: &'a [f32], rows: &Rows, allow_int8: bool) -> Activation<'a> {
         let mut a = Activation {
-            x,
+            x: std::borrow::Cow::Borrowed(x),
             permuted: Vec::new(),
-            group_sums: Vec::new(),
+            int8: None,
             wide: false,
         };
         #[cfg(target_arch = "x86_64")]
         {
             a.wide = super::simd::has_avx512bw();
-            if a.wide {
-                match rows {
-                    Rows::Dense(TensorData::BF16(_)) => super::simd::permute_for_unpack(x, &mut a.permuted),
-                    Rows::Quantized(q) if q.quant() == Quant::Q4 => {
-                        a.group_sums = x.chunks(GROUP).map(super::ops::sum).collect();
-                    }
-                    _ => {}
+        }
+        match rows {
+            #[cfg(target_arch = "x86_64")]
+            Rows::Dense(TensorData::BF16(_)) if a.wide => super::simd::permute_for_unpack(x, &mut a.permuted),
+            Rows::Quantized(q) if q.quant() == Quant::Q4 => {
+                let (mut ints, mut scales, mut x_hat) = (Vec::new(), Vec::new(), Vec::with_capacity(x.len()));
+                quantize_activation(x, &mut ints, &mut scales, &mut x_hat);
+                a.x = std::borrow::Cow::Owned(x_hat);
+                #[cfg(target_arch = "x86_64")]
+                if allow_int8 && super::simd::has_avx512vnni() {
+                    a.int8 = Some(Int8Activation::new(&ints, &scales));
                 }
             }
+            _ => {}
         }
         a
     }
 }
 
+impl Int8Activation {
+    /// Columns per kernel block: four groups.
+    const BLOCK: usize = 128;
+
+    /// Lays out the int8 activation `q` (scales per group) for the Q4 kernel: per block,
+    /// elements 0–15 of each of the four groups (matching the low nibbles), then elements
+    /// 16–31 (the high nibbles); either way lanes 4g..4g + 4 belong to group g.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn new(q: &[i8], scales: &[f32]) -> Int8Activation {
+        let blocks = q.len() / Self::BLOCK;
+        let mut out = Int8Activation {
+            q: Vec::with_capacity(blocks * Self::BLOCK),
+            lane_scales: Vec::with_capacity(blocks * 16),
+            lane_offsets: Vec::with_capacity(blocks * 16),
+        };
+        for (block, block_scales) in q.chunks_exact(Self::BLOCK).zip(scales.chunks_exact(4)) {
+            for half in [0..16, 16..32] {
+                for g in block.chunks_exact(GROUP) {
+                    out.q.extend_from_slice(&g[half.clone()]);
+                }
+            }
+            for (g, &s) in block.chunks_exact(GROUP).zip(block_scales) {
+                out.lane_scales.extend([s; 4]);
+                let sum: i32 = g.iter().map(|&v| v as i32).sum();
+                out.lane_offsets.extend([-8 * sum, 0, 0, 0]);
+            }
+        }
+        out
+    }
+}
+
 /// `out[j] = row(first + j) · x` for every `j < out.len()`.
 pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
-    let n = x.x.len();
+    let xs: &[f32] = &x.x;
+    let n = xs.len();
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
     if x.wide {
         for (k, o) in out.chunks_exact_mut(ROWS).enumerate() {
             let r = first + k * ROWS;
-            // SAFETY: `wide` means AVX-512F/BW (and F16C, which AVX-512F implies) are present;
-            // each kernel checks the lengths of the slices it is given.
+            // SAFETY: `wide` means AVX-512F/BW (and F16C, which AVX-512F implies) are present,
+            // an int8 activation exists only with AVX-512 VNNI; each kernel checks the
+            // lengths of the slices it is given.
             let v = unsafe {
                 match rows {
                     Rows::Dense(TensorData::BF16(s)) => {
                         wide::bf16(bytemuck::cast_slice(&s[r * n..(r + ROWS) * n]), n, &x.permuted)
                     }
                     Rows::Dense(TensorData::F16(s)) => {
-                        wide::f16(bytemuck::cast_slice(&s[r * n..(r + ROWS) * n]), n, x.x)
+                        wide::f16(bytemuck::cast_slice(&s[r * n..(r + ROWS) * n]), n, xs)
                     }
-                    Rows::Dense(TensorData::F32(s)) => wide::f32(&s[r * n..(r + ROWS) * n], n, x.x),
-                    Rows::Quantized(q) => {
-                        let (scales, values) = q.rows(r, ROWS);
-                        match q.quant() {
-                            Quant::Q8 => wide::q8(scales, bytemuck::cast_slice(values), n, x.x),
-                            Quant::Q4 => wide::q4(scales, values, n, x.x, &x.group_sums),
+                    Rows::Dense(TensorData::F32(s)) => wide::f32(&s[r * n..(r + ROWS) * n], n, xs),
+                    Rows::Quantized(q) if r + ROWS <= q.rows_len() && r.is_multiple_of(ROWS) => {
+                        let (scales, values) = q.tile(r);
+                        match (q.quant(), &x.int8) {
+                            (Quant::Q8, _) => wide::q8(scales, bytemuck::cast_slice(values), n, xs),
+                            (Quant::Q4, Some(a)) => wide::q4_vnni(scales, values, n, a, xs),
+                            (Quant::Q4, None) => wide::q4(scales, values, n, xs),
                         }
                     }
+                    // A block not aligned to the scale tiles: one row at a time below.
+                    Rows::Quantized(_) => break,
                 }
             };
             o.copy_from_slice(&v);
             done += ROWS;
         }
     }
+    let mut scales = Vec::new();
     for (j, o) in out.iter_mut().enumerate().skip(done) {
         let r = first + j;
         let span = r * n..(r + 1) * n;
         *o = match rows {
-            Rows::Dense(TensorData::F32(s)) => dot(&s[span], x.x),
-            Rows::Dense(TensorData::BF16(s)) => dot_bf16(&s[span], x.x),
-            Rows::Dense(TensorData::F16(s)) => dot_f16(&s[span], x.x),
+            Rows::Dense(TensorData::F32(s)) => dot(&s[span], xs),
+            Rows::Dense(TensorData::BF16(s)) => dot_bf16(&s[span], xs),
+            Rows::Dense(TensorData::F16(s)) => dot_f16(&s[span], xs),
             Rows::Quantized(q) => {
-                let (scales, values) = q.row(r);
+                q.row_scales(r, &mut scales);
+                let values = q.row_values(r);
                 match q.quant() {
-                    Quant::Q8 => dot_q8(scales, bytemuck::cast_slice(values), x.x),
-                    Quant::Q4 => dot_q4(scales, values, x.x),
+                    Quant::Q8 => dot_q8(&scales, bytemuck::cast_slice(values), xs),
+                    Quant::Q4 => dot_q4(&scales, values, xs),
                 }
             }
         };
@@ -114,7 +179,7 @@ pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
 mod wide {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, ROWS};
+    use super::{Int8Activation, GROUP, ROWS};
 
     /// Sum of the eight lanes-vectors, one per row.
     #[target_feature(enable = "avx512f")]
@@ -213,7 +278,7 @@ mod wide {
         out
     }
 
-    /// Q8 rows: `scales` [8, ⌈n/32⌉], values `q` [8, n].
+    /// Q8 rows: tile scales `[⌈n/32⌉][8]`, values `q` [8, n].
     ///
     /// # Safety
     /// AVX-512F must be present.
@@ -235,33 +300,32 @@ mod wide {
                 let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
                 let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
                 let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*sp.add(r * gpr + g)), s, *a);
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*sp.add(g * ROWS + r)), s, *a);
             }
         }
         let mut out = reduce(acc);
         if full < gpr {
             for (r, o) in out.iter_mut().enumerate() {
                 let part: f32 = (full * GROUP..n).map(|j| q[r * n + j] as f32 * x[j]).sum();
-                *o += scales[r * gpr + full] * part;
+                *o += scales[full * ROWS + r] * part;
             }
         }
         out
     }
 
-    /// Q4 rows: `scales` [8, ⌈n/32⌉], `values` [8, 16·⌈n/32⌉] (layout in `tensor::quant`),
-    /// `group_sums` [⌈n/32⌉] = Σ x over each group, so Σ (nibble − 8)·x = Σ nibble·x − 8·Σ x.
+    /// Q4 rows: tile scales `[⌈n/32⌉][8]`, `values` [8, 16·⌈n/32⌉] (layout in `tensor::quant`).
     ///
     /// # Safety
     /// AVX-512F must be present.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn q4(scales: &[f32], values: &[u8], n: usize, x: &[f32], group_sums: &[f32]) -> [f32; ROWS] {
+    pub unsafe fn q4(scales: &[f32], values: &[u8], n: usize, x: &[f32]) -> [f32; ROWS] {
         let gpr = n.div_ceil(GROUP);
         let vpr = gpr * GROUP / 2;
         assert!(scales.len() == ROWS * gpr && values.len() == ROWS * vpr && x.len() == n);
-        assert!(group_sums.len() == gpr);
         let (vp, sp, xptr) = (values.as_ptr(), scales.as_ptr(), x.as_ptr());
         let full = n / GROUP;
         let low = _mm_set1_epi8(0x0F);
+        let eight = _mm512_set1_ps(8.0);
         let mut acc = [_mm512_setzero_ps(); ROWS];
         // SAFETY (loads): group g reads value bytes 16g .. 16g + 16 of each row and columns
         // 32g .. 32g + 32 <= n of x.
@@ -271,27 +335,97 @@ mod wide {
             let x1 = _mm512_loadu_ps(xptr.add(i + 16));
             for (r, a) in acc.iter_mut().enumerate() {
                 let b = _mm_loadu_si128(vp.add(r * vpr + 16 * g) as *const __m128i);
-                let q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low)));
-                let q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low)));
+                let q0 = _mm512_sub_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))),
+                    eight,
+                );
+                let q1 = _mm512_sub_ps(
+                    _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), low))),
+                    eight,
+                );
                 let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*sp.add(r * gpr + g)), s, *a);
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(*sp.add(g * ROWS + r)), s, *a);
             }
         }
         let mut out = reduce(acc);
         for (r, o) in out.iter_mut().enumerate() {
-            let row_scales = &scales[r * gpr..r * gpr + full];
-            *o -= 8.0 * row_scales.iter().zip(group_sums).map(|(s, t)| s * t).sum::<f32>();
-            if full < gpr {
-                let b = &values[r * vpr + 16 * full..r * vpr + 16 * full + 16];
-                let part: f32 = (full * GROUP..n)
-                    .map(|j| {
-                        let k = j - full * GROUP;
-                        let nib = if k < 16 { b[k] & 0x0F } else { b[k - 16] >> 4 };
-                        (nib as f32 - 8.0) * x[j]
-                    })
-                    .sum();
-                *o += scales[r * gpr + full] * part;
+            *o += q4_tail(scales, r, &values[r * vpr..(r + 1) * vpr], full * GROUP, x);
+        }
+        out
+    }
+
+    /// Σ over columns `from..n` of row `r` of a Q4 tile (`from` a multiple of 32), in f32.
+    fn q4_tail(scales: &[f32], r: usize, values: &[u8], from: usize, x: &[f32]) -> f32 {
+        (from..x.len())
+            .map(|j| {
+                let (g, k) = (j / GROUP, j % GROUP);
+                let b = values[16 * g + k % 16];
+                let nib = if k < 16 { b & 0x0F } else { b >> 4 };
+                scales[g * ROWS + r] * (nib as f32 - 8.0) * x[j]
+            })
+            .sum()
+    }
+
+    /// Q4 rows with the int8 activation: per 128 columns and row, one 64-byte load split into
+    /// low and high nibbles (already unsigned: q + 8), two `vpdpbusd` and one scaled FMA.
+    /// Tile scales `[⌈n/32⌉][8]`, `values` [8, 16·⌈n/32⌉]; `x_hat` is the dequantized
+    /// activation for the tail columns.
+    ///
+    /// # Safety
+    /// AVX-512F, AVX-512BW and AVX-512 VNNI must be present.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn q4_vnni(
+        scales: &[f32],
+        values: &[u8],
+        n: usize,
+        a: &Int8Activation,
+        x_hat: &[f32],
+    ) -> [f32; ROWS] {
+        let gpr = n.div_ceil(GROUP);
+        let vpr = gpr * GROUP / 2;
+        let blocks = n / 128;
+        assert!(scales.len() == ROWS * gpr && values.len() == ROWS * vpr && x_hat.len() == n);
+        assert!(
+            a.q.len() == 128 * blocks
+                && a.lane_scales.len() == 16 * blocks
+                && a.lane_offsets.len() == 16 * blocks
+        );
+        let (vp, sp) = (values.as_ptr(), scales.as_ptr());
+        let (qp, lp, op) = (a.q.as_ptr(), a.lane_scales.as_ptr(), a.lane_offsets.as_ptr());
+        let low = _mm512_set1_epi8(0x0F);
+        // A block's 32 tile scales are four groups × eight rows; row r's lanes 4g..4g + 4
+        // take entry 8g + r.
+        let spread: [__m512i; ROWS] = std::array::from_fn(|r| {
+            let r = r as i32;
+            let (a, b, c, d) = (r, 8 + r, 16 + r, 24 + r);
+            _mm512_setr_epi32(a, a, a, a, b, b, b, b, c, c, c, c, d, d, d, d)
+        });
+        let mut acc = [_mm512_setzero_ps(); ROWS];
+        // SAFETY (loads): block b covers value bytes 64b .. 64b + 64 <= vpr of each row,
+        // tile scales 32b .. 32b + 32 <= 8·gpr, activation bytes 128b .. 128b + 128 and
+        // lanes 16b .. 16b + 16.
+        for b in 0..blocks {
+            let xlo = _mm512_loadu_si512(qp.add(128 * b) as *const __m512i);
+            let xhi = _mm512_loadu_si512(qp.add(128 * b + 64) as *const __m512i);
+            let xs = _mm512_loadu_ps(lp.add(16 * b));
+            let start = _mm512_loadu_si512(op.add(16 * b) as *const __m512i);
+            let (s01, s23) = (
+                _mm512_loadu_ps(sp.add(32 * b)),
+                _mm512_loadu_ps(sp.add(32 * b + 16)),
+            );
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let raw = _mm512_loadu_si512(vp.add(r * vpr + 64 * b) as *const __m512i);
+                let lo = _mm512_and_si512(raw, low);
+                let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+                let dots =
+                    _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, xlo), hi, xhi));
+                let ws = _mm512_permutex2var_ps(s01, spread[r], s23);
+                *acc = _mm512_fmadd_ps(_mm512_mul_ps(dots, xs), ws, *acc);
             }
+        }
+        let mut out = reduce(acc);
+        for (r, o) in out.iter_mut().enumerate() {
+            *o += q4_tail(scales, r, &values[r * vpr..(r + 1) * vpr], 128 * blocks, x_hat);
         }
         out
     }
@@ -339,29 +473,40 @@ mod tests {
                 Matrix::new(Tensor::from_f32(&wv, vec![n_out, n_in]), Some(Quant::Q4)),
             ];
             for m in &mats {
+                // Q4 products see the int8-rounded activation (tensor::quant docs).
+                let (mut ints, mut scales, mut x_hat) = (Vec::new(), Vec::new(), Vec::new());
+                quantize_activation(&x, &mut ints, &mut scales, &mut x_hat);
                 let mut want = vec![0f32; n_out];
                 let mut row = vec![0f32; n_in];
                 for (r, w) in want.iter_mut().enumerate() {
                     match m {
-                        Matrix::Dense(t) => t.data().row_to_f32(r * n_in, &mut row),
-                        Matrix::Quantized(q) => q.row_to_f32(r, &mut row),
+                        Matrix::Dense(t) => {
+                            t.data().row_to_f32(r * n_in, &mut row);
+                            *w = dot_scalar(&row, &x);
+                        }
+                        Matrix::Quantized(q) => {
+                            q.row_to_f32(r, &mut row);
+                            let x = if q.quant() == Quant::Q4 { &x_hat } else { &x };
+                            *w = dot_scalar(&row, x);
+                        }
                     }
-                    *w = dot_scalar(&row, &x);
                 }
                 let rows = match m {
                     Matrix::Dense(t) => Rows::Dense(t.data()),
                     Matrix::Quantized(q) => Rows::Quantized(q),
                 };
-                let act = Activation::new(&x, &rows);
-                for first in [0, 1, n_out / 2] {
-                    let mut got = vec![0f32; n_out - first];
-                    rows_times(&rows, &act, first, &mut got);
-                    for (j, (g, e)) in got.iter().zip(&want[first..]).enumerate() {
-                        assert!(
-                            (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                            "{m:?} {n_out}x{n_in} row {}: {g} vs {e}",
-                            first + j
-                        );
+                for allow_int8 in [true, false] {
+                    let act = Activation::with_int8(&x, &rows, allow_int8);
+                    for first in [0, 1, n_out / 2] {
+                        let mut got = vec![0f32; n_out - first];
+                        rows_times(&rows, &act, first, &mut got);
+                        for (j, (g, e)) in got.iter().zip(&want[first..]).enumerate() {
+                            assert!(
+                                (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                                "{m:?} {n_out}x{n_in} int8 {allow_int8} row {}: {g} vs {e}",
+                                first + j
+                            );
+                        }
                     }
                 }
             }

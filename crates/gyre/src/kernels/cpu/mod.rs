@@ -17,7 +17,8 @@ use rayon::prelude::*;
 
 use gemv::Rows;
 
-use crate::tensor::{Matrix, Tensor, TensorData};
+use crate::tensor::quant::quantize_activation;
+use crate::tensor::{Matrix, Quant, Tensor, TensorData};
 
 /// Matrices with fewer elements than this decode on one thread (a fork-join costs more).
 const SMALL_MATRIX: usize = 1 << 16;
@@ -61,6 +62,21 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
     // Several rows of activations: widen a block of weight rows once, then 4×4 tiles of
     // (weight row, activation row) dot products. The result is built transposed,
     // [out, n_rows], so each task owns a contiguous block of it.
+    // Q4 matrices multiply the int8-rounded activation, as in decode (tensor::quant).
+    let x_hat;
+    let x = match &data {
+        Rows::Quantized(q) if q.quant() == Quant::Q4 => {
+            let (mut ints, mut scales, mut row_hat) = (Vec::new(), Vec::new(), Vec::new());
+            let mut all = Vec::with_capacity(x.len());
+            for row in x.chunks_exact(n_in) {
+                quantize_activation(row, &mut ints, &mut scales, &mut row_hat);
+                all.extend_from_slice(&row_hat);
+            }
+            x_hat = all;
+            &x_hat[..]
+        }
+        _ => x,
+    };
     let mut out_t = vec![0f32; n_out * n_rows];
     out_t
         .par_chunks_mut(ROW_BLOCK * n_rows)

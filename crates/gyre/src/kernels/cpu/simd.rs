@@ -246,6 +246,13 @@ pub fn has_avx512bw() -> bool {
     *BW.get_or_init(|| level() == Level::Avx512 && is_x86_feature_detected!("avx512bw"))
 }
 
+/// True when AVX-512 VNNI is available as well (int8 dot products).
+pub fn has_avx512vnni() -> bool {
+    use std::sync::OnceLock;
+    static VNNI: OnceLock<bool> = OnceLock::new();
+    *VNNI.get_or_init(|| has_avx512bw() && is_x86_feature_detected!("avx512vnni"))
+}
+
 /// Reorders `x` for the eight-row bf16 kernel in `gemv.rs`: within each block of 32, the order in which
 /// `unpacklo/hi(0, w)` leaves bf16 weights widened to f32 (lane L of the low half holds
 /// elements 8L..8L+4, of the high half 8L+4..8L+8). A tail shorter than 32 keeps its order.
