@@ -32,7 +32,7 @@ import time
 import numpy as np
 
 # hidden, layers, heads, kv heads, head dim, MLP width, vocab, tied head: the same numbers as
-# gyre's synthetic Llama shapes (crates/gyre/src/bench.rs), plus TinyLlama-1.1B (no gyre twin).
+# gyre's synthetic Llama shapes (crates/gyre/src/bench.rs).
 SHAPES = {
     "tiny-llama": (256, 4, 4, 2, 64, 704, 4096, False),
     "gemma-2b-like": (2048, 18, 8, 1, 256, 16384, 256_000, True),
@@ -41,7 +41,7 @@ SHAPES = {
     "solar-10.7b": (4096, 48, 32, 8, 128, 14336, 32000, False),
     "tinyllama-1.1b": (2048, 22, 32, 4, 64, 5632, 32000, False),
 }
-GYRE_SHAPES = {"tiny-llama", "gemma-2b-like", "llama-7b", "mistral-7b", "solar-10.7b"}
+GYRE_SHAPES = set(SHAPES)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -99,13 +99,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     };
     let bytes = bench::weight_bytes_per_token(&ckpt, quant);
-    eprintln!("measuring the machine's read bandwidth…");
-    let machine = bench::read_bandwidth_gbs(5);
+    let probe = bench::ReadProbe::new();
     eprintln!(
         "running: prompt {} × batch {}, then {} decode steps…",
         a.prompt, a.batch, a.gen
     );
-    let r = bench::run(model.as_ref(), a.prompt, a.gen, a.batch, bytes, machine)?;
+    let r = bench::run(model.as_ref(), a.prompt, a.gen, a.batch, bytes, &probe)?;
     let threads = rayon::current_num_threads();
     println!("model:            {what}, {threads} threads");
     println!(
@@ -122,10 +121,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     println!("achieved read:    {:.2} GB/s", r.achieved_read_gbs);
     println!(
-        "machine read:     {:.2} GB/s (sum over 1 GiB, median of 5, same run)",
-        r.machine_read_gbs
+        "machine read:     {:.2} GB/s (sum over 1 GiB, median of {} passes {})",
+        r.machine_read_gbs,
+        r.bandwidth_probes,
+        if r.bandwidth_interleaved {
+            "interleaved with the decode steps"
+        } else {
+            "before decoding"
+        }
     );
-    println!("bandwidth ratio:  {:.1}%", r.bandwidth_ratio * 100.0);
+    println!(
+        "bandwidth ratio:  {:.1}% (median of per-step ratios)",
+        r.bandwidth_ratio * 100.0
+    );
     if let (Some(q), Some(e)) = (quant, &quality) {
         println!(
             "{} logit error:   max {:.4}, mean {:.5}, top-1 agreement {:.1}% ({} positions)",

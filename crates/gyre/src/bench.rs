@@ -28,6 +28,7 @@ pub const SHAPES: &[&str] = &[
     "mistral-7b",
     "solar-10.7b",
     "gemma-2b-like",
+    "tinyllama-1.1b",
     "tiny-llama",
 ];
 
@@ -241,6 +242,11 @@ fn spec(shape: &str) -> Result<Spec> {
             LlamaShape(2048, 18, 8, 1, 256, 16384, 256_000),
             true,
         ),
+        "tinyllama-1.1b" => llama_spec(
+            "LlamaForCausalLM",
+            LlamaShape(2048, 22, 32, 4, 64, 5632, 32000),
+            false,
+        ),
         "tiny-llama" => llama_spec("LlamaForCausalLM", LlamaShape(256, 4, 4, 2, 64, 704, 4096), false),
         other => bail!("unknown shape '{other}'; known: {}", SHAPES.join(", ")),
     })
@@ -310,29 +316,54 @@ pub fn synthetic_checkpoint(shape: &str, dtype: DType) -> Result<Checkpoint> {
     Ok(Checkpoint::from_tensors(spec.config, tensors))
 }
 
-/// Measures the machine's read bandwidth in GB/s: the median of `reps` sums over a 1 GiB
-/// buffer, split over the current rayon pool's threads (the median, because on a shared
-/// virtual machine a single pass now and then runs far above the sustained rate).
-pub fn read_bandwidth_gbs(reps: usize) -> f64 {
-    let n = (1usize << 30) / 4;
-    // Laid out like the weights (huge pages when the kernel offers them), so the ratio
-    // compares like with like.
-    let values: Vec<f32> = (0..n).map(|i| (i & 1023) as f32).collect();
-    let t = Tensor::from_f32(&values, vec![n]);
-    drop(values);
-    let buf: &[f32] = bytemuck::cast_slice(t.raw());
-    let mut times = Vec::with_capacity(reps);
-    let mut sink = 0.0;
-    for _ in 0..reps.max(1) {
+/// The machine's own read bandwidth, probed by parallel sums over a 1 GiB buffer laid out
+/// like the weights (huge pages when the kernel offers them).
+pub struct ReadProbe {
+    buffer: Tensor,
+}
+
+impl ReadProbe {
+    pub fn new() -> ReadProbe {
+        let n = (1usize << 30) / 4;
+        let values: Vec<f32> = (0..n).map(|i| (i & 1023) as f32).collect();
+        ReadProbe {
+            buffer: Tensor::from_f32(&values, vec![n]),
+        }
+    }
+
+    /// One pass over the buffer, split over the current rayon pool's threads: GB/s.
+    pub fn pass(&self) -> f64 {
+        let buf: &[f32] = bytemuck::cast_slice(self.buffer.raw());
         let t0 = Instant::now();
         let s: f32 = buf.par_chunks(1 << 20).map(crate::kernels::cpu::sum).sum();
-        times.push(t0.elapsed().as_secs_f64());
-        sink += s as f64;
+        let dt = t0.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        self.buffer.nbytes() as f64 / dt / 1e9
     }
-    std::hint::black_box(sink);
-    times.sort_by(f64::total_cmp);
-    (n * 4) as f64 / times[times.len() / 2] / 1e9
 }
+
+impl Default for ReadProbe {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The median of `reps` probe passes, in GB/s (the median, because on a shared virtual
+/// machine a single pass now and then runs far above or below the sustained rate).
+pub fn read_bandwidth_gbs(reps: usize) -> f64 {
+    let probe = ReadProbe::new();
+    let mut v: Vec<f64> = (0..reps.max(1)).map(|_| probe.pass()).collect();
+    median(&mut v)
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Weights at least this large stream from memory every step, so the bandwidth probe runs
+/// right before each decode step (smaller ones would be evicted from the cache by it).
+const INTERLEAVE_BYTES: usize = 64 << 20;
 
 /// Bytes of weights one decode step reads: every matrix once (at its quantized size when
 /// `quant` is set), plus one row of the embedding table (all of it when it doubles as the
@@ -417,7 +448,12 @@ pub struct BenchReport {
     pub weight_bytes_per_token: usize,
     pub achieved_read_gbs: f64,
     pub machine_read_gbs: f64,
+    /// Median over decode steps of (this step's achieved read ÷ the probe just before it).
     pub bandwidth_ratio: f64,
+    /// Probe passes behind `machine_read_gbs`.
+    pub bandwidth_probes: usize,
+    /// Whether a probe ran before each decode step (else five ran before decoding).
+    pub bandwidth_interleaved: bool,
     pub batch: usize,
     pub prompt: usize,
     pub gen: usize,
@@ -425,13 +461,18 @@ pub struct BenchReport {
 
 /// Prefill `prompt` tokens into each of `batch` sequences, then decode `gen` steps of the whole
 /// batch; decode speed is the median step.
+///
+/// The machine's bandwidth drifts on a shared host (this project's machine moves between
+/// about 30 and 60 GB/s from minute to minute), so for weights that stream from memory the
+/// probe runs right before every decode step and the ratio is the median of the per-step
+/// ratios; smaller models get five probe passes up front.
 pub fn run(
     model: &dyn Model,
     prompt: usize,
     gen: usize,
     batch: usize,
     bytes_per_token: usize,
-    machine_gbs: f64,
+    probe: &ReadProbe,
 ) -> Result<BenchReport> {
     let v = model.info().vocab_size as u32;
     let tokens = prompt_tokens(prompt, v as usize);
@@ -447,9 +488,22 @@ pub fn run(
         )?;
     }
     let prefill_tok_s = (prompt * batch) as f64 / t0.elapsed().as_secs_f64();
-    let mut steps = Vec::with_capacity(gen);
+    let interleave = bytes_per_token >= INTERLEAVE_BYTES;
+    let mut machine: Vec<f64> = if interleave {
+        Vec::with_capacity(gen)
+    } else {
+        (0..5).map(|_| probe.pass()).collect()
+    };
+    let (mut steps, mut ratios) = (Vec::with_capacity(gen), Vec::with_capacity(gen));
     let next: Vec<u32> = (0..batch as u32).map(|b| (b * 31 + 5) % v).collect();
     for _ in 0..gen {
+        let bw = if interleave {
+            let bw = probe.pass();
+            machine.push(bw);
+            bw
+        } else {
+            machine[machine.len() / 2]
+        };
         let mut inputs: Vec<SeqInput<'_>> = states
             .iter_mut()
             .zip(&next)
@@ -460,19 +514,20 @@ pub fn run(
             .collect();
         let t = Instant::now();
         model.forward(&mut inputs, Logits::Last)?;
-        steps.push(t.elapsed().as_secs_f64());
+        let dt = t.elapsed().as_secs_f64();
+        steps.push(dt);
+        ratios.push(bytes_per_token as f64 / dt / 1e9 / bw);
     }
-    steps.sort_by(f64::total_cmp);
-    let median = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
-    let decode_tok_s = batch as f64 / median;
-    let achieved = bytes_per_token as f64 / median / 1e9;
+    let step = median(&mut steps);
     Ok(BenchReport {
         prefill_tok_s,
-        decode_tok_s,
+        decode_tok_s: batch as f64 / step,
         weight_bytes_per_token: bytes_per_token,
-        achieved_read_gbs: achieved,
-        machine_read_gbs: machine_gbs,
-        bandwidth_ratio: achieved / machine_gbs,
+        achieved_read_gbs: bytes_per_token as f64 / step / 1e9,
+        machine_read_gbs: median(&mut machine),
+        bandwidth_ratio: median(&mut ratios),
+        bandwidth_probes: machine.len(),
+        bandwidth_interleaved: interleave,
         batch,
         prompt,
         gen,

@@ -265,10 +265,9 @@ impl TensorData<'_> {
         let n = out.len();
         match self {
             TensorData::F32(s) => out.copy_from_slice(&s[start..start + n]),
+            // `half` picks the F16C conversion at run time when the CPU has it.
             TensorData::F16(s) => {
-                for (o, v) in out.iter_mut().zip(&s[start..start + n]) {
-                    *o = v.to_f32();
-                }
+                half::slice::HalfFloatSliceExt::convert_to_f32_slice(&s[start..start + n], out)
             }
             TensorData::BF16(s) => {
                 for (o, v) in out.iter_mut().zip(&s[start..start + n]) {
