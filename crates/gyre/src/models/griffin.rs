@@ -467,54 +467,56 @@ impl Model for Griffin {
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
-        check_tokens(batch, self.info.vocab_size)?;
-        let mut positions = Vec::with_capacity(batch.len());
-        for seq in batch.iter_mut() {
-            positions.push(self.griffin_state(seq.state)?.pos);
-        }
-        let (segs, rows) = layers::segments(batch, |i| positions[i]);
-        let c = self.info.hidden_size;
-        let mut x = vec![0f32; rows * c];
-        layers::gather_embeddings(batch, &self.embed, self.embed_scale, &mut x);
-        let mut normed = vec![0f32; rows * c];
-        let mut out = vec![0f32; rows * c];
-        let mut r_index = 0;
-        for layer in &self.layers {
-            k::rmsnorm_gemma(&x, &layer.temporal_norm, self.eps, &mut normed);
-            match &layer.temporal {
-                Temporal::Recurrent(rec) => {
-                    self.recurrent(rec, r_index, &normed, rows, &segs, batch, &mut out)?;
-                    r_index += 1;
+        layers::on_pool(|| {
+            check_tokens(batch, self.info.vocab_size)?;
+            let mut positions = Vec::with_capacity(batch.len());
+            for seq in batch.iter_mut() {
+                positions.push(self.griffin_state(seq.state)?.pos);
+            }
+            let (segs, rows) = layers::segments(batch, |i| positions[i]);
+            let c = self.info.hidden_size;
+            let mut x = vec![0f32; rows * c];
+            layers::gather_embeddings(batch, &self.embed, self.embed_scale, &mut x);
+            let mut normed = vec![0f32; rows * c];
+            let mut out = vec![0f32; rows * c];
+            let mut r_index = 0;
+            for layer in &self.layers {
+                k::rmsnorm_gemma(&x, &layer.temporal_norm, self.eps, &mut normed);
+                match &layer.temporal {
+                    Temporal::Recurrent(rec) => {
+                        self.recurrent(rec, r_index, &normed, rows, &segs, batch, &mut out)?;
+                        r_index += 1;
+                    }
+                    Temporal::Attention(att) => self.attention(att, &normed, rows, &segs, batch, &mut out)?,
                 }
-                Temporal::Attention(att) => self.attention(att, &normed, rows, &segs, batch, &mut out)?,
-            }
-            k::add_assign(&mut x, &out);
+                k::add_assign(&mut x, &out);
 
-            k::rmsnorm_gemma(&x, &layer.channel_norm, self.eps, &mut normed);
-            let f = layer.gate.rows();
-            let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
-            layers::linear_bias(&normed, rows, &layer.gate, Some(&layer.gate_b), &mut gate);
-            layers::linear_bias(&normed, rows, &layer.up, Some(&layer.up_b), &mut up);
-            for (g, &u) in gate.iter_mut().zip(&up) {
-                *g = k::gelu_tanh(*g) * u;
+                k::rmsnorm_gemma(&x, &layer.channel_norm, self.eps, &mut normed);
+                let f = layer.gate.rows();
+                let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
+                layers::linear_bias(&normed, rows, &layer.gate, Some(&layer.gate_b), &mut gate);
+                layers::linear_bias(&normed, rows, &layer.up, Some(&layer.up_b), &mut up);
+                for (g, &u) in gate.iter_mut().zip(&up) {
+                    *g = k::gelu_tanh(*g) * u;
+                }
+                layers::linear_bias(&gate, rows, &layer.down, Some(&layer.down_b), &mut out);
+                k::add_assign(&mut x, &out);
             }
-            layers::linear_bias(&gate, rows, &layer.down, Some(&layer.down_b), &mut out);
-            k::add_assign(&mut x, &out);
-        }
-        for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
-            let st = self.griffin_state(seq.state)?;
-            st.pos += seg.len;
-            st.kv.advance(seg.len);
-        }
-        let norm = |x: &[f32], out: &mut [f32]| k::rmsnorm_gemma(x, &self.final_norm, self.eps, out);
-        let mut logits = layers::head_logits(&x, c, &segs, which, norm, &self.head);
-        let cap = self.soft_cap;
-        if cap > 0.0 {
-            logits
-                .iter_mut()
-                .flatten()
-                .for_each(|l| *l = cap * (*l / cap).tanh());
-        }
-        Ok(logits)
+            for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
+                let st = self.griffin_state(seq.state)?;
+                st.pos += seg.len;
+                st.kv.advance(seg.len);
+            }
+            let norm = |x: &[f32], out: &mut [f32]| k::rmsnorm_gemma(x, &self.final_norm, self.eps, out);
+            let mut logits = layers::head_logits(&x, c, &segs, which, norm, &self.head);
+            let cap = self.soft_cap;
+            if cap > 0.0 {
+                logits
+                    .iter_mut()
+                    .flatten()
+                    .for_each(|l| *l = cap * (*l / cap).tanh());
+            }
+            Ok(logits)
+        })
     }
 }

@@ -237,3 +237,12 @@ pub fn head_logits(
     k::linear(&normed, n, head, &mut logits);
     split_logits(logits, v, segs, which)
 }
+
+/// Runs a forward pass on a worker of the global thread pool (the caller blocks until it is
+/// done). Every matrix product inside then forks from a pool thread, which does its share
+/// itself and needs no wake-up to start; from outside the pool each product would cost a
+/// cross-thread wake-up — measured 25–85 µs per product on this project's machine against
+/// 3–25 µs from inside (`linear` on 32–256 × 2048 bf16 matrices with idle gaps between).
+pub fn on_pool<R: Send>(forward: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| forward())
+}

@@ -150,63 +150,65 @@ impl Model for Llama {
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
-        check_tokens(batch, self.info.vocab_size)?;
-        let mut positions = Vec::with_capacity(batch.len());
-        for seq in batch.iter_mut() {
-            positions.push(self.cache(seq.state)?.len());
-        }
-        let (segments, rows) = layers::segments(batch, |i| positions[i]);
-        let (c, hd, h) = (self.info.hidden_size, self.head_dim, self.heads);
-        let dims = AttnDims::scaled(h, self.kv_heads, hd);
-        let window = self.window;
-        let first_visible = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        layers::on_pool(|| {
+            check_tokens(batch, self.info.vocab_size)?;
+            let mut positions = Vec::with_capacity(batch.len());
+            for seq in batch.iter_mut() {
+                positions.push(self.cache(seq.state)?.len());
+            }
+            let (segments, rows) = layers::segments(batch, |i| positions[i]);
+            let (c, hd, h) = (self.info.hidden_size, self.head_dim, self.heads);
+            let dims = AttnDims::scaled(h, self.kv_heads, hd);
+            let window = self.window;
+            let first_visible = |pos: usize| window.map_or(0, |w| (pos + 1).saturating_sub(w));
 
-        // x: [rows, C] residual stream
-        let mut x = vec![0f32; rows * c];
-        layers::gather_embeddings(batch, &self.embed, 1.0, &mut x);
-        let f = self.layers.first().map_or(0, |l| l.gate.rows());
-        let mut normed = vec![0f32; rows * c];
-        let mut attn = vec![0f32; rows * h * hd];
-        let mut proj = vec![0f32; rows * c];
-        let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
+            // x: [rows, C] residual stream
+            let mut x = vec![0f32; rows * c];
+            layers::gather_embeddings(batch, &self.embed, 1.0, &mut x);
+            let f = self.layers.first().map_or(0, |l| l.gate.rows());
+            let mut normed = vec![0f32; rows * c];
+            let mut attn = vec![0f32; rows * h * hd];
+            let mut proj = vec![0f32; rows * c];
+            let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
 
-        for (li, layer) in self.layers.iter().enumerate() {
-            k::rmsnorm(&x, &layer.attn_norm, self.eps, &mut normed);
-            let mut caches = batch
-                .iter_mut()
-                .map(|s| self.cache(s.state))
-                .collect::<Result<Vec<_>>>()?;
-            let w = layers::QkvWeights {
-                q: &layer.q,
-                k: &layer.k,
-                v: &layer.v,
-            };
-            layers::rope_attention(
-                dims,
-                w,
-                &self.inv_freq,
-                &normed,
-                &segments,
-                &mut caches,
-                li,
-                first_visible,
-                &mut attn,
-            );
-            linear(&attn, rows, &layer.o, &mut proj);
-            k::add_assign(&mut x, &proj);
+            for (li, layer) in self.layers.iter().enumerate() {
+                k::rmsnorm(&x, &layer.attn_norm, self.eps, &mut normed);
+                let mut caches = batch
+                    .iter_mut()
+                    .map(|s| self.cache(s.state))
+                    .collect::<Result<Vec<_>>>()?;
+                let w = layers::QkvWeights {
+                    q: &layer.q,
+                    k: &layer.k,
+                    v: &layer.v,
+                };
+                layers::rope_attention(
+                    dims,
+                    w,
+                    &self.inv_freq,
+                    &normed,
+                    &segments,
+                    &mut caches,
+                    li,
+                    first_visible,
+                    &mut attn,
+                );
+                linear(&attn, rows, &layer.o, &mut proj);
+                k::add_assign(&mut x, &proj);
 
-            k::rmsnorm(&x, &layer.mlp_norm, self.eps, &mut normed);
-            linear(&normed, rows, &layer.gate, &mut gate);
-            linear(&normed, rows, &layer.up, &mut up);
-            k::swiglu(&mut gate, &up);
-            linear(&gate, rows, &layer.down, &mut proj);
-            k::add_assign(&mut x, &proj);
-        }
-        for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
-            self.cache(seq.state)?.advance(seg.len);
-        }
+                k::rmsnorm(&x, &layer.mlp_norm, self.eps, &mut normed);
+                linear(&normed, rows, &layer.gate, &mut gate);
+                linear(&normed, rows, &layer.up, &mut up);
+                k::swiglu(&mut gate, &up);
+                linear(&gate, rows, &layer.down, &mut proj);
+                k::add_assign(&mut x, &proj);
+            }
+            for (seg, seq) in segments.iter().zip(batch.iter_mut()) {
+                self.cache(seq.state)?.advance(seg.len);
+            }
 
-        let norm = |x: &[f32], out: &mut [f32]| k::rmsnorm(x, &self.norm, self.eps, out);
-        Ok(layers::head_logits(&x, c, &segments, which, norm, &self.lm_head))
+            let norm = |x: &[f32], out: &mut [f32]| k::rmsnorm(x, &self.norm, self.eps, out);
+            Ok(layers::head_logits(&x, c, &segments, which, norm, &self.lm_head))
+        })
     }
 }

@@ -295,132 +295,138 @@ impl Model for Rwkv5 {
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
-        check_tokens(batch, self.info.vocab_size)?;
-        let mut positions = Vec::with_capacity(batch.len());
-        for seq in batch.iter_mut() {
-            positions.push(self.rwkv_state(seq.state)?.pos);
-        }
-        let (segs, rows) = layers::segments(batch, |i| positions[i]);
-        let c = self.info.hidden_size;
-        let (h, n) = (self.heads, self.head_size);
-        let c_att = h * n;
-        let mut x = vec![0f32; rows * c];
-        layers::gather_embeddings(batch, &self.emb, 1.0, &mut x);
-        let raw = x.clone();
-        k::layernorm(&raw, &self.ln0.0, &self.ln0.1, LN_EPS, &mut x);
-        // The reference folds ln0 into the table in the table's dtype: round as it does.
-        match self.emb.dtype() {
-            DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
-            DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
-            DType::F32 => {}
-        }
-
-        let mut xx = vec![0f32; rows * c];
-        let mix_bufs = || {
-            [
-                vec![0f32; rows * c],
-                vec![0f32; rows * c],
-                vec![0f32; rows * c],
-                vec![0f32; rows * c],
-            ]
-        };
-        let [mut mk, mut mv, mut mr, mut mg] = mix_bufs();
-        let (mut r, mut kk, mut vv, mut g) = (
-            vec![0f32; rows * c_att],
-            vec![0f32; rows * c_att],
-            vec![0f32; rows * c_att],
-            vec![0f32; rows * c_att],
-        );
-        let mut y = vec![0f32; rows * c_att];
-        let mut out = vec![0f32; rows * c];
-        let f = self.blocks.first().map_or(0, |b| b.ffn_k.rows());
-        let mut fk = vec![0f32; rows * f];
-
-        for (li, b) in self.blocks.iter().enumerate() {
-            // Time mixing.
-            k::layernorm(&x, &b.ln1.0, &b.ln1.1, LN_EPS, &mut xx);
-            for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
-                let st = self.rwkv_state(seq.state)?;
-                let span = seg.row * c..(seg.row + seg.len) * c;
-                let shift = &mut st.att_shift[li];
-                Self::shift_mix(
-                    &xx[span.clone()],
-                    shift,
-                    &[&b.mix_k, &b.mix_v, &b.mix_r, &b.mix_g],
-                    &mut [
-                        &mut mk[span.clone()],
-                        &mut mv[span.clone()],
-                        &mut mr[span.clone()],
-                        &mut mg[span.clone()],
-                    ],
-                );
-                shift.copy_from_slice(&xx[span.end - c..span.end]);
+        layers::on_pool(|| {
+            check_tokens(batch, self.info.vocab_size)?;
+            let mut positions = Vec::with_capacity(batch.len());
+            for seq in batch.iter_mut() {
+                positions.push(self.rwkv_state(seq.state)?.pos);
             }
-            linear(&mr, rows, &b.wr, &mut r);
-            linear(&mk, rows, &b.wk, &mut kk);
-            linear(&mv, rows, &b.wv, &mut vv);
-            linear(&mg, rows, &b.wg, &mut g);
-            g.iter_mut().for_each(|v| *v = k::silu(*v));
-            for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
-                let st = self.rwkv_state(seq.state)?;
-                let span = seg.row * c_att..(seg.row + seg.len) * c_att;
-                let (rs, ks, vs) = (&r[span.clone()], &kk[span.clone()], &vv[span.clone()]);
-                let mut per_head = vec![0f32; h * seg.len * n];
-                st.wkv[li]
-                    .par_chunks_mut(n * n)
-                    .zip(per_head.par_chunks_mut(seg.len * n))
-                    .enumerate()
-                    .for_each(|(hi, (s, yh))| wkv_head(hi, n, c_att, rs, ks, vs, &b.decay, &b.bonus, s, yh));
-                for t in 0..seg.len {
-                    for hi in 0..h {
-                        let dst = (seg.row + t) * c_att + hi * n;
-                        y[dst..dst + n]
-                            .copy_from_slice(&per_head[(hi * seg.len + t) * n..(hi * seg.len + t + 1) * n]);
+            let (segs, rows) = layers::segments(batch, |i| positions[i]);
+            let c = self.info.hidden_size;
+            let (h, n) = (self.heads, self.head_size);
+            let c_att = h * n;
+            let mut x = vec![0f32; rows * c];
+            layers::gather_embeddings(batch, &self.emb, 1.0, &mut x);
+            let raw = x.clone();
+            k::layernorm(&raw, &self.ln0.0, &self.ln0.1, LN_EPS, &mut x);
+            // The reference folds ln0 into the table in the table's dtype: round as it does.
+            match self.emb.dtype() {
+                DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+                DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+                DType::F32 => {}
+            }
+
+            let mut xx = vec![0f32; rows * c];
+            let mix_bufs = || {
+                [
+                    vec![0f32; rows * c],
+                    vec![0f32; rows * c],
+                    vec![0f32; rows * c],
+                    vec![0f32; rows * c],
+                ]
+            };
+            let [mut mk, mut mv, mut mr, mut mg] = mix_bufs();
+            let (mut r, mut kk, mut vv, mut g) = (
+                vec![0f32; rows * c_att],
+                vec![0f32; rows * c_att],
+                vec![0f32; rows * c_att],
+                vec![0f32; rows * c_att],
+            );
+            let mut y = vec![0f32; rows * c_att];
+            let mut out = vec![0f32; rows * c];
+            let f = self.blocks.first().map_or(0, |b| b.ffn_k.rows());
+            let mut fk = vec![0f32; rows * f];
+
+            for (li, b) in self.blocks.iter().enumerate() {
+                // Time mixing.
+                k::layernorm(&x, &b.ln1.0, &b.ln1.1, LN_EPS, &mut xx);
+                for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
+                    let st = self.rwkv_state(seq.state)?;
+                    let span = seg.row * c..(seg.row + seg.len) * c;
+                    let shift = &mut st.att_shift[li];
+                    Self::shift_mix(
+                        &xx[span.clone()],
+                        shift,
+                        &[&b.mix_k, &b.mix_v, &b.mix_r, &b.mix_g],
+                        &mut [
+                            &mut mk[span.clone()],
+                            &mut mv[span.clone()],
+                            &mut mr[span.clone()],
+                            &mut mg[span.clone()],
+                        ],
+                    );
+                    shift.copy_from_slice(&xx[span.end - c..span.end]);
+                }
+                linear(&mr, rows, &b.wr, &mut r);
+                linear(&mk, rows, &b.wk, &mut kk);
+                linear(&mv, rows, &b.wv, &mut vv);
+                linear(&mg, rows, &b.wg, &mut g);
+                g.iter_mut().for_each(|v| *v = k::silu(*v));
+                for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
+                    let st = self.rwkv_state(seq.state)?;
+                    let span = seg.row * c_att..(seg.row + seg.len) * c_att;
+                    let (rs, ks, vs) = (&r[span.clone()], &kk[span.clone()], &vv[span.clone()]);
+                    let mut per_head = vec![0f32; h * seg.len * n];
+                    st.wkv[li]
+                        .par_chunks_mut(n * n)
+                        .zip(per_head.par_chunks_mut(seg.len * n))
+                        .enumerate()
+                        .for_each(|(hi, (s, yh))| {
+                            wkv_head(hi, n, c_att, rs, ks, vs, &b.decay, &b.bonus, s, yh)
+                        });
+                    for t in 0..seg.len {
+                        for hi in 0..h {
+                            let dst = (seg.row + t) * c_att + hi * n;
+                            y[dst..dst + n].copy_from_slice(
+                                &per_head[(hi * seg.len + t) * n..(hi * seg.len + t + 1) * n],
+                            );
+                        }
                     }
                 }
-            }
-            // GroupNorm per head, then the gate.
-            for (yr, gr) in y.chunks_exact_mut(c_att).zip(g.chunks_exact(c_att)) {
-                for hi in 0..h {
-                    let (w, bias) = (&b.ln_x.0[hi * n..(hi + 1) * n], &b.ln_x.1[hi * n..(hi + 1) * n]);
-                    k::layernorm_in_place(&mut yr[hi * n..(hi + 1) * n], w, bias, GN_EPS);
+                // GroupNorm per head, then the gate.
+                for (yr, gr) in y.chunks_exact_mut(c_att).zip(g.chunks_exact(c_att)) {
+                    for hi in 0..h {
+                        let (w, bias) = (&b.ln_x.0[hi * n..(hi + 1) * n], &b.ln_x.1[hi * n..(hi + 1) * n]);
+                        k::layernorm_in_place(&mut yr[hi * n..(hi + 1) * n], w, bias, GN_EPS);
+                    }
+                    for (v, &gv) in yr.iter_mut().zip(gr) {
+                        *v *= gv;
+                    }
                 }
-                for (v, &gv) in yr.iter_mut().zip(gr) {
-                    *v *= gv;
-                }
-            }
-            linear(&y, rows, &b.wo, &mut out);
-            k::add_assign(&mut x, &out);
+                linear(&y, rows, &b.wo, &mut out);
+                k::add_assign(&mut x, &out);
 
-            // Channel mixing.
-            k::layernorm(&x, &b.ln2.0, &b.ln2.1, LN_EPS, &mut xx);
+                // Channel mixing.
+                k::layernorm(&x, &b.ln2.0, &b.ln2.1, LN_EPS, &mut xx);
+                for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
+                    let st = self.rwkv_state(seq.state)?;
+                    let span = seg.row * c..(seg.row + seg.len) * c;
+                    let shift = &mut st.ffn_shift[li];
+                    Self::shift_mix(
+                        &xx[span.clone()],
+                        shift,
+                        &[&b.ffn_mix_k, &b.ffn_mix_r],
+                        &mut [&mut mk[span.clone()], &mut mr[span.clone()]],
+                    );
+                    shift.copy_from_slice(&xx[span.end - c..span.end]);
+                }
+                linear(&mk, rows, &b.ffn_k, &mut fk);
+                fk.iter_mut().for_each(|v| {
+                    let relu = v.max(0.0);
+                    *v = relu * relu;
+                });
+                linear(&fk, rows, &b.ffn_v, &mut out);
+                linear(&mr, rows, &b.ffn_r, &mut mv);
+                for ((xv, &o), &rv) in x.iter_mut().zip(&out).zip(&mv) {
+                    *xv += o / (1.0 + (-rv).exp());
+                }
+            }
             for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
-                let st = self.rwkv_state(seq.state)?;
-                let span = seg.row * c..(seg.row + seg.len) * c;
-                let shift = &mut st.ffn_shift[li];
-                Self::shift_mix(
-                    &xx[span.clone()],
-                    shift,
-                    &[&b.ffn_mix_k, &b.ffn_mix_r],
-                    &mut [&mut mk[span.clone()], &mut mr[span.clone()]],
-                );
-                shift.copy_from_slice(&xx[span.end - c..span.end]);
+                self.rwkv_state(seq.state)?.pos += seg.len;
             }
-            linear(&mk, rows, &b.ffn_k, &mut fk);
-            fk.iter_mut().for_each(|v| {
-                let relu = v.max(0.0);
-                *v = relu * relu;
-            });
-            linear(&fk, rows, &b.ffn_v, &mut out);
-            linear(&mr, rows, &b.ffn_r, &mut mv);
-            for ((xv, &o), &rv) in x.iter_mut().zip(&out).zip(&mv) {
-                *xv += o / (1.0 + (-rv).exp());
-            }
-        }
-        for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
-            self.rwkv_state(seq.state)?.pos += seg.len;
-        }
-        let norm = |x: &[f32], out: &mut [f32]| k::layernorm(x, &self.ln_out.0, &self.ln_out.1, LN_EPS, out);
-        Ok(layers::head_logits(&x, c, &segs, which, norm, &self.head))
+            let norm =
+                |x: &[f32], out: &mut [f32]| k::layernorm(x, &self.ln_out.0, &self.ln_out.1, LN_EPS, out);
+            Ok(layers::head_logits(&x, c, &segs, which, norm, &self.head))
+        })
     }
 }
