@@ -10,9 +10,13 @@
 //!   nibble; byte j of a group holds element j in its low nibble and element j + 16 in its
 //!   high nibble: ≈ 0.625 bytes per weight.
 //!
-//! Values are row-major. Scales are stored by tiles of [`TILE`] rows, group-major within a
-//! tile (`[tile][group][row in tile]`), so a kernel reading eight rows at once finds their
-//! scales for a group side by side, in one stream instead of eight.
+//! Both are stored by tiles of [`TILE`] rows, so a kernel reading eight rows at once reads
+//! each tile as two sequential streams (values, scales) instead of sixteen short ones:
+//! - scales group-major within a tile (`[tile][group][row in tile]`);
+//! - values in 64-byte blocks, row-interleaved: a full tile holds block 0 of rows 0–7, then
+//!   block 1 of rows 0–7, …, then each row's bytes past its last whole block, row by row
+//!   ([`tile_value_offset`]). Rows of a last partial tile stay row-major. (llama.cpp's
+//!   "repack" of Q8_0/Q4_0 interleaves rows for the same reason.)
 //!
 //! A Q8 matrix multiplies the f32 activation, so a Q8 model's prefill equals its step-by-step
 //! decode as closely as the stored-dtype model's. A Q4 matrix multiplies the activation
@@ -94,6 +98,39 @@ pub fn quantize_activation(x: &[f32], q: &mut Vec<i8>, scales: &mut Vec<f32>, x_
             x_hat.push(i * scale);
         }
     }
+}
+
+/// Bytes per interleaved block of one row.
+pub const BLOCK_BYTES: usize = 64;
+
+/// Offset of byte `j` of row `r` (0 ≤ r < TILE) within a full tile whose rows have `vpr`
+/// value bytes each (layout in the module docs).
+#[inline]
+pub fn tile_value_offset(vpr: usize, r: usize, j: usize) -> usize {
+    let blocks = vpr / BLOCK_BYTES;
+    if j < blocks * BLOCK_BYTES {
+        (j / BLOCK_BYTES * TILE + r) * BLOCK_BYTES + j % BLOCK_BYTES
+    } else {
+        let rem = vpr - blocks * BLOCK_BYTES;
+        blocks * BLOCK_BYTES * TILE + r * rem + (j - blocks * BLOCK_BYTES)
+    }
+}
+
+/// Row-major values [rows, vpr] with every full tile rearranged as [`tile_value_offset`] says.
+fn interleaved(values: &[u8], rows: usize, vpr: usize) -> Vec<u8> {
+    let mut out = values.to_vec();
+    for first in (0..rows / TILE * TILE).step_by(TILE) {
+        let tile = &mut out[first * vpr..(first + TILE) * vpr];
+        for r in 0..TILE {
+            for (j, &b) in values[(first + r) * vpr..(first + r + 1) * vpr]
+                .iter()
+                .enumerate()
+            {
+                tile[tile_value_offset(vpr, r, j)] = b;
+            }
+        }
+    }
+    out
 }
 
 /// Row-major scales [rows, gpr] rearranged into tiles of [`TILE`] rows, group-major inside
@@ -181,7 +218,7 @@ impl QMatrix {
             rows,
             cols,
             scales: Bytes::copy_of(bytemuck::cast_slice(&tiled(&scales, rows, gpr))),
-            values: Bytes::copy_of(&values),
+            values: Bytes::copy_of(&interleaved(&values, rows, vpr)),
         }
     }
 
@@ -217,14 +254,23 @@ impl QMatrix {
         out.extend((0..self.groups_per_row()).map(|g| self.scale(r, g)));
     }
 
-    /// Value bytes of row `r`.
-    pub fn row_values(&self, r: usize) -> &[u8] {
+    /// Value bytes of row `r` (row-major), gathered from the tiled layout into `out`.
+    pub fn row_values(&self, r: usize, out: &mut Vec<u8>) {
         let vpr = self.quant.value_bytes(self.cols);
-        &self.values.as_slice()[r * vpr..(r + 1) * vpr]
+        let first = r / TILE * TILE;
+        let all = self.values.as_slice();
+        out.clear();
+        if first + TILE <= self.rows {
+            let tile = &all[first * vpr..(first + TILE) * vpr];
+            out.extend((0..vpr).map(|j| tile[tile_value_offset(vpr, r - first, j)]));
+        } else {
+            out.extend_from_slice(&all[r * vpr..(r + 1) * vpr]);
+        }
     }
 
     /// The full tile of [`TILE`] rows starting at `first` (a multiple of `TILE`, with
-    /// `first + TILE <= rows`): its scales `[group][row]` and its rows' value bytes.
+    /// `first + TILE <= rows`): its scales `[group][row]` and its value bytes (interleaved,
+    /// see [`tile_value_offset`]).
     pub fn tile(&self, first: usize) -> (&[f32], &[u8]) {
         assert!(
             first.is_multiple_of(TILE) && first + TILE <= self.rows,
@@ -240,7 +286,18 @@ impl QMatrix {
 
     /// Row `r` dequantized into `out` [cols].
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let values = self.row_values(r);
+        let vpr = self.quant.value_bytes(self.cols);
+        let first = r / TILE * TILE;
+        let all = self.values.as_slice();
+        let values: &[u8] = if first + TILE <= self.rows {
+            // A row of a full tile: gather it (the prefill path widens each row once per
+            // chunk, so this is not on a hot loop).
+            &(0..vpr)
+                .map(|j| all[first * vpr + tile_value_offset(vpr, r - first, j)])
+                .collect::<Vec<u8>>()
+        } else {
+            &all[r * vpr..(r + 1) * vpr]
+        };
         for (g, o) in out.chunks_mut(GROUP).enumerate() {
             let s = self.scale(r, g);
             for (j, ov) in o.iter_mut().enumerate() {

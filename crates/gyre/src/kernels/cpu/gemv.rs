@@ -153,7 +153,7 @@ pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
             done += ROWS;
         }
     }
-    let mut scales = Vec::new();
+    let (mut scales, mut values) = (Vec::new(), Vec::new());
     for (j, o) in out.iter_mut().enumerate().skip(done) {
         let r = first + j;
         let span = r * n..(r + 1) * n;
@@ -163,10 +163,10 @@ pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
             Rows::Dense(TensorData::F16(s)) => dot_f16(&s[span], xs),
             Rows::Quantized(q) => {
                 q.row_scales(r, &mut scales);
-                let values = q.row_values(r);
+                q.row_values(r, &mut values);
                 match q.quant() {
-                    Quant::Q8 => dot_q8(&scales, bytemuck::cast_slice(values), xs),
-                    Quant::Q4 => dot_q4(&scales, values, xs),
+                    Quant::Q8 => dot_q8(&scales, bytemuck::cast_slice(&values), xs),
+                    Quant::Q4 => dot_q4(&scales, &values, xs),
                 }
             }
         };
@@ -180,6 +180,7 @@ mod wide {
     use std::arch::x86_64::*;
 
     use super::{Int8Activation, GROUP, ROWS};
+    use crate::tensor::quant::{tile_value_offset, BLOCK_BYTES};
 
     /// Sum of the eight lanes-vectors, one per row.
     #[target_feature(enable = "avx512f")]
@@ -278,7 +279,8 @@ mod wide {
         out
     }
 
-    /// Q8 rows: tile scales `[⌈n/32⌉][8]`, values `q` [8, n].
+    /// Q8 tile: scales `[⌈n/32⌉][8]`, values [8·n] interleaved in 64-byte blocks
+    /// (`tensor::quant::tile_value_offset`).
     ///
     /// # Safety
     /// AVX-512F must be present.
@@ -287,16 +289,18 @@ mod wide {
         let gpr = n.div_ceil(GROUP);
         assert!(scales.len() == ROWS * gpr && q.len() == ROWS * n && x.len() == n);
         let (qp, sp, xptr) = (q.as_ptr(), scales.as_ptr(), x.as_ptr());
-        let full = n / GROUP;
+        let blocks = n / BLOCK_BYTES;
         let mut acc = [_mm512_setzero_ps(); ROWS];
-        // SAFETY (loads): group g covers columns 32g .. 32g + 32 <= n of each row, and scale
-        // r·gpr + g < 8·gpr.
-        for g in 0..full {
+        // SAFETY (loads): group g < 2·blocks covers columns 32g .. 32g + 32 <= n; row r's
+        // bytes of it sit at (g/2·8 + r)·64 + (g%2)·32 < 8·64·blocks <= 8n; scale
+        // g·8 + r < 8·gpr.
+        for g in 0..2 * blocks {
             let i = g * GROUP;
             let x0 = _mm512_loadu_ps(xptr.add(i));
             let x1 = _mm512_loadu_ps(xptr.add(i + 16));
             for (r, a) in acc.iter_mut().enumerate() {
-                let raw = _mm256_loadu_si256(qp.add(r * n + i) as *const __m256i);
+                let at = (g / 2 * ROWS + r) * BLOCK_BYTES + g % 2 * GROUP;
+                let raw = _mm256_loadu_si256(qp.add(at) as *const __m256i);
                 let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
                 let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
                 let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
@@ -304,16 +308,16 @@ mod wide {
             }
         }
         let mut out = reduce(acc);
-        if full < gpr {
-            for (r, o) in out.iter_mut().enumerate() {
-                let part: f32 = (full * GROUP..n).map(|j| q[r * n + j] as f32 * x[j]).sum();
-                *o += scales[full * ROWS + r] * part;
-            }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o += (blocks * BLOCK_BYTES..n)
+                .map(|j| scales[j / GROUP * ROWS + r] * q[tile_value_offset(n, r, j)] as f32 * x[j])
+                .sum::<f32>();
         }
         out
     }
 
-    /// Q4 rows: tile scales `[⌈n/32⌉][8]`, `values` [8, 16·⌈n/32⌉] (layout in `tensor::quant`).
+    /// Q4 tile: scales `[⌈n/32⌉][8]`, values [8·16·⌈n/32⌉] interleaved in 64-byte blocks
+    /// (four groups; `tensor::quant::tile_value_offset`).
     ///
     /// # Safety
     /// AVX-512F must be present.
@@ -323,18 +327,20 @@ mod wide {
         let vpr = gpr * GROUP / 2;
         assert!(scales.len() == ROWS * gpr && values.len() == ROWS * vpr && x.len() == n);
         let (vp, sp, xptr) = (values.as_ptr(), scales.as_ptr(), x.as_ptr());
-        let full = n / GROUP;
+        // Whole groups inside whole blocks.
+        let full = (n / GROUP).min(vpr / BLOCK_BYTES * 4);
         let low = _mm_set1_epi8(0x0F);
         let eight = _mm512_set1_ps(8.0);
         let mut acc = [_mm512_setzero_ps(); ROWS];
-        // SAFETY (loads): group g reads value bytes 16g .. 16g + 16 of each row and columns
-        // 32g .. 32g + 32 <= n of x.
+        // SAFETY (loads): group g < full covers columns 32g .. 32g + 32 <= n; row r's 16
+        // bytes of it sit at (g/4·8 + r)·64 + (g%4)·16, inside the tile's whole blocks.
         for g in 0..full {
             let i = g * GROUP;
             let x0 = _mm512_loadu_ps(xptr.add(i));
             let x1 = _mm512_loadu_ps(xptr.add(i + 16));
             for (r, a) in acc.iter_mut().enumerate() {
-                let b = _mm_loadu_si128(vp.add(r * vpr + 16 * g) as *const __m128i);
+                let at = (g / 4 * ROWS + r) * BLOCK_BYTES + g % 4 * 16;
+                let b = _mm_loadu_si128(vp.add(at) as *const __m128i);
                 let q0 = _mm512_sub_ps(
                     _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, low))),
                     eight,
@@ -349,17 +355,17 @@ mod wide {
         }
         let mut out = reduce(acc);
         for (r, o) in out.iter_mut().enumerate() {
-            *o += q4_tail(scales, r, &values[r * vpr..(r + 1) * vpr], full * GROUP, x);
+            *o += q4_tail(scales, r, values, vpr, full * GROUP, x);
         }
         out
     }
 
     /// Σ over columns `from..n` of row `r` of a Q4 tile (`from` a multiple of 32), in f32.
-    fn q4_tail(scales: &[f32], r: usize, values: &[u8], from: usize, x: &[f32]) -> f32 {
+    fn q4_tail(scales: &[f32], r: usize, values: &[u8], vpr: usize, from: usize, x: &[f32]) -> f32 {
         (from..x.len())
             .map(|j| {
                 let (g, k) = (j / GROUP, j % GROUP);
-                let b = values[16 * g + k % 16];
+                let b = values[tile_value_offset(vpr, r, 16 * g + k % 16)];
                 let nib = if k < 16 { b & 0x0F } else { b >> 4 };
                 scales[g * ROWS + r] * (nib as f32 - 8.0) * x[j]
             })
@@ -401,7 +407,8 @@ mod wide {
             _mm512_setr_epi32(a, a, a, a, b, b, b, b, c, c, c, c, d, d, d, d)
         });
         let mut acc = [_mm512_setzero_ps(); ROWS];
-        // SAFETY (loads): block b covers value bytes 64b .. 64b + 64 <= vpr of each row,
+        // SAFETY (loads): block b covers row r's value bytes at (8b + r)·64 .. + 64 (whole
+        // blocks: 64(b + 1) <= vpr),
         // tile scales 32b .. 32b + 32 <= 8·gpr, activation bytes 128b .. 128b + 128 and
         // lanes 16b .. 16b + 16.
         for b in 0..blocks {
@@ -414,7 +421,7 @@ mod wide {
                 _mm512_loadu_ps(sp.add(32 * b + 16)),
             );
             for (r, acc) in acc.iter_mut().enumerate() {
-                let raw = _mm512_loadu_si512(vp.add(r * vpr + 64 * b) as *const __m512i);
+                let raw = _mm512_loadu_si512(vp.add((b * ROWS + r) * BLOCK_BYTES) as *const __m512i);
                 let lo = _mm512_and_si512(raw, low);
                 let hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
                 let dots =
@@ -425,7 +432,7 @@ mod wide {
         }
         let mut out = reduce(acc);
         for (r, o) in out.iter_mut().enumerate() {
-            *o += q4_tail(scales, r, &values[r * vpr..(r + 1) * vpr], 128 * blocks, x_hat);
+            *o += q4_tail(scales, r, values, vpr, 128 * blocks, x_hat);
         }
         out
     }
