@@ -292,27 +292,59 @@ impl QMatrix {
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
         let vpr = self.quant.value_bytes(self.cols);
         let first = r / TILE * TILE;
+        let tile_rows = TILE.min(self.rows - first);
         let all = self.values.as_slice();
-        let values: &[u8] = if first + TILE <= self.rows {
-            // A row of a full tile: gather it (the prefill path widens each row once per
-            // chunk, so this is not on a hot loop).
-            &(0..vpr)
-                .map(|j| all[first * vpr + tile_value_offset(vpr, r - first, j)])
-                .collect::<Vec<u8>>()
-        } else {
-            &all[r * vpr..(r + 1) * vpr]
-        };
-        for (g, o) in out.chunks_mut(GROUP).enumerate() {
-            let s = self.scale(r, g);
-            for (j, ov) in o.iter_mut().enumerate() {
-                let q = match self.quant {
-                    Quant::Q8 => values[g * GROUP + j] as i8 as i32,
-                    Quant::Q4 => {
-                        let b = values[g * GROUP / 2 + j % 16];
-                        (if j < 16 { b & 0x0F } else { b >> 4 }) as i32 - 8
+        // Row r's scale for group g sits at base + g · tile_rows.
+        let scales: &[f32] = bytemuck::cast_slice(self.scales.as_slice());
+        let row_scales = (&scales[first * self.groups_per_row()..], r - first, tile_rows);
+        if tile_rows < TILE {
+            return self.dequantize(row_scales, 0, &all[r * vpr..(r + 1) * vpr], out);
+        }
+        // A row of a full tile: its whole 64-byte blocks, then its remainder.
+        let tile = &all[first * vpr..(first + TILE) * vpr];
+        let (blocks, in_tile) = (vpr / BLOCK_BYTES, r - first);
+        for k in 0..blocks {
+            let at = (k * TILE + in_tile) * BLOCK_BYTES;
+            self.dequantize(row_scales, k * BLOCK_BYTES, &tile[at..at + BLOCK_BYTES], out);
+        }
+        let rem = vpr - blocks * BLOCK_BYTES;
+        let at = blocks * BLOCK_BYTES * TILE + in_tile * rem;
+        self.dequantize(row_scales, blocks * BLOCK_BYTES, &tile[at..at + rem], out);
+    }
+
+    /// Dequantizes a row's value bytes `start .. start + bytes.len()` (whole groups) into the
+    /// columns of `out` they hold; `(tile_scales, base, stride)` locate the row's scales.
+    fn dequantize(
+        &self,
+        (tile_scales, base, stride): (&[f32], usize, usize),
+        start: usize,
+        bytes: &[u8],
+        out: &mut [f32],
+    ) {
+        let group_bytes = self.quant.value_bytes(GROUP);
+        for (i, b) in bytes.chunks(group_bytes).enumerate() {
+            let g = start / group_bytes + i;
+            let s = tile_scales[base + g * stride];
+            let cols = &mut out[g * GROUP..((g + 1) * GROUP).min(self.cols)];
+            match self.quant {
+                Quant::Q8 => {
+                    for (o, &v) in cols.iter_mut().zip(b) {
+                        *o = v as i8 as f32 * s;
                     }
-                };
-                *ov = q as f32 * s;
+                }
+                Quant::Q4 if cols.len() == GROUP => {
+                    let (lo, hi) = cols.split_at_mut(16);
+                    for ((l, h), &v) in lo.iter_mut().zip(hi).zip(b) {
+                        *l = ((v & 0x0F) as f32 - 8.0) * s;
+                        *h = ((v >> 4) as f32 - 8.0) * s;
+                    }
+                }
+                Quant::Q4 => {
+                    for (j, o) in cols.iter_mut().enumerate() {
+                        let v = b[j % 16];
+                        *o = ((if j < 16 { v & 0x0F } else { v >> 4 }) as f32 - 8.0) * s;
+                    }
+                }
             }
         }
     }
