@@ -3,9 +3,10 @@
 //! With AVX-512 the kernels take eight weight rows per pass over the activation: each
 //! activation load (from L1/L2) feeds eight rows, and each core keeps eight weight streams in
 //! flight. On this project's Zen 4 machine one row at a time reached 60–70% of the read
-//! bandwidth on real layer shapes, eight rows at a time 80–100%
-//! (`cargo run --release --example gemv_rows`). Rows that do not fill a group of eight, and
-//! CPUs without AVX-512, use the one-row dots of `dot.rs`.
+//! bandwidth on real bf16 layer shapes, eight rows at a time 80–86%
+//! (`cargo run --release --example gemv_bandwidth bf16`; BENCHMARKS.md). Quantized matrices
+//! store each tile of eight rows as one stream (`tensor::quant`). Rows that do not fill a
+//! tile, and CPUs without AVX-512, use the one-row dots of `dot.rs`.
 
 use super::dot::{dot, dot_bf16, dot_f16, dot_q4, dot_q8};
 use crate::tensor::quant::{quantize_activation, GROUP};
