@@ -258,17 +258,35 @@ impl QMatrix {
         out.extend((0..self.groups_per_row()).map(|g| self.scale(r, g)));
     }
 
-    /// Value bytes of row `r` (row-major), gathered from the tiled layout into `out`.
-    pub fn row_values(&self, r: usize, out: &mut Vec<u8>) {
+    /// Row `r`'s value bytes as `(first byte index, bytes)` pieces in row order: its whole
+    /// 64-byte blocks then its remainder when it lies in a full tile, else one piece.
+    fn row_pieces(&self, r: usize) -> impl Iterator<Item = (usize, &[u8])> {
         let vpr = self.quant.value_bytes(self.cols);
         let first = r / TILE * TILE;
         let all = self.values.as_slice();
+        let tiled = first + TILE <= self.rows;
+        let (blocks, base, in_tile) = match tiled {
+            true => (vpr / BLOCK_BYTES, first * vpr, r - first),
+            false => (0, r * vpr, 0),
+        };
+        let rem = vpr - blocks * BLOCK_BYTES;
+        let rem_at = base + blocks * BLOCK_BYTES * TILE + in_tile * rem;
+        (0..blocks)
+            .map(move |k| {
+                let at = base + (k * TILE + in_tile) * BLOCK_BYTES;
+                (k * BLOCK_BYTES, &all[at..at + BLOCK_BYTES])
+            })
+            .chain(std::iter::once((
+                blocks * BLOCK_BYTES,
+                &all[rem_at..rem_at + rem],
+            )))
+    }
+
+    /// Value bytes of row `r` (row-major), gathered from the tiled layout into `out`.
+    pub fn row_values(&self, r: usize, out: &mut Vec<u8>) {
         out.clear();
-        if first + TILE <= self.rows {
-            let tile = &all[first * vpr..(first + TILE) * vpr];
-            out.extend((0..vpr).map(|j| tile[tile_value_offset(vpr, r - first, j)]));
-        } else {
-            out.extend_from_slice(&all[r * vpr..(r + 1) * vpr]);
+        for (_, piece) in self.row_pieces(r) {
+            out.extend_from_slice(piece);
         }
     }
 
@@ -290,26 +308,14 @@ impl QMatrix {
 
     /// Row `r` dequantized into `out` [cols].
     pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
-        let vpr = self.quant.value_bytes(self.cols);
         let first = r / TILE * TILE;
         let tile_rows = TILE.min(self.rows - first);
-        let all = self.values.as_slice();
-        // Row r's scale for group g sits at base + g · tile_rows.
+        // Row r's scale for group g sits at (r − first) + g · tile_rows of its tile.
         let scales: &[f32] = bytemuck::cast_slice(self.scales.as_slice());
         let row_scales = (&scales[first * self.groups_per_row()..], r - first, tile_rows);
-        if tile_rows < TILE {
-            return self.dequantize(row_scales, 0, &all[r * vpr..(r + 1) * vpr], out);
+        for (start, piece) in self.row_pieces(r) {
+            self.dequantize(row_scales, start, piece, out);
         }
-        // A row of a full tile: its whole 64-byte blocks, then its remainder.
-        let tile = &all[first * vpr..(first + TILE) * vpr];
-        let (blocks, in_tile) = (vpr / BLOCK_BYTES, r - first);
-        for k in 0..blocks {
-            let at = (k * TILE + in_tile) * BLOCK_BYTES;
-            self.dequantize(row_scales, k * BLOCK_BYTES, &tile[at..at + BLOCK_BYTES], out);
-        }
-        let rem = vpr - blocks * BLOCK_BYTES;
-        let at = blocks * BLOCK_BYTES * TILE + in_tile * rem;
-        self.dequantize(row_scales, blocks * BLOCK_BYTES, &tile[at..at + rem], out);
     }
 
     /// Dequantizes a row's value bytes `start .. start + bytes.len()` (whole groups) into the

@@ -231,26 +231,13 @@ mod wide {
     /// AVX-512F must be present.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn f16(w: &[u16], n: usize, x: &[f32]) -> [f32; ROWS] {
-        assert!(w.len() == ROWS * n && x.len() == n);
-        let (wp, xptr) = (w.as_ptr(), x.as_ptr());
-        let mut acc = [_mm512_setzero_ps(); ROWS];
-        let mut i = 0;
-        // SAFETY (loads): i + 16 <= n within each row.
-        while i + 16 <= n {
-            let xv = _mm512_loadu_ps(xptr.add(i));
-            for (r, a) in acc.iter_mut().enumerate() {
-                let wv = _mm512_cvtph_ps(_mm256_loadu_si256(wp.add(r * n + i) as *const __m256i));
-                *a = _mm512_fmadd_ps(wv, xv, *a);
-            }
-            i += 16;
-        }
-        let mut out = reduce(acc);
-        for (r, o) in out.iter_mut().enumerate() {
-            for j in i..n {
-                *o += half::f16::from_bits(w[r * n + j]).to_f32() * x[j];
-            }
-        }
-        out
+        rows_by_16(
+            w,
+            n,
+            x,
+            |p| _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
+            |v| half::f16::from_bits(v).to_f32(),
+        )
     }
 
     /// f32 rows ([8, n]).
@@ -259,6 +246,20 @@ mod wide {
     /// AVX-512F must be present.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn f32(w: &[f32], n: usize, x: &[f32]) -> [f32; ROWS] {
+        rows_by_16(w, n, x, |p| _mm512_loadu_ps(p), |v| v)
+    }
+
+    /// The eight-row product for formats that widen 16 weights per load: `load16(p)` reads
+    /// and widens the 16 weights at `p`, `widen` one weight (for the tail). Inlined into
+    /// its AVX-512 callers, which is where the intrinsics run.
+    #[inline(always)]
+    unsafe fn rows_by_16<T: Copy>(
+        w: &[T],
+        n: usize,
+        x: &[f32],
+        load16: impl Fn(*const T) -> __m512,
+        widen: impl Fn(T) -> f32,
+    ) -> [f32; ROWS] {
         assert!(w.len() == ROWS * n && x.len() == n);
         let (wp, xptr) = (w.as_ptr(), x.as_ptr());
         let mut acc = [_mm512_setzero_ps(); ROWS];
@@ -267,14 +268,14 @@ mod wide {
         while i + 16 <= n {
             let xv = _mm512_loadu_ps(xptr.add(i));
             for (r, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_loadu_ps(wp.add(r * n + i)), xv, *a);
+                *a = _mm512_fmadd_ps(load16(wp.add(r * n + i)), xv, *a);
             }
             i += 16;
         }
         let mut out = reduce(acc);
         for (r, o) in out.iter_mut().enumerate() {
             for j in i..n {
-                *o += w[r * n + j] * x[j];
+                *o += widen(w[r * n + j]) * x[j];
             }
         }
         out
@@ -443,19 +444,8 @@ mod wide {
 mod tests {
     use super::*;
     use crate::kernels::cpu::dot_scalar;
+    use crate::kernels::cpu::tests::pseudo;
     use crate::tensor::{Matrix, Tensor};
-
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s as f32 / u32::MAX as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// Every format, row counts around multiples of eight, column counts around multiples
     /// of 16/32, and blocks that start at a row other than 0: the eight-row kernels and the
@@ -470,6 +460,8 @@ mod tests {
             (17, 300),
             (40, 15),
             (64, 256),
+            (8, 250),
+            (16, 384),
         ] {
             let wv = pseudo(n_out * n_in, 3);
             let x = pseudo(n_in, 5);

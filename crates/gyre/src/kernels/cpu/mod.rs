@@ -156,7 +156,8 @@ pub fn linear_scalar(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
 mod tests {
     use super::*;
 
-    fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+    /// Deterministic values in [−1, 1) (xorshift), shared by the kernel tests.
+    pub(super) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
             .map(|_| {
