@@ -494,6 +494,7 @@ pub fn run(
     } else {
         (0..5).map(|_| probe.pass()).collect()
     };
+    let up_front = median(&mut machine);
     let (mut steps, mut ratios) = (Vec::with_capacity(gen), Vec::with_capacity(gen));
     let next: Vec<u32> = (0..batch as u32).map(|b| (b * 31 + 5) % v).collect();
     for _ in 0..gen {
@@ -502,7 +503,7 @@ pub fn run(
             machine.push(bw);
             bw
         } else {
-            machine[machine.len() / 2]
+            up_front
         };
         let mut inputs: Vec<SeqInput<'_>> = states
             .iter_mut()
