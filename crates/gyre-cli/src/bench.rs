@@ -51,11 +51,14 @@ pub struct BenchArgs {
     json: bool,
     #[arg(long, value_enum, default_value = "cpu")]
     device: crate::Device,
+    /// Throughput against generated length instead (the RecurrentGemma paper's Figure 1a):
+    /// decode --gen steps and report this many evenly spaced points.
+    #[arg(long)]
+    curve: Option<usize>,
 }
 
 /// Runs `gyre bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
-    crate::check_device(a.device)?;
     if let Some(n) = a.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -83,8 +86,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     let quant = a.quant.map(crate::QuantArg::quant);
     let mut quality = None;
+    let device = a.device.target();
+    let on_device = models::LoadOptions { quant: None, device };
     let model = match quant {
-        None => models::load(&ckpt)?,
+        None => models::load_with(&ckpt, on_device)?,
         Some(q) => {
             eprintln!(
                 "measuring the {} logit error against the unquantized model…",
@@ -92,21 +97,81 @@ pub fn run(a: BenchArgs) -> Result<()> {
             );
             let tokens = bench::prompt_tokens(a.prompt, models::load(&ckpt)?.info().vocab_size);
             let want = bench::all_logits(models::load(&ckpt)?.as_ref(), &tokens)?;
-            let model = models::load_with(&ckpt, models::LoadOptions { quant: Some(q) })?;
+            let model = models::load_with(
+                &ckpt,
+                models::LoadOptions {
+                    quant: Some(q),
+                    device,
+                },
+            )?;
             let got = bench::all_logits(model.as_ref(), &tokens)?;
             quality = Some(bench::quant_error(&got, &want, model.info().vocab_size));
             model
         }
     };
     let bytes = bench::weight_bytes_per_token(&ckpt, quant);
-    let probe = bench::ReadProbe::new();
+    if let Some(points) = a.curve {
+        eprintln!(
+            "running: prompt {} × batch {}, then {} decode steps, {points} points…",
+            a.prompt, a.batch, a.gen
+        );
+        println!("model:            {what}, batch {}, prompt {}", a.batch, a.prompt);
+        println!("weights:          {:.2} GB", bytes as f64 / 1e9);
+        println!(
+            "{:>10} {:>14} {:>14} {:>12}",
+            "generated", "window tok/s", "total tok/s", "state GB"
+        );
+        let print = |p: &bench::CurvePoint| {
+            println!(
+                "{:>10} {:>14.1} {:>14.1} {:>12.3}",
+                p.generated,
+                p.window_tok_s,
+                p.total_tok_s,
+                p.state_bytes as f64 / 1e9
+            );
+        };
+        let (prefill_s, curve) = bench::curve(model.as_ref(), a.prompt, a.gen, a.batch, points, print)?;
+        println!("prefill:          {prefill_s:.2} s");
+        if a.json {
+            let v = serde_json::json!({
+                "model": what, "batch": a.batch, "prompt": a.prompt, "weight_bytes": bytes,
+                "prefill_s": prefill_s, "curve": curve,
+            });
+            println!("{v}");
+        }
+        return Ok(());
+    }
+    let probe: Box<dyn bench::Probe> = match device {
+        models::Device::Cpu => Box::new(bench::ReadProbe::new()),
+        models::Device::Cuda(n) => Box::new(gyre::kernels::cuda::DeviceReadProbe::new(
+            &gyre::kernels::cuda::Gpu::open(n)?,
+        )?),
+    };
     eprintln!(
         "running: prompt {} × batch {}, then {} decode steps…",
         a.prompt, a.batch, a.gen
     );
-    let r = bench::run(model.as_ref(), a.prompt, a.gen, a.batch, bytes, &probe)?;
-    let threads = rayon::current_num_threads();
-    println!("model:            {what}, {threads} threads");
+    let r = bench::run(model.as_ref(), a.prompt, a.gen, a.batch, bytes, probe.as_ref())?;
+    if let models::Device::Cuda(n) = device {
+        let gpu = gyre::kernels::cuda::Gpu::open(n)?;
+        if gpu.profiling() {
+            let rows = gpu.profile_report()?;
+            let total: f64 = rows.iter().map(|r| r.1).sum();
+            eprintln!("device time per kernel (GYRE_CUDA_PROFILE=1, whole run):");
+            for (name, ms, n) in rows {
+                eprintln!(
+                    "  {name:<18} {ms:>9.2} ms {:>5.1}%  {n:>7} launches  {:>7.2} µs each",
+                    100.0 * ms / total,
+                    1e3 * ms / n as f64
+                );
+            }
+        }
+    }
+    let place = match device {
+        models::Device::Cpu => format!("{} threads", rayon::current_num_threads()),
+        models::Device::Cuda(n) => gyre::kernels::cuda::Gpu::open(n)?.name().to_string(),
+    };
+    println!("model:            {what}, {place}");
     println!(
         "prefill:          {:.2} tok/s ({} tokens × {} sequences)",
         r.prefill_tok_s, r.prompt, r.batch
@@ -147,7 +212,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["model"] = serde_json::json!(what);
-        v["threads"] = serde_json::json!(threads);
+        v["threads"] = serde_json::json!(rayon::current_num_threads());
+        v["device"] = serde_json::json!(place);
         v["quant"] = serde_json::json!(quant.map(|q| q.name()));
         if let Some(e) = &quality {
             v["quant_error"] = serde_json::to_value(e)?;

@@ -287,15 +287,16 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-pub(crate) fn check_device(device: Device) -> Result<()> {
-    match device {
-        Device::Cpu => Ok(()),
-        Device::Cuda => bail!("--device cuda: this build of gyre has no CUDA backend yet; use --device cpu"),
+impl Device {
+    pub(crate) fn target(self) -> gyre::models::Device {
+        match self {
+            Device::Cpu => gyre::models::Device::Cpu,
+            Device::Cuda => gyre::models::Device::Cuda(0),
+        }
     }
 }
 
 pub(crate) fn open(args: &ModelArgs) -> Result<Loaded> {
-    check_device(args.device)?;
     if let Some(n) = args.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -307,6 +308,7 @@ pub(crate) fn open(args: &ModelArgs) -> Result<Loaded> {
     }
     let opts = gyre::models::LoadOptions {
         quant: args.quant.map(QuantArg::quant),
+        device: args.device.target(),
     };
     Loaded::open(&args.path()?, opts)
 }
@@ -475,7 +477,6 @@ fn logits(a: LogitsArgs) -> Result<()> {
 }
 
 fn open_tokenizer(a: &TokenizerArgs) -> Result<Tokenizer> {
-    check_device(a.device)?;
     match (&a.model, &a.tokenizer) {
         (Some(dir), _) => load::tokenizer_for(dir),
         (None, Some(file)) if file.as_os_str() == "world" => Tokenizer::from_name("world"),

@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::loader::Checkpoint;
 use crate::models::{Logits, Model, SeqInput};
+use crate::state::State;
 use crate::tensor::{DType, Quant, Tensor};
 
 /// Model shapes `gyre bench --synthetic` can build.
@@ -342,6 +343,24 @@ impl ReadProbe {
     }
 }
 
+/// Something that measures read bandwidth in GB/s, one pass at a time (host memory for the
+/// CPU, device memory for a GPU).
+pub trait Probe {
+    fn pass(&self) -> f64;
+}
+
+impl Probe for ReadProbe {
+    fn pass(&self) -> f64 {
+        ReadProbe::pass(self)
+    }
+}
+
+impl Probe for crate::kernels::cuda::DeviceReadProbe {
+    fn pass(&self) -> f64 {
+        crate::kernels::cuda::DeviceReadProbe::pass(self)
+    }
+}
+
 impl Default for ReadProbe {
     fn default() -> Self {
         Self::new()
@@ -472,7 +491,7 @@ pub fn run(
     gen: usize,
     batch: usize,
     bytes_per_token: usize,
-    probe: &ReadProbe,
+    probe: &dyn Probe,
 ) -> Result<BenchReport> {
     let v = model.info().vocab_size as u32;
     let tokens = prompt_tokens(prompt, v as usize);
@@ -533,4 +552,71 @@ pub fn run(
         prompt,
         gen,
     })
+}
+
+/// One point of a throughput-against-length curve (`gyre bench --curve`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CurvePoint {
+    /// Tokens generated per sequence so far.
+    pub generated: usize,
+    /// Tokens per second (all sequences) over the steps since the previous point.
+    pub window_tok_s: f64,
+    /// Tokens per second (all sequences) since decoding began.
+    pub total_tok_s: f64,
+    /// Bytes the batch's states hold now.
+    pub state_bytes: usize,
+}
+
+/// The RecurrentGemma paper's Figure 1a experiment: prefill `prompt` tokens into `batch`
+/// sequences, then decode `gen` steps, reporting throughput at `points` evenly spaced lengths.
+/// Returns the prefill time in seconds and the curve.
+pub fn curve(
+    model: &dyn Model,
+    prompt: usize,
+    gen: usize,
+    batch: usize,
+    points: usize,
+    mut on_point: impl FnMut(&CurvePoint),
+) -> Result<(f64, Vec<CurvePoint>)> {
+    let v = model.info().vocab_size as u32;
+    let tokens = prompt_tokens(prompt, v as usize);
+    let mut states: Vec<_> = (0..batch).map(|_| model.new_state()).collect();
+    let t0 = Instant::now();
+    for st in states.iter_mut() {
+        model.forward(
+            &mut [SeqInput {
+                tokens: &tokens,
+                state: st,
+            }],
+            Logits::Last,
+        )?;
+    }
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let every = (gen / points.max(1)).max(1);
+    let next: Vec<u32> = (0..batch as u32).map(|b| (b * 31 + 5) % v).collect();
+    let (start, mut window) = (Instant::now(), Instant::now());
+    let mut out = Vec::with_capacity(points);
+    for step in 1..=gen {
+        let mut inputs: Vec<SeqInput<'_>> = states
+            .iter_mut()
+            .zip(&next)
+            .map(|(state, t)| SeqInput {
+                tokens: std::slice::from_ref(t),
+                state,
+            })
+            .collect();
+        model.forward(&mut inputs, Logits::Last)?;
+        if step % every == 0 || step == gen {
+            let since = out.last().map_or(0, |p: &CurvePoint| p.generated);
+            out.push(CurvePoint {
+                generated: step,
+                window_tok_s: ((step - since) * batch) as f64 / window.elapsed().as_secs_f64(),
+                total_tok_s: (step * batch) as f64 / start.elapsed().as_secs_f64(),
+                state_bytes: states.iter().map(State::bytes).sum(),
+            });
+            on_point(&out[out.len() - 1]);
+            window = Instant::now();
+        }
+    }
+    Ok((prefill_s, out))
 }

@@ -3,6 +3,12 @@
 //! Weights are shared and read-only; each sequence owns one `State`. Transformers grow a
 //! key/value cache (bounded to a ring of slots when the model has an attention window);
 //! recurrent families keep fixed-size tensors. States clone cheaply for prefix caching.
+//! A model on a CUDA device keeps its states in device memory ([`State::Device`]), in the
+//! same layout.
+
+use anyhow::Result;
+
+pub use crate::models::cuda::DeviceState;
 
 /// Keys and values of every attention layer, f32, `[slot][kv_heads · head_dim]` per layer.
 ///
@@ -218,6 +224,8 @@ pub enum State {
     Griffin(GriffinState),
     /// RWKV-5: token shifts and WKV matrices.
     Rwkv(RwkvState),
+    /// Any family's state in CUDA device memory (a model running with `--device cuda`).
+    Device(DeviceState),
 }
 
 /// One tensor of a state, for saving and loading: name, shape and a mutable handle on its values.
@@ -254,6 +262,7 @@ impl State {
             State::Kv(_) => "kv-cache",
             State::Griffin(_) => "recurrent_gemma",
             State::Rwkv(_) => "rwkv5",
+            State::Device(d) => d.family(),
         }
     }
 
@@ -266,6 +275,7 @@ impl State {
                 g.kv.prepare_for(tokens);
             }
             State::Rwkv(r) => r.pos = tokens,
+            State::Device(d) => d.prepare_for(tokens),
         }
     }
 
@@ -276,8 +286,12 @@ impl State {
     /// `lru.{r}` [lru] per recurrent layer r, and `kv.{a}.k/v` [window, kv_dim] per attention
     /// layer a. RWKV-5: `state.{n}.att_shift` [C], `state.{n}.wkv` [H, N (key), N (value)],
     /// `state.{n}.ffn_shift` [C].
-    pub fn parts(&mut self) -> Vec<StatePart<'_>> {
-        match self {
+    ///
+    /// A device state is copied to host memory first (edits are written back before the
+    /// model's next pass), hence the `Result`.
+    pub fn parts(&mut self) -> Result<Vec<StatePart<'_>>> {
+        Ok(match self {
+            State::Device(d) => return d.parts(),
             State::Kv(c) => c.parts("kv."),
             State::Griffin(g) => {
                 let lru = g.lru.first().map_or(0, Vec::len);
@@ -309,7 +323,7 @@ impl State {
                 }
                 out
             }
-        }
+        })
     }
 
     /// Tokens consumed so far.
@@ -318,6 +332,7 @@ impl State {
             State::Kv(c) => c.len(),
             State::Griffin(g) => g.pos,
             State::Rwkv(r) => r.pos,
+            State::Device(d) => d.tokens_seen(),
         }
     }
 
@@ -328,6 +343,7 @@ impl State {
             State::Kv(c) => c.truncate(tokens),
             State::Griffin(g) => tokens == g.pos,
             State::Rwkv(r) => tokens == r.pos,
+            State::Device(d) => d.truncate(tokens),
         }
     }
 
@@ -346,6 +362,7 @@ impl State {
                 .chain(&r.ffn_shift)
                 .map(|v| v.len() * 4)
                 .sum(),
+            State::Device(d) => d.bytes(),
         }
     }
 }

@@ -15,7 +15,14 @@ use gyre::tensor::{Matrix, Quant, Tensor};
 /// largest reference logit.
 fn quant_error(quant: Quant, model_path: &Path, expected: &Path, tokens: &str, logits: &str) -> f32 {
     let ckpt = Checkpoint::open(model_path, |_, _| {}).unwrap();
-    let model = models::load_with(&ckpt, LoadOptions { quant: Some(quant) }).unwrap();
+    let model = models::load_with(
+        &ckpt,
+        LoadOptions {
+            quant: Some(quant),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let exp = Expected::read(expected);
     let (tokens, want) = (exp.ids(tokens), exp.f(logits));
     let prefill = prefill_all(model.as_ref(), tokens);

@@ -24,7 +24,7 @@ pub fn save(path: &Path, state: &State, arch: &str) -> Result<()> {
     let mut state = state.clone();
     let tokens = state.tokens_seen();
     let parts: Vec<(String, Vec<usize>, Vec<u8>)> = state
-        .parts()
+        .parts()?
         .into_iter()
         .map(|(name, shape, values)| (name, shape, bytemuck::cast_slice::<f32, u8>(values).to_vec()))
         .collect();
@@ -82,14 +82,14 @@ pub fn load(path: &Path, mut fresh: State, arch: &str) -> Result<State> {
         .and_then(|t| t.parse().ok())
         .with_context(|| format!("{file}: metadata 'tokens' is missing or not a number"))?;
     fresh.prepare_for(tokens);
-    let expected = fresh.parts().len();
+    let expected = fresh.parts()?.len();
     if tensors.len() != expected {
         bail!(
             "{file} has {} tensors; this model's state has {expected}: it was saved from another model",
             tensors.len()
         );
     }
-    for (name, shape, values) in fresh.parts() {
+    for (name, shape, values) in fresh.parts()? {
         let t = tensors.get(&name).with_context(|| {
             format!("{file}: state tensor '{name}' is missing (saved from another model?)")
         })?;
@@ -105,6 +105,11 @@ pub fn load(path: &Path, mut fresh: State, arch: &str) -> Result<State> {
 }
 
 fn load_time_state(path: &Path, tensors: &BTreeMap<String, NamedTensor>, mut fresh: State) -> Result<State> {
+    if let State::Device(d) = &mut fresh {
+        let host = load_time_state(path, tensors, d.to_host()?)?;
+        d.load_host(host);
+        return Ok(fresh);
+    }
     let file = path.display();
     let State::Rwkv(st) = &mut fresh else {
         bail!("{file} is an RWKV state-tuning file (blocks.N.att.time_state); this model is not RWKV");

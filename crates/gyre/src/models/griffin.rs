@@ -34,82 +34,82 @@ use crate::state::{GriffinState, KvCache, State};
 use crate::tensor::{DType, Matrix, Tensor};
 
 /// The recurrent temporal block (HF `RecurrentGemmaRecurrentBlock`).
-struct Recurrent {
+pub(super) struct Recurrent {
     /// linear_x / linear_y [lru, C] with biases [lru]
-    linear_x: Matrix,
-    linear_x_b: Vec<f32>,
-    linear_y: Matrix,
-    linear_y_b: Vec<f32>,
+    pub(super) linear_x: Matrix,
+    pub(super) linear_x_b: Vec<f32>,
+    pub(super) linear_y: Matrix,
+    pub(super) linear_y_b: Vec<f32>,
     /// linear_out [C, lru], bias [C]
-    linear_out: Matrix,
-    linear_out_b: Vec<f32>,
+    pub(super) linear_out: Matrix,
+    pub(super) linear_out_b: Vec<f32>,
     /// conv_1d weight as [width, lru] (tap w−1 multiplies the current token), bias [lru]
-    conv_w: Vec<f32>,
-    conv_b: Vec<f32>,
+    pub(super) conv_w: Vec<f32>,
+    pub(super) conv_b: Vec<f32>,
     /// Block-diagonal gates, one [bw_out, bw_in] matrix per head (transposed from the
     /// checkpoint's input-major [H, bw_in, bw_out]), biases [H·bw]
-    input_gate: Vec<Matrix>,
-    input_gate_b: Vec<f32>,
-    a_gate: Vec<Matrix>,
-    a_gate_b: Vec<f32>,
+    pub(super) input_gate: Vec<Matrix>,
+    pub(super) input_gate_b: Vec<f32>,
+    pub(super) a_gate: Vec<Matrix>,
+    pub(super) a_gate_b: Vec<f32>,
     /// −8 · softplus(recurrent_param) [lru]: log a = this · recurrence gate
-    log_a_scale: Vec<f32>,
+    pub(super) log_a_scale: Vec<f32>,
 }
 
 /// The local attention temporal block (HF `RecurrentGemmaSdpaAttention`).
-struct Attention {
+pub(super) struct Attention {
     /// q_proj [H·hd, C], k_proj / v_proj [KV·hd, C], o_proj [C, H·hd] with bias [C]
-    q: Matrix,
-    k: Matrix,
-    v: Matrix,
-    o: Matrix,
-    o_b: Vec<f32>,
+    pub(super) q: Matrix,
+    pub(super) k: Matrix,
+    pub(super) v: Matrix,
+    pub(super) o: Matrix,
+    pub(super) o_b: Vec<f32>,
     /// Index of this layer among the attention layers (its slot in the KV ring set)
-    kv_index: usize,
+    pub(super) kv_index: usize,
 }
 
-enum Temporal {
+pub(super) enum Temporal {
     Recurrent(Box<Recurrent>),
     Attention(Box<Attention>),
 }
 
-struct Layer {
+pub(super) struct Layer {
     /// temporal_pre_norm / channel_pre_norm [C] (applied as 1 + w)
-    temporal_norm: Vec<f32>,
-    channel_norm: Vec<f32>,
-    temporal: Temporal,
+    pub(super) temporal_norm: Vec<f32>,
+    pub(super) channel_norm: Vec<f32>,
+    pub(super) temporal: Temporal,
     /// mlp gate_proj / up_proj [F, C] + [F], down_proj [C, F] + [C]
-    gate: Matrix,
-    gate_b: Vec<f32>,
-    up: Matrix,
-    up_b: Vec<f32>,
-    down: Matrix,
-    down_b: Vec<f32>,
+    pub(super) gate: Matrix,
+    pub(super) gate_b: Vec<f32>,
+    pub(super) up: Matrix,
+    pub(super) up_b: Vec<f32>,
+    pub(super) down: Matrix,
+    pub(super) down_b: Vec<f32>,
 }
 
 /// A RecurrentGemma model with its weights.
 pub struct Griffin {
-    info: ModelInfo,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    lru: usize,
-    conv_width: usize,
-    window: usize,
-    eps: f32,
-    soft_cap: f32,
+    pub(super) info: ModelInfo,
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) lru: usize,
+    pub(super) conv_width: usize,
+    pub(super) window: usize,
+    pub(super) eps: f32,
+    pub(super) soft_cap: f32,
     /// bf16-rounded sqrt(C) (or 1 when the config turns scaling off)
-    embed_scale: f32,
-    inv_freq: Vec<f32>,
+    pub(super) embed_scale: f32,
+    pub(super) inv_freq: Vec<f32>,
     /// embed_tokens [V, C] (rows gathered as stored)
-    embed: Tensor,
+    pub(super) embed: Tensor,
     /// the tied output head: the same tensor, quantized when asked
-    head: Matrix,
-    layers: Vec<Layer>,
-    n_attention: usize,
-    n_recurrent: usize,
+    pub(super) head: Matrix,
+    pub(super) layers: Vec<Layer>,
+    pub(super) n_attention: usize,
+    pub(super) n_recurrent: usize,
     /// final_norm [C]
-    final_norm: Vec<f32>,
+    pub(super) final_norm: Vec<f32>,
 }
 
 /// Splits an input-major block-diagonal gate [H, bw, bw] into H [out, in] matrices, keeping

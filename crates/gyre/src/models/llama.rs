@@ -26,39 +26,39 @@ use crate::state::{KvCache, State};
 use crate::tensor::{Matrix, Tensor};
 
 /// One decoder layer's weights (nn.Linear layout [out, in]).
-struct Layer {
+pub(super) struct Layer {
     /// input_layernorm.weight [C]
-    attn_norm: Vec<f32>,
+    pub(super) attn_norm: Vec<f32>,
     /// q_proj [H·hd, C], k_proj / v_proj [KV·hd, C], o_proj [C, H·hd]
-    q: Matrix,
-    k: Matrix,
-    v: Matrix,
-    o: Matrix,
+    pub(super) q: Matrix,
+    pub(super) k: Matrix,
+    pub(super) v: Matrix,
+    pub(super) o: Matrix,
     /// post_attention_layernorm.weight [C]
-    mlp_norm: Vec<f32>,
+    pub(super) mlp_norm: Vec<f32>,
     /// gate_proj / up_proj [F, C], down_proj [C, F]
-    gate: Matrix,
-    up: Matrix,
-    down: Matrix,
+    pub(super) gate: Matrix,
+    pub(super) up: Matrix,
+    pub(super) down: Matrix,
 }
 
 /// A Llama-architecture model with its weights.
 pub struct Llama {
-    info: ModelInfo,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    eps: f32,
-    window: Option<usize>,
+    pub(super) info: ModelInfo,
+    pub(super) heads: usize,
+    pub(super) kv_heads: usize,
+    pub(super) head_dim: usize,
+    pub(super) eps: f32,
+    pub(super) window: Option<usize>,
     /// inv_freq [head_dim / 2]
-    inv_freq: Vec<f32>,
+    pub(super) inv_freq: Vec<f32>,
     /// embed_tokens [V, C]
-    embed: Tensor,
-    layers: Vec<Layer>,
+    pub(super) embed: Tensor,
+    pub(super) layers: Vec<Layer>,
     /// model.norm.weight [C]
-    norm: Vec<f32>,
+    pub(super) norm: Vec<f32>,
     /// lm_head [V, C]; the embedding when tied
-    lm_head: Matrix,
+    pub(super) lm_head: Matrix,
 }
 
 impl Llama {

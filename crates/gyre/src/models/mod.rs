@@ -3,6 +3,7 @@
 //! A model owns its read-only weights and computes logits for a batch of sequences, each
 //! bringing its own [`State`]. Models never do I/O: they receive an opened [`Checkpoint`].
 
+pub mod cuda;
 pub mod griffin;
 pub mod layers;
 pub mod llama;
@@ -138,11 +139,37 @@ pub fn detect(ckpt: &Checkpoint) -> Result<Arch> {
     }
 }
 
+/// Where a model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A CUDA device by ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = anyhow::Error;
+
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse) {
+                Some(Ok(n)) => Ok(Device::Cuda(n)),
+                _ => bail!("unknown device '{s}': use cpu, cuda or cuda:N"),
+            },
+        }
+    }
+}
+
 /// How to build a model from its checkpoint.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoadOptions {
     /// Quantize the weight matrices (linear layers and output head) at load.
     pub quant: Option<Quant>,
+    /// Where the model runs.
+    pub device: Device,
 }
 
 /// Detects the architecture and builds the model with weights as stored.
@@ -152,9 +179,30 @@ pub fn load(ckpt: &Checkpoint) -> Result<Box<dyn Model>> {
 
 /// Detects the architecture and builds the model.
 pub fn load_with(ckpt: &Checkpoint, opts: LoadOptions) -> Result<Box<dyn Model>> {
-    match detect(ckpt)? {
-        arch @ (Arch::Llama | Arch::Mistral) => Ok(Box::new(llama::Llama::load(ckpt, arch, opts)?)),
-        Arch::RecurrentGemma => Ok(Box::new(griffin::Griffin::load(ckpt, opts)?)),
-        Arch::Rwkv5 => Ok(Box::new(rwkv5::Rwkv5::load(ckpt, opts)?)),
+    let gpu = match opts.device {
+        Device::Cpu => None,
+        Device::Cuda(n) => {
+            if opts.quant.is_some() {
+                bail!("--quant runs on the CPU only; on --device cuda weights stay in their stored dtype");
+            }
+            Some(crate::kernels::cuda::Gpu::open(n)?)
+        }
+    };
+    match (detect(ckpt)?, gpu) {
+        (arch @ (Arch::Llama | Arch::Mistral), None) => Ok(Box::new(llama::Llama::load(ckpt, arch, opts)?)),
+        (arch @ (Arch::Llama | Arch::Mistral), Some(g)) => Ok(Box::new(cuda::llama::CudaLlama::new(
+            llama::Llama::load(ckpt, arch, opts)?,
+            &g,
+        )?)),
+        (Arch::RecurrentGemma, None) => Ok(Box::new(griffin::Griffin::load(ckpt, opts)?)),
+        (Arch::RecurrentGemma, Some(g)) => Ok(Box::new(cuda::griffin::CudaGriffin::new(
+            griffin::Griffin::load(ckpt, opts)?,
+            &g,
+        )?)),
+        (Arch::Rwkv5, None) => Ok(Box::new(rwkv5::Rwkv5::load(ckpt, opts)?)),
+        (Arch::Rwkv5, Some(g)) => Ok(Box::new(cuda::rwkv5::CudaRwkv5::new(
+            rwkv5::Rwkv5::load(ckpt, opts)?,
+            &g,
+        )?)),
     }
 }

@@ -30,52 +30,52 @@ use crate::tensor::{DType, Matrix, Tensor};
 use half::{bf16, f16};
 
 /// LayerNorm eps of ln0/ln1/ln2/ln_out.
-const LN_EPS: f32 = 1e-5;
+pub(super) const LN_EPS: f32 = 1e-5;
 /// GroupNorm eps of ln_x (training's GN(x/8, 1e-5) = GN(x, 64e-5)).
-const GN_EPS: f32 = 64e-5;
+pub(super) const GN_EPS: f32 = 64e-5;
 
-struct Block {
+pub(super) struct Block {
     /// ln1 / ln2 weight and bias [C]
-    ln1: (Vec<f32>, Vec<f32>),
-    ln2: (Vec<f32>, Vec<f32>),
+    pub(super) ln1: (Vec<f32>, Vec<f32>),
+    pub(super) ln2: (Vec<f32>, Vec<f32>),
     /// time-mix coefficients of the attention inputs [C]
-    mix_k: Vec<f32>,
-    mix_v: Vec<f32>,
-    mix_r: Vec<f32>,
-    mix_g: Vec<f32>,
+    pub(super) mix_k: Vec<f32>,
+    pub(super) mix_v: Vec<f32>,
+    pub(super) mix_r: Vec<f32>,
+    pub(super) mix_g: Vec<f32>,
     /// w = exp(−exp(time_decay)) and u = time_faaaa, [H·N] (head-major)
-    decay: Vec<f32>,
-    bonus: Vec<f32>,
+    pub(super) decay: Vec<f32>,
+    pub(super) bonus: Vec<f32>,
     /// receptance / key / value / gate [C_att, C], output [C, C_att]
-    wr: Matrix,
-    wk: Matrix,
-    wv: Matrix,
-    wg: Matrix,
-    wo: Matrix,
+    pub(super) wr: Matrix,
+    pub(super) wk: Matrix,
+    pub(super) wv: Matrix,
+    pub(super) wg: Matrix,
+    pub(super) wo: Matrix,
     /// ln_x (GroupNorm) weight and bias [C_att]
-    ln_x: (Vec<f32>, Vec<f32>),
+    pub(super) ln_x: (Vec<f32>, Vec<f32>),
     /// channel-mix coefficients [C]
-    ffn_mix_k: Vec<f32>,
-    ffn_mix_r: Vec<f32>,
+    pub(super) ffn_mix_k: Vec<f32>,
+    pub(super) ffn_mix_r: Vec<f32>,
     /// ffn key [F, C], receptance [C, C], value [C, F]
-    ffn_k: Matrix,
-    ffn_r: Matrix,
-    ffn_v: Matrix,
+    pub(super) ffn_k: Matrix,
+    pub(super) ffn_r: Matrix,
+    pub(super) ffn_v: Matrix,
 }
 
 /// An RWKV-5.2 model with its weights.
 pub struct Rwkv5 {
-    info: ModelInfo,
-    heads: usize,
-    head_size: usize,
+    pub(super) info: ModelInfo,
+    pub(super) heads: usize,
+    pub(super) head_size: usize,
     /// emb [V, C]
-    emb: Tensor,
+    pub(super) emb: Tensor,
     /// ln0 weight and bias [C], applied to each gathered embedding row
-    ln0: (Vec<f32>, Vec<f32>),
-    blocks: Vec<Block>,
-    ln_out: (Vec<f32>, Vec<f32>),
+    pub(super) ln0: (Vec<f32>, Vec<f32>),
+    pub(super) blocks: Vec<Block>,
+    pub(super) ln_out: (Vec<f32>, Vec<f32>),
     /// head [V, C]
-    head: Matrix,
+    pub(super) head: Matrix,
 }
 
 /// Which RWKV generation a checkpoint's tensor names and shapes say it is.

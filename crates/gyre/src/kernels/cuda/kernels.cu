@@ -1,0 +1,759 @@
+// gyre's CUDA kernels, compiled at run time by NVRTC (no CUDA headers needed).
+//
+// Activations are f32 everywhere; weights stay in their stored dtype (bf16, f16 or f32) and
+// are widened in registers. Every kernel mirrors a CPU kernel in kernels/cpu (named in its
+// comment); shapes are row-major. Per-sequence values that change from step to step (rows,
+// positions, state pointers) are read from device memory, so a captured decode step replays
+// with new positions.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define GYRE_INF __int_as_float(0x7f800000)
+
+#define DT_F32 0
+#define DT_F16 1
+#define DT_BF16 2
+
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
+
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Round to nearest even (NaN stays NaN), as half::bf16::from_f32.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+__device__ __forceinline__ u16 f32_to_f16(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+__device__ __forceinline__ float load_elem(const void* p, size_t i, int dtype) {
+    if (dtype == DT_BF16) return bf16_to_f32(((const u16*)p)[i]);
+    if (dtype == DT_F16) return f16_to_f32(((const u16*)p)[i]);
+    return ((const float*)p)[i];
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
+__device__ float block_sum(float v) {
+    __shared__ float part[32];
+    __shared__ float total;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        float s = lane < (int)(blockDim.x >> 5) ? part[lane] : 0.0f;
+        s = warp_sum(s);
+        if (lane == 0) total = s;
+    }
+    __syncthreads();
+    return total;
+}
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float c = 0.7978846f;  // sqrt(2/pi), as kernels/cpu/ops.rs
+    return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
+}
+
+// Streaming 16-byte load: weights are read once per step, keep them out of L1.
+__device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+// ---------------------------------------------------------------------------------------
+// Matrix-vector products for a few rows (decode): y[r, o] (+)= Σ_i W[o, i] · x[r, i] (+ b[o]).
+// W is [n_out, n_in] (nn.Linear layout). One warp per output feature, every row at once, so
+// each weight is read once whatever the number of rows (≤ GEMV_ROWS). Grouped: blockIdx.y
+// selects a block-diagonal group g (W + g·w_group, x + g·x_group, y + g·y_group, b + g·n_out).
+// CPU counterpart: kernels/cpu/gemv.rs `rows_times`.
+
+#define GEMV_ROWS 8
+
+struct WBf16 {
+    typedef u16 T;
+    static const int VEC = 8;
+    __device__ static void widen(uint4 q, float* o) {
+        u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            o[2 * i] = __uint_as_float(w[i] << 16);
+            o[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+        }
+    }
+    __device__ static float one(const T* p, size_t i) { return bf16_to_f32(p[i]); }
+};
+
+struct WF16 {
+    typedef u16 T;
+    static const int VEC = 8;
+    __device__ static void widen(uint4 q, float* o) {
+        u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            o[2 * i] = f16_to_f32((u16)(w[i] & 0xffffu));
+            o[2 * i + 1] = f16_to_f32((u16)(w[i] >> 16));
+        }
+    }
+    __device__ static float one(const T* p, size_t i) { return f16_to_f32(p[i]); }
+};
+
+struct WF32 {
+    typedef float T;
+    static const int VEC = 4;
+    __device__ static void widen(uint4 q, float* o) {
+        o[0] = __uint_as_float(q.x);
+        o[1] = __uint_as_float(q.y);
+        o[2] = __uint_as_float(q.z);
+        o[3] = __uint_as_float(q.w);
+    }
+    __device__ static float one(const T* p, size_t i) { return p[i]; }
+};
+
+// One warp per output feature o, R rows at once (R a compile-time 1, 2, 4 or 8 ≥ rows,
+// so registers match the work and occupancy stays high). Each lane issues four 16-byte
+// streaming loads of the row before using any of them: enough bytes in flight per SM to
+// reach the memory's bandwidth. Epilogues (`mode`): 0 y = s, 1 y += s, 2 y = relu(s)²,
+// 3 y += s · sigmoid(aux[r, o]) (aux row stride y_stride), where s = Σ_i W[o, i]·x[r, i]
+// (+ bias[o]).
+#define GEMV_DEPTH 4
+
+template <class W, int R>
+__device__ void gemv(const void* w_, const float* __restrict__ x, float* __restrict__ y,
+                     const float* __restrict__ bias, int n_in, int n_out, int rows, int x_stride,
+                     int y_stride, int mode, long long w_group, int x_group, int y_group,
+                     int vec_ok, const float* __restrict__ aux) {
+    typedef typename W::T T;
+    const int VEC = W::VEC;
+    int g = blockIdx.y;
+    int lane = threadIdx.x & 31;
+    int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (o >= n_out) return;
+    const T* row = (const T*)w_ + (size_t)g * w_group + (size_t)o * n_in;
+    x += (size_t)g * x_group;
+    y += (size_t)g * y_group;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    int nvec = vec_ok ? n_in / VEC : 0;
+    const uint4* row4 = (const uint4*)row;
+    for (int v0 = lane; v0 < nvec; v0 += 32 * GEMV_DEPTH) {
+        uint4 q[GEMV_DEPTH];
+#pragma unroll
+        for (int u = 0; u < GEMV_DEPTH; u++)
+            if (v0 + 32 * u < nvec) q[u] = ld_stream(row4 + v0 + 32 * u);
+#pragma unroll
+        for (int u = 0; u < GEMV_DEPTH; u++) {
+            int v = v0 + 32 * u;
+            if (v < nvec) {
+                float wf[VEC];
+                W::widen(q[u], wf);
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    if (r < rows) {
+                        const float4* xr = (const float4*)(x + (size_t)r * x_stride + v * VEC);
+#pragma unroll
+                        for (int c = 0; c < VEC / 4; c++) {
+                            float4 a = xr[c];
+                            acc[r] += wf[4 * c] * a.x + wf[4 * c + 1] * a.y + wf[4 * c + 2] * a.z +
+                                      wf[4 * c + 3] * a.w;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (int i = nvec * VEC + lane; i < n_in; i += 32) {
+        float wv = W::one(row, i);
+#pragma unroll
+        for (int r = 0; r < R; r++)
+            if (r < rows) acc[r] += wv * x[(size_t)r * x_stride + i];
+    }
+    float b = bias ? bias[(size_t)g * n_out + o] : 0.0f;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (r < rows) {
+            float s = warp_sum(acc[r]) + b;
+            if (lane == 0) {
+                float* dst = y + (size_t)r * y_stride + o;
+                if (mode == 0) *dst = s;
+                else if (mode == 1) *dst += s;
+                else if (mode == 2) { float t = fmaxf(s, 0.0f); *dst = t * t; }
+                else *dst += s / (1.0f + expf(-aux[(size_t)r * y_stride + o]));
+            }
+        }
+    }
+}
+
+#define GEMV_ENTRY(name, W, R)                                                                  \
+    extern "C" __global__ void name(const void* w, const float* x, float* y, const float* bias, \
+                                    int n_in, int n_out, int rows, int x_stride, int y_stride,  \
+                                    int mode, long long w_group, int x_group, int y_group,      \
+                                    int vec_ok, const float* aux) {                             \
+        gemv<W, R>(w, x, y, bias, n_in, n_out, rows, x_stride, y_stride, mode, w_group,         \
+                   x_group, y_group, vec_ok, aux);                                              \
+    }
+GEMV_ENTRY(gemv_bf16_1, WBf16, 1)
+GEMV_ENTRY(gemv_bf16_2, WBf16, 2)
+GEMV_ENTRY(gemv_bf16_4, WBf16, 4)
+GEMV_ENTRY(gemv_bf16_8, WBf16, 8)
+GEMV_ENTRY(gemv_f16_1, WF16, 1)
+GEMV_ENTRY(gemv_f16_2, WF16, 2)
+GEMV_ENTRY(gemv_f16_4, WF16, 4)
+GEMV_ENTRY(gemv_f16_8, WF16, 8)
+GEMV_ENTRY(gemv_f32_1, WF32, 1)
+GEMV_ENTRY(gemv_f32_2, WF32, 2)
+GEMV_ENTRY(gemv_f32_4, WF32, 4)
+GEMV_ENTRY(gemv_f32_8, WF32, 8)
+
+// Epilogues of a cuBLAS product (mode as for the GEMV): y[r, j] (+)= f(y[r, j] + b[j]) over
+// [rows, n], row stride y_stride; for modes 1 and 3 the product was written to `tmp` first.
+extern "C" __global__ void epilogue(float* y, const float* tmp, const float* b, const float* aux,
+                                    int rows, int n, int y_stride, int mode) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * n) return;
+    size_t r = i / n, j = i % n, at = r * y_stride + j;
+    float s = (mode == 1 || mode == 3 ? tmp[i] : y[at]) + (b ? b[j] : 0.0f);
+    if (mode == 0) y[at] = s;
+    else if (mode == 1) y[at] += s;
+    else if (mode == 2) { float t = fmaxf(s, 0.0f); y[at] = t * t; }
+    else y[at] += s / (1.0f + expf(-aux[at]));
+}
+
+// Activations rounded to the weights' dtype, for the cuBLAS products of prefill:
+// out[r, i] = round(x[r·x_stride + i]), out dense [rows, n].
+extern "C" __global__ void round_rows(const float* x, u16* out, int rows, int n, int x_stride,
+                                      int dtype) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * n) return;
+    float v = x[(i / n) * x_stride + i % n];
+    out[i] = dtype == DT_BF16 ? f32_to_bf16(v) : f32_to_f16(v);
+}
+
+// ---------------------------------------------------------------------------------------
+// Row-wise kernels: one block per row.
+
+// Row norms keep their row in registers (NORM_PER_THREAD values per thread, blockDim 512,
+// so rows up to 8192): one read of x, one reduction, one write.
+#define NORM_PER_THREAD 16
+
+// kernels/cpu/ops.rs rmsnorm (w_offset 0) and rmsnorm_gemma (w_offset 1).
+extern "C" __global__ void rmsnorm(const float* x, const float* w, float* out, int c, float eps,
+                                   float w_offset) {
+    const float* xr = x + (size_t)blockIdx.x * c;
+    float* yr = out + (size_t)blockIdx.x * c;
+    float v[NORM_PER_THREAD];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < c ? xr[i] : 0.0f;
+        ss += v[k] * v[k];
+    }
+    float inv = 1.0f / sqrtf(block_sum(ss) / c + eps);
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < c) yr[i] = v[k] * inv * (w_offset + w[i]);
+    }
+}
+
+// kernels/cpu/ops.rs layernorm (biased variance, two passes over the registers).
+extern "C" __global__ void layernorm(const float* x, const float* w, const float* b, float* out,
+                                     int c, float eps) {
+    const float* xr = x + (size_t)blockIdx.x * c;
+    float* yr = out + (size_t)blockIdx.x * c;
+    float v[NORM_PER_THREAD];
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        v[k] = i < c ? xr[i] : 0.0f;
+        s += v[k];
+    }
+    float mean = block_sum(s) / c;
+    float q = 0.0f;
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < c) q += (v[k] - mean) * (v[k] - mean);
+    }
+    float inv = 1.0f / sqrtf(block_sum(q) / c + eps);
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < c) yr[i] = (v[k] - mean) * inv * w[i] + b[i];
+    }
+}
+
+// out[r] = scale · table[tokens[r]] (models/layers.rs gather_embeddings).
+extern "C" __global__ void embed(const void* table, int dtype, const u32* tokens, float* out, int c,
+                                 float scale) {
+    size_t base = (size_t)tokens[blockIdx.x] * c;
+    float* yr = out + (size_t)blockIdx.x * c;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) {
+        float v = load_elem(table, base + i, dtype);
+        yr[i] = scale == 1.0f ? v : v * scale;
+    }
+}
+
+// Rounds values to bf16 / f16 in place (RWKV's ln0 folded into a table of that dtype).
+extern "C" __global__ void round_in_place(float* x, size_t n, int dtype) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    if (dtype == DT_BF16) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
+    if (dtype == DT_F16) x[i] = f16_to_f32(f32_to_f16(x[i]));
+}
+
+// out[i] = x[rows[i]] for picked rows: [n_pick, c].
+extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int c) {
+    const float* xr = x + (size_t)rows[blockIdx.x] * c;
+    float* yr = out + (size_t)blockIdx.x * c;
+    for (int i = threadIdx.x; i < c; i += blockDim.x) yr[i] = xr[i];
+}
+
+// ---------------------------------------------------------------------------------------
+// Elementwise.
+
+// Llama MLP: out[r, j] = silu(gu[r, j]) · gu[r, f + j], gu [rows, 2f] (gate | up).
+extern "C" __global__ void silu_mul(const float* gu, float* out, int rows, int f) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * f) return;
+    size_t r = i / f, j = i % f;
+    float g = gu[r * 2 * f + j];
+    out[i] = g / (1.0f + expf(-g)) * gu[r * 2 * f + f + j];
+}
+
+// Griffin MLP: out[r, j] = gelu_tanh(gu[r, j]) · gu[r, f + j].
+extern "C" __global__ void gelu_mul(const float* gu, float* out, int rows, int f) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)rows * f) return;
+    size_t r = i / f, j = i % f;
+    out[i] = gelu_tanh(gu[r * 2 * f + j]) * gu[r * 2 * f + f + j];
+}
+
+// Griffin's final logits: cap · tanh(l / cap).
+extern "C" __global__ void soft_cap(float* x, size_t n, float cap) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    x[i] = cap * tanhf(x[i] / cap);
+}
+
+// ---------------------------------------------------------------------------------------
+// Batch layout. A forward pass lays its sequences out as consecutive rows; `meta` holds,
+// for every row, its sequence and absolute position, and for every sequence its first row,
+// length, first position and its cache's slot count. `states[s]` points at sequence s's state
+// block in device memory (layout chosen by the model).
+
+struct Batch {
+    const int* row_seq;
+    const int* row_pos;
+    const int* seg_row;
+    const int* seg_len;
+    const int* seg_pos;
+    const int* slots;
+    const u64* states;
+};
+
+__device__ __forceinline__ Batch batch_of(const int* meta, const u64* states, int rows, int seqs) {
+    Batch b;
+    b.row_seq = meta;
+    b.row_pos = meta + rows;
+    b.seg_row = meta + 2 * rows;
+    b.seg_len = meta + 2 * rows + seqs;
+    b.seg_pos = meta + 2 * rows + 2 * seqs;
+    b.slots = meta + 2 * rows + 3 * seqs;
+    b.states = states;
+    return b;
+}
+
+// Half-split RoPE (kernels/cpu/ops.rs rope_half_split) on the first n_heads heads of each row
+// of x (row stride x_stride): dim i pairs with i + half, angle pos · inv_freq[i] in f32.
+extern "C" __global__ void rope(float* x, int x_stride, int n_heads, int hd, int half,
+                                const float* inv_freq, const int* meta, int rows, int seqs) {
+    int r = blockIdx.x, h = blockIdx.y;
+    Batch b = batch_of(meta, 0, rows, seqs);
+    float pos = (float)b.row_pos[r];
+    float* v = x + (size_t)r * x_stride + h * hd;
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        float s, c;
+        sincosf(pos * inv_freq[i], &s, &c);
+        float x1 = v[i], x2 = v[i + half];
+        v[i] = x1 * c - x2 * s;
+        v[i + half] = x2 * c + x1 * s;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention (models/layers.rs attend_chunk). A query at position p sees keys
+// max(0, p + 1 − span) ..= p (span 0: all). Keys at or after the sequence's first new
+// position come from this pass's rows (qkv), older ones from the cache: sequence s's layer l
+// keys are states[s] + kv_offset + l·2·slots·kvd ([slots, kvd], position p in slot p % slots),
+// values follow the keys. Split over keys (KEYS_PER_SPLIT each) for parallelism; a second
+// kernel merges the splits' softmax partials.
+
+#define KEYS_PER_SPLIT 64
+
+struct Attn {
+    const float* qkv;
+    int row_stride, q_off, k_off, v_off;
+    long long kv_offset;
+    int layer, heads, kv_heads, hd, span;
+    float scale;
+};
+
+// Where sequence s's keys and values are: chunk rows from `first_new` on, the cache before.
+struct KvView {
+    const float *new_k, *new_v, *old_k, *old_v;
+    int first_new, slots;
+    size_t row_stride, kvd;
+};
+
+__device__ __forceinline__ KvView kv_view(const Attn& a, const Batch& b, int s, int g) {
+    KvView v;
+    int kvd = a.kv_heads * a.hd;
+    v.first_new = b.seg_pos[s];
+    v.slots = b.slots[s];
+    v.row_stride = a.row_stride;
+    v.kvd = kvd;
+    const float* rows0 = a.qkv + (size_t)b.seg_row[s] * a.row_stride + g * a.hd;
+    v.new_k = rows0 + a.k_off;
+    v.new_v = rows0 + a.v_off;
+    const float* base = (const float*)b.states[s] + a.kv_offset + (size_t)a.layer * 2 * v.slots * kvd;
+    v.old_k = base + g * a.hd;
+    v.old_v = base + (size_t)v.slots * kvd + g * a.hd;
+    return v;
+}
+
+__device__ __forceinline__ const float* kv_at(const KvView& v, int p, int value) {
+    if (p >= v.first_new) return (value ? v.new_v : v.new_k) + (size_t)(p - v.first_new) * v.row_stride;
+    return (value ? v.old_v : v.old_k) + (size_t)(p % v.slots) * v.kvd;
+}
+
+// One block (ATTN_THREADS) per (row, head, split of KEYS_PER_SPLIT keys). Scores: each warp
+// takes KEYS_PER_WARP keys at once (one 16-byte piece of each per lane in flight). Values:
+// threads split over (dimension, key group), the groups summed through shared memory.
+#define ATTN_THREADS 256
+#define KEYS_PER_WARP (KEYS_PER_SPLIT / (ATTN_THREADS / 32))
+
+extern "C" __global__ void attention_split(Attn a, const int* meta, const u64* states, int rows,
+                                           int seqs, float* part_out, float* part_ml, int splits) {
+    __shared__ float4 qs[128];
+    __shared__ float sc[KEYS_PER_SPLIT];
+    __shared__ float red[ATTN_THREADS];
+    int r = blockIdx.x, h = blockIdx.y, sp = blockIdx.z;
+    Batch b = batch_of(meta, states, rows, seqs);
+    int s = b.row_seq[r], pos = b.row_pos[r];
+    int lo = a.span > 0 ? max(0, pos + 1 - a.span) : 0;
+    int k0 = lo + sp * KEYS_PER_SPLIT, k1 = min(pos + 1, k0 + KEYS_PER_SPLIT);
+    size_t part = ((size_t)r * a.heads + h) * splits + sp;
+    if (k0 > pos) {
+        if (threadIdx.x == 0) {
+            part_ml[2 * part] = -GYRE_INF;
+            part_ml[2 * part + 1] = 0.0f;
+        }
+        return;
+    }
+    int g = h / (a.heads / a.kv_heads);
+    KvView kv = kv_view(a, b, s, g);
+    int hd4 = a.hd / 4;
+    const float4* q = (const float4*)(a.qkv + (size_t)r * a.row_stride + a.q_off + h * a.hd);
+    for (int c = threadIdx.x; c < hd4; c += blockDim.x) qs[c] = q[c];
+    __syncthreads();
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int n = k1 - k0;
+    float acc[KEYS_PER_WARP];
+#pragma unroll
+    for (int u = 0; u < KEYS_PER_WARP; u++) acc[u] = 0.0f;
+    int first = warp * KEYS_PER_WARP;
+    for (int c = lane; c < hd4; c += 32) {
+        float4 qv = qs[c];
+#pragma unroll
+        for (int u = 0; u < KEYS_PER_WARP; u++) {
+            if (first + u < n) {
+                float4 kk = ((const float4*)kv_at(kv, k0 + first + u, 0))[c];
+                acc[u] += qv.x * kk.x + qv.y * kk.y + qv.z * kk.z + qv.w * kk.w;
+            }
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < KEYS_PER_WARP; u++) {
+        float d = warp_sum(acc[u]);
+        if (lane == 0 && first + u < n) sc[first + u] = d * a.scale;
+    }
+    __syncthreads();
+    float m = -GYRE_INF;
+    for (int j = 0; j < n; j++) m = fmaxf(m, sc[j]);
+    __syncthreads();
+    if (threadIdx.x < n) sc[threadIdx.x] = expf(sc[threadIdx.x] - m);
+    __syncthreads();
+    float l = 0.0f;
+    for (int j = 0; j < n; j++) l += sc[j];
+    // Values: thread t sums dimension t % hd over the keys of group t / hd.
+    int groups = max(1, ATTN_THREADS / a.hd);
+    for (int d0 = 0; d0 < a.hd; d0 += ATTN_THREADS) {
+        int d = d0 + threadIdx.x % a.hd, grp = threadIdx.x / a.hd;
+        float v = 0.0f;
+        if (grp < groups && d < a.hd) {
+#pragma unroll 8
+            for (int j = grp; j < n; j += groups) v += sc[j] * kv_at(kv, k0 + j, 1)[d];
+        }
+        red[threadIdx.x] = v;
+        __syncthreads();
+        if (threadIdx.x < a.hd - d0 && threadIdx.x < ATTN_THREADS) {
+            float t = 0.0f;
+            for (int k = 0; k < groups; k++) t += red[k * a.hd + threadIdx.x % a.hd];
+            part_out[part * a.hd + d0 + threadIdx.x] = t;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        part_ml[2 * part] = m;
+        part_ml[2 * part + 1] = l;
+    }
+}
+
+// out [rows, heads·hd]: the splits' partial sums merged with their max-shifted weights.
+extern "C" __global__ void attention_merge(const float* part_out, const float* part_ml, float* out,
+                                           int heads, int hd, int splits) {
+    int r = blockIdx.x, h = blockIdx.y;
+    size_t base = ((size_t)r * heads + h) * splits;
+    float m = -GYRE_INF;
+    for (int sp = 0; sp < splits; sp++) m = fmaxf(m, part_ml[2 * (base + sp)]);
+    float l = 0.0f;
+    for (int sp = 0; sp < splits; sp++) {
+        float ms = part_ml[2 * (base + sp)];
+        if (ms != -GYRE_INF) l += part_ml[2 * (base + sp) + 1] * expf(ms - m);
+    }
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float acc = 0.0f;
+        for (int sp = 0; sp < splits; sp++) {
+            float ms = part_ml[2 * (base + sp)];
+            if (ms != -GYRE_INF) acc += part_out[(base + sp) * hd + d] * expf(ms - m);
+        }
+        out[(size_t)r * heads * hd + h * hd + d] = acc / l;
+    }
+}
+
+// After attention: the chunk's keys/values into the cache (state/KvCache write). Only the
+// chunk's last `slots` positions are written, so no two rows share a slot.
+extern "C" __global__ void write_kv(Attn a, const int* meta, const u64* states, int rows, int seqs) {
+    int r = blockIdx.x;
+    Batch b = batch_of(meta, states, rows, seqs);
+    int s = b.row_seq[r], p = b.row_pos[r];
+    int slots = b.slots[s], end = b.seg_pos[s] + b.seg_len[s];
+    if (p + slots < end) return;
+    int kvd = a.kv_heads * a.hd;
+    float* base = (float*)b.states[s] + a.kv_offset + (size_t)a.layer * 2 * slots * kvd;
+    float* kd = base + (size_t)(p % slots) * kvd;
+    float* vd = kd + (size_t)slots * kvd;
+    const float* src = a.qkv + (size_t)r * a.row_stride;
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+        kd[i] = src[a.k_off + i];
+        vd[i] = src[a.v_off + i];
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RecurrentGemma recurrent block (models/griffin.rs `recurrent`).
+
+// Causal depthwise conv1d over the rows of x (row stride x_stride), width taps w [width, lru]
+// (tap width−1 multiplies the current token); inputs before the chunk come from the state's
+// history [width − 1, lru] at states[s] + hist_off (oldest first).
+extern "C" __global__ void conv1d(const float* x, int x_stride, float* out, const float* w,
+                                  const float* bias, int lru, int width, long long hist_off,
+                                  const int* meta, const u64* states, int rows, int seqs) {
+    int r = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= lru) return;
+    Batch b = batch_of(meta, states, rows, seqs);
+    int s = b.row_seq[r], t = b.row_pos[r] - b.seg_pos[s];
+    const float* hist = (const float*)b.states[s] + hist_off;
+    float acc = bias[ch];
+    for (int sh = 0; sh < width; sh++) {
+        float in = t >= sh ? x[(size_t)(r - sh) * x_stride + ch]
+                           : hist[(size_t)(width - 1 + t - sh) * lru + ch];
+        acc += in * w[(size_t)(width - 1 - sh) * lru + ch];
+    }
+    out[(size_t)r * lru + ch] = acc;
+}
+
+// Keeps each sequence's last width − 1 conv inputs (reads older history before it is
+// overwritten: entry i takes i + len or a chunk row).
+extern "C" __global__ void conv1d_keep(const float* x, int x_stride, int lru, int width,
+                                       long long hist_off, const int* meta, const u64* states,
+                                       int rows, int seqs) {
+    int s = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= lru) return;
+    Batch b = batch_of(meta, states, rows, seqs);
+    int len = b.seg_len[s], row0 = b.seg_row[s], keep = width - 1;
+    float* hist = (float*)b.states[s] + hist_off;
+    for (int i = 0; i < keep; i++) {
+        int back = keep - i;
+        hist[(size_t)i * lru + ch] = back <= len ? x[(size_t)(row0 + len - back) * x_stride + ch]
+                                                 : hist[(size_t)(i + len) * lru + ch];
+    }
+}
+
+// The RG-LRU scan, one thread per channel and sequence: gates [rows, H, 2, bw] hold each
+// head's input and recurrence gate pre-activations (biases added); y [rows, lru] (row stride
+// y_stride) the linear_y branch before its GELU. out[r] = h_t · gelu(y), h_t in the state at
+// h_off.
+extern "C" __global__ void rglru_scan(const float* conv, const float* gates, const float* y,
+                                      int y_stride, const float* log_a_scale, float* out, int lru,
+                                      int bw, long long h_off, const int* meta, const u64* states,
+                                      int rows, int seqs) {
+    int s = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= lru) return;
+    Batch b = batch_of(meta, states, rows, seqs);
+    float* hp = (float*)b.states[s] + h_off + i;
+    float h = *hp;
+    int gi = (i / bw) * 2 * bw + i % bw;  // input gate of channel i; its recurrence gate: + bw
+    for (int t = 0; t < b.seg_len[s]; t++) {
+        size_t r = b.seg_row[s] + t;
+        bool first = b.seg_pos[s] + t == 0;
+        float gx = sigmoidf_(gates[r * 2 * lru + gi]);
+        float ga = sigmoidf_(gates[r * 2 * lru + gi + bw]);
+        float log_a = log_a_scale[i] * ga;
+        float a = expf(log_a);
+        float mult = first ? 1.0f : sqrtf(1.0f - expf(2.0f * log_a));
+        float xn = conv[r * lru + i] * gx * mult;
+        h = (first ? 0.0f : a * h) + xn;
+        out[r * lru + i] = h * gelu_tanh(y[r * y_stride + i]);
+    }
+    *hp = h;
+}
+
+// ---------------------------------------------------------------------------------------
+// RWKV-5.2 (models/rwkv5.rs).
+
+// Token shift: out[m][r] = xx[r]·mix[m] + prev·(1 − mix[m]) with prev = xx[r − 1], or the
+// state's saved row at the chunk start; out [n_mix, rows, c], mixes [n_mix, c].
+extern "C" __global__ void shift_mix(const float* xx, float* out, const float* mixes, int n_mix,
+                                     int c, long long shift_off, const int* meta,
+                                     const u64* states, int rows, int seqs) {
+    int r = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    Batch b = batch_of(meta, states, rows, seqs);
+    int s = b.row_seq[r];
+    float cur = xx[(size_t)r * c + ch];
+    float prev = r == b.seg_row[s] ? ((const float*)b.states[s])[shift_off + ch]
+                                   : xx[(size_t)(r - 1) * c + ch];
+    for (int m = 0; m < n_mix; m++) {
+        float mix = mixes[(size_t)m * c + ch];
+        out[((size_t)m * rows + r) * c + ch] = cur * mix + prev * (1.0f - mix);
+    }
+}
+
+// Saves each sequence's last row of xx as its next token shift.
+extern "C" __global__ void shift_keep(const float* xx, int c, long long shift_off, const int* meta,
+                                      const u64* states, int rows, int seqs) {
+    int s = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= c) return;
+    Batch b = batch_of(meta, states, rows, seqs);
+    int last = b.seg_row[s] + b.seg_len[s] - 1;
+    ((float*)b.states[s])[shift_off + ch] = xx[(size_t)last * c + ch];
+}
+
+// WKV recurrence, one block per (head, sequence), thread j owning value column j of the
+// head's state S [N (key i), N (value j)] (kept in shared memory). rkv: r, k, v as
+// [3, rows, c_att]; decay w and bonus u [H·N]; y [rows, c_att].
+extern "C" __global__ void wkv5(const float* rkv, const float* decay, const float* bonus, float* y,
+                                int n, int c_att, long long wkv_off, const int* meta,
+                                const u64* states, int rows, int seqs) {
+    extern __shared__ float sh[];
+    float* S = sh;              // [n, n]
+    float* rs = sh + n * n;     // [n]
+    float* ks = rs + n;         // [n]
+    float* ru = ks + n;         // r·u·k partial products [n]
+    int h = blockIdx.x, s = blockIdx.y, j = threadIdx.x;
+    Batch b = batch_of(meta, states, rows, seqs);
+    float* st = (float*)b.states[s] + wkv_off + (size_t)h * n * n;
+    for (int i = 0; i < n; i++) S[i * n + j] = st[i * n + j];
+    const float* w = decay + h * n;
+    const float* u = bonus + h * n;
+    size_t plane = (size_t)rows * c_att;
+    for (int t = 0; t < b.seg_len[s]; t++) {
+        size_t base = (size_t)(b.seg_row[s] + t) * c_att + h * n;
+        __syncthreads();
+        rs[j] = rkv[base + j];
+        ks[j] = rkv[plane + base + j];
+        ru[j] = rs[j] * u[j] * ks[j];
+        __syncthreads();
+        float vj = rkv[2 * plane + base + j];
+        float bon = 0.0f;
+        for (int i = 0; i < n; i++) bon += ru[i];
+        float acc = bon * vj;
+        for (int i = 0; i < n; i++) {
+            float sij = S[i * n + j];
+            acc += rs[i] * sij;
+            S[i * n + j] = ks[i] * vj + w[i] * sij;
+        }
+        y[base + j] = acc;
+    }
+    for (int i = 0; i < n; i++) st[i * n + j] = S[i * n + j];
+}
+
+// GroupNorm per head (eps given) with weight/bias [c_att], then × silu(g): y, g [rows, c_att].
+// One warp per (row, head).
+extern "C" __global__ void group_norm_gate(float* y, const float* g, const float* w,
+                                           const float* bias, int n, int c_att, int rows,
+                                           float eps) {
+    int heads = c_att / n;
+    int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (item >= rows * heads) return;
+    int r = item / heads, h = item % heads;
+    float* v = y + (size_t)r * c_att + h * n;
+    const float* gv = g + (size_t)r * c_att + h * n;
+    float s = 0.0f;
+    for (int i = lane; i < n; i += 32) s += v[i];
+    float mean = warp_sum(s) / n;
+    float q = 0.0f;
+    for (int i = lane; i < n; i += 32) q += (v[i] - mean) * (v[i] - mean);
+    float inv = 1.0f / sqrtf(warp_sum(q) / n + eps);
+    for (int i = lane; i < n; i += 32) {
+        float gi = gv[i];
+        v[i] = ((v[i] - mean) * inv * w[h * n + i] + bias[h * n + i]) * (gi / (1.0f + expf(-gi)));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The device's read bandwidth (gyre bench): every block sums its share of n 16-byte words.
+extern "C" __global__ void read_sum(const uint4* p, size_t n, float* out) {
+    float s = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint4 q = ld_stream(p + i);
+        s += __uint_as_float(q.x) + __uint_as_float(q.y) + __uint_as_float(q.z) + __uint_as_float(q.w);
+    }
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[blockIdx.x] = s;
+}

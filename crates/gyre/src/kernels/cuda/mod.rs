@@ -1,0 +1,1248 @@
+//! The CUDA backend's runtime: a device, one stream, the NVRTC-compiled kernels of
+//! `kernels.cu`, cuBLAS, device buffers, and one typed launcher per kernel.
+//!
+//! CUDA is loaded at run time (`cudarc` with dynamic loading): the binary builds and runs
+//! without it, and [`Gpu::open`] says clearly which library is missing. Kernels never know
+//! models: launchers take device pointers, shapes and strides.
+
+use std::ffi::c_void;
+use std::fmt;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::cublas::sys as blas_sys;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{result as drv, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaStream};
+
+use crate::tensor::DType;
+
+const SOURCE: &str = include_str!("kernels.cu");
+
+/// Rows up to which products run as the GEMV kernel (each weight read once for all rows);
+/// above it, cuBLAS. Must equal `GEMV_ROWS` in kernels.cu.
+pub const GEMV_ROWS: usize = 8;
+/// Keys per attention split; must equal `KEYS_PER_SPLIT` in kernels.cu.
+pub const KEYS_PER_SPLIT: usize = 64;
+
+/// Whether a CUDA driver can be loaded on this machine (no device is touched).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the driver library by its known names.
+    unsafe { sys::is_culib_present() }
+}
+
+/// Compiles `kernels.cu` with NVRTC for compute capability `major.minor` (no device needed).
+pub fn compile(major: i32, minor: i32) -> Result<cudarc::nvrtc::Ptx> {
+    // SAFETY: only tries to dlopen NVRTC by its known names.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        bail!("--device cuda: libnvrtc.so (CUDA 12 or 13) could not be loaded; add its directory to LD_LIBRARY_PATH");
+    }
+    let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+    let opts = cudarc::nvrtc::CompileOptions {
+        arch: Some(arch),
+        options: vec!["--std=c++14".into()],
+        ..Default::default()
+    };
+    cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| match e {
+        cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+            anyhow!(
+                "NVRTC could not compile gyre's kernels for {arch}:\n{}",
+                log.to_string_lossy()
+            )
+        }
+        e => anyhow!("NVRTC could not compile gyre's kernels for {arch}: {e:?}"),
+    })
+}
+
+/// A pointer into device memory (plain address: kernels take raw pointers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(transparent)]
+pub struct DevPtr(pub u64);
+
+impl DevPtr {
+    pub const NULL: DevPtr = DevPtr(0);
+
+    /// The address `elems` f32 values further on.
+    pub fn f32_at(self, elems: usize) -> DevPtr {
+        DevPtr(self.0 + 4 * elems as u64)
+    }
+
+    /// The address `bytes` further on.
+    pub fn byte_at(self, bytes: usize) -> DevPtr {
+        DevPtr(self.0 + bytes as u64)
+    }
+}
+
+/// Owned device memory, freed on drop.
+pub struct DevBuf {
+    gpu: Arc<Gpu>,
+    ptr: DevPtr,
+    bytes: usize,
+}
+
+impl fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DevBuf({} bytes)", self.bytes)
+    }
+}
+
+impl DevBuf {
+    pub fn ptr(&self) -> DevPtr {
+        self.ptr
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+}
+
+impl Drop for DevBuf {
+    fn drop(&mut self) {
+        if self.bytes == 0 {
+            return;
+        }
+        // Errors cannot propagate from drop; a failed free only leaks.
+        let _ = self.gpu.ctx.bind_to_thread();
+        // SAFETY: `ptr` came from cuMemAlloc in `Gpu::alloc` and is freed once, here; work
+        // queued on the stream that uses it is finished first.
+        unsafe {
+            let _ = self.gpu.stream.synchronize();
+            let _ = drv::free_sync(self.ptr.0);
+        }
+    }
+}
+
+/// Weights on the device, in their stored dtype: [rows, cols] row-major, or `groups` such
+/// matrices back to back (block-diagonal gates).
+#[derive(Debug)]
+pub struct DevMatrix {
+    pub buf: DevBuf,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub groups: usize,
+}
+
+/// Everything a product needs to know about its activations and output.
+#[derive(Clone, Copy, Debug)]
+pub struct Product {
+    /// x [rows, cols] with row stride `x_stride` (f32 elements).
+    pub x: DevPtr,
+    pub x_stride: usize,
+    pub rows: usize,
+    /// y [rows, out] with row stride `y_stride`.
+    pub y: DevPtr,
+    pub y_stride: usize,
+    /// Bias [out] (per group for grouped products), or none.
+    pub bias: Option<DevPtr>,
+    /// What becomes of `s = x·Wᵀ (+ b)`.
+    pub epilogue: Epilogue,
+}
+
+/// How a product's result `s` lands in `y` (`mode` in kernels.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `y = s`
+    Store,
+    /// `y += s` (residual connections)
+    Accumulate,
+    /// `y = relu(s)²` (RWKV channel mix)
+    ReluSquare,
+    /// `y += s · sigmoid(gate)`, `gate` laid out like `y` (RWKV channel mix)
+    AccumulateGated(DevPtr),
+}
+
+impl Epilogue {
+    fn mode(self) -> i32 {
+        match self {
+            Epilogue::Store => 0,
+            Epilogue::Accumulate => 1,
+            Epilogue::ReluSquare => 2,
+            Epilogue::AccumulateGated(_) => 3,
+        }
+    }
+
+    fn aux(self) -> DevPtr {
+        match self {
+            Epilogue::AccumulateGated(g) => g,
+            _ => DevPtr::NULL,
+        }
+    }
+}
+
+/// Arguments of the attention kernels (`struct Attn` in kernels.cu; same field order).
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct AttnArgs {
+    pub qkv: DevPtr,
+    pub row_stride: i32,
+    pub q_off: i32,
+    pub k_off: i32,
+    pub v_off: i32,
+    pub kv_offset: i64,
+    pub layer: i32,
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub hd: i32,
+    pub span: i32,
+    pub scale: f32,
+}
+
+/// Device copy of a batch's layout (`Batch` in kernels.cu): per row its sequence and
+/// position, per sequence its first row, length, first position and cache slots, and the
+/// address of each sequence's state.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchMeta {
+    pub meta: DevPtr,
+    pub states: DevPtr,
+    pub rows: i32,
+    pub seqs: i32,
+}
+
+struct Kernel {
+    f: CudaFunction,
+    name: &'static str,
+}
+
+struct Kernels {
+    /// [f32, f16, bf16][1, 2, 4, 8 rows]
+    gemv: [[Kernel; 4]; 3],
+    epilogue: Kernel,
+    round_rows: Kernel,
+    rmsnorm: Kernel,
+    layernorm: Kernel,
+    embed: Kernel,
+    round_in_place: Kernel,
+    gather_rows: Kernel,
+    silu_mul: Kernel,
+    gelu_mul: Kernel,
+    soft_cap: Kernel,
+    rope: Kernel,
+    attention_split: Kernel,
+    attention_merge: Kernel,
+    write_kv: Kernel,
+    conv1d: Kernel,
+    conv1d_keep: Kernel,
+    rglru_scan: Kernel,
+    shift_mix: Kernel,
+    shift_keep: Kernel,
+    wkv5: Kernel,
+    group_norm_gate: Kernel,
+    read_sum: Kernel,
+}
+
+/// One CUDA device with its stream, kernels and cuBLAS handle.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    k: Kernels,
+    name: String,
+    /// Scratch of cuBLAS products: [0] activations rounded to bf16/f16, [1] bare products.
+    scratch: Mutex<[Option<(DevPtr, usize)>; 2]>,
+    /// Bumped whenever scratch moves: captured graphs of older generations are stale.
+    generation: std::sync::atomic::AtomicU64,
+    /// Launch timings (GYRE_CUDA_PROFILE=1).
+    profile: Option<Mutex<Vec<Timing>>>,
+}
+
+/// One timed launch: kernel name, events before and after.
+type Timing = (&'static str, CudaEvent, CudaEvent);
+
+/// A captured sequence of launches (a decode step), replayed with one call.
+pub struct Graph(CudaGraph);
+
+// SAFETY: a graph's executable handle may be launched from any thread once the context is
+// bound (Gpu::replay binds it); the models keep graphs behind a mutex.
+unsafe impl Send for Graph {}
+unsafe impl Sync for Graph {}
+
+// SAFETY: the CUDA driver API is thread-safe; every call binds the context to the calling
+// thread first, and the one stream orders all work. The cuBLAS handle is only used on that
+// stream, from calls serialised by the models' forward lock.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+impl fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Gpu({})", self.name)
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` (process-wide, once): loads the driver, NVRTC and cuBLAS,
+    /// compiles the kernels for the device's architecture.
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>> {
+        type Opened = Mutex<Vec<(usize, Arc<Gpu>)>>;
+        static OPENED: OnceLock<Opened> = OnceLock::new();
+        let opened = OPENED.get_or_init(|| Mutex::new(Vec::new()));
+        let mut opened = opened
+            .lock()
+            .map_err(|_| anyhow!("CUDA device registry poisoned"))?;
+        if let Some((_, g)) = opened.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(g.clone());
+        }
+        let gpu = Arc::new(Self::open_new(ordinal)?);
+        opened.push((ordinal, gpu.clone()));
+        Ok(gpu)
+    }
+
+    fn open_new(ordinal: usize) -> Result<Gpu> {
+        // SAFETY: each probe only tries to dlopen a library by its known names.
+        let (driver, nvrtc, cublas) = unsafe {
+            (
+                sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+                blas_sys::is_culib_present(),
+            )
+        };
+        if !driver {
+            bail!(
+                "--device cuda: no CUDA driver found (libcuda.so could not be loaded); install the \
+                 NVIDIA driver or run with --device cpu"
+            );
+        }
+        for (present, lib) in [(nvrtc, "libnvrtc.so"), (cublas, "libcublas.so")] {
+            if !present {
+                bail!(
+                    "--device cuda: {lib} (CUDA 12 or 13) could not be loaded; install the CUDA \
+                     toolkit or its pip wheels and add their lib directory to LD_LIBRARY_PATH"
+                );
+            }
+        }
+        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        if ordinal as i32 >= count {
+            bail!("--device cuda:{ordinal}: this machine has {count} CUDA device(s)");
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA: creating a context: {e:?}"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| anyhow!("CUDA: creating a stream: {e:?}"))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let ptx = compile(major, minor)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| anyhow!("CUDA: loading gyre's kernels: {e:?}"))?;
+        let f = |name: &'static str| {
+            module
+                .load_function(name)
+                .map(|f| Kernel { f, name })
+                .map_err(|e| anyhow!("CUDA: kernel {name} missing: {e:?}"))
+        };
+        let k = Kernels {
+            gemv: [
+                [
+                    f("gemv_f32_1")?,
+                    f("gemv_f32_2")?,
+                    f("gemv_f32_4")?,
+                    f("gemv_f32_8")?,
+                ],
+                [
+                    f("gemv_f16_1")?,
+                    f("gemv_f16_2")?,
+                    f("gemv_f16_4")?,
+                    f("gemv_f16_8")?,
+                ],
+                [
+                    f("gemv_bf16_1")?,
+                    f("gemv_bf16_2")?,
+                    f("gemv_bf16_4")?,
+                    f("gemv_bf16_8")?,
+                ],
+            ],
+            epilogue: f("epilogue")?,
+            round_rows: f("round_rows")?,
+            rmsnorm: f("rmsnorm")?,
+            layernorm: f("layernorm")?,
+            embed: f("embed")?,
+            round_in_place: f("round_in_place")?,
+            gather_rows: f("gather_rows")?,
+            silu_mul: f("silu_mul")?,
+            gelu_mul: f("gelu_mul")?,
+            soft_cap: f("soft_cap")?,
+            rope: f("rope")?,
+            attention_split: f("attention_split")?,
+            attention_merge: f("attention_merge")?,
+            write_kv: f("write_kv")?,
+            conv1d: f("conv1d")?,
+            conv1d_keep: f("conv1d_keep")?,
+            rglru_scan: f("rglru_scan")?,
+            shift_mix: f("shift_mix")?,
+            shift_keep: f("shift_keep")?,
+            wkv5: f("wkv5")?,
+            group_norm_gate: f("group_norm_gate")?,
+            read_sum: f("read_sum")?,
+        };
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
+        Ok(Gpu {
+            ctx,
+            stream,
+            blas,
+            k,
+            name: format!("{name} (sm_{major}{minor})"),
+            scratch: Mutex::new([None, None]),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            profile: std::env::var_os("GYRE_CUDA_PROFILE")
+                .is_some_and(|v| v == "1")
+                .then(|| Mutex::new(Vec::new())),
+        })
+    }
+
+    /// The device's name and architecture.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Makes this device current on the calling thread (every entry point calls it).
+    pub fn bind(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("CUDA: {e:?}"))
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.bind()?;
+        self.ctx.mem_get_info().map_err(|e| anyhow!("CUDA: {e:?}"))
+    }
+
+    /// Uninitialised device memory (`bytes` may be 0).
+    pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
+        self.bind()?;
+        let ptr = if bytes == 0 {
+            0
+        } else {
+            // SAFETY: plain allocation; the returned address is owned by the DevBuf.
+            unsafe { drv::malloc_sync(bytes) }.map_err(|e| {
+                let free = self.memory().map(|m| m.0 >> 20).unwrap_or(0);
+                anyhow!(
+                    "CUDA: allocating {} MiB failed ({e:?}; {free} MiB free)",
+                    bytes >> 20
+                )
+            })?
+        };
+        Ok(DevBuf {
+            gpu: self.clone(),
+            ptr: DevPtr(ptr),
+            bytes,
+        })
+    }
+
+    /// Zeroed device memory.
+    pub fn zeros(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
+        let buf = self.alloc(bytes)?;
+        self.memset_zero(buf.ptr, bytes)?;
+        Ok(buf)
+    }
+
+    pub fn memset_zero(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: the caller owns `bytes` bytes at `ptr`.
+        unsafe { drv::memset_d8_async(ptr.0, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| anyhow!("CUDA memset: {e:?}"))
+    }
+
+    /// A device copy of `data`.
+    pub fn upload<T: Copy>(self: &Arc<Self>, data: &[T]) -> Result<DevBuf> {
+        let buf = self.alloc(std::mem::size_of_val(data))?;
+        self.write(buf.ptr, data)?;
+        Ok(buf)
+    }
+
+    /// Copies `data` to `dst` (the caller owns that much device memory there). Returns when
+    /// the host memory may be reused.
+    pub fn write<T: Copy>(&self, dst: DevPtr, data: &[T]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `dst` holds at least size_of_val(data) bytes (caller's contract); the
+        // synchronisation below keeps `data` alive until the copy is done.
+        unsafe {
+            drv::memcpy_htod_async(dst.0, data, self.stream.cu_stream())
+                .map_err(|e| anyhow!("CUDA host-to-device copy: {e:?}"))?;
+        }
+        self.sync()
+    }
+
+    /// Reads `out.len()` values from `src` after all queued work.
+    pub fn read<T: Copy>(&self, src: DevPtr, out: &mut [T]) -> Result<()> {
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: `src` holds at least size_of_val(out) bytes (caller's contract); the copy
+        // completes before `out` is released by the synchronisation below.
+        unsafe {
+            drv::memcpy_dtoh_async(out, src.0, self.stream.cu_stream())
+                .map_err(|e| anyhow!("CUDA device-to-host copy: {e:?}"))?;
+        }
+        self.sync()
+    }
+
+    /// Device-to-device copy, queued on the stream.
+    pub fn copy(&self, dst: DevPtr, src: DevPtr, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        // SAFETY: both ranges are owned device memory of at least `bytes` (caller's contract).
+        unsafe { drv::memcpy_dtod_async(dst.0, src.0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| anyhow!("CUDA device-to-device copy: {e:?}"))
+    }
+
+    /// Waits for all queued work; reports errors of earlier launches.
+    pub fn sync(&self) -> Result<()> {
+        self.stream
+            .synchronize()
+            .map_err(|e| anyhow!("CUDA: a kernel failed: {e:?}"))
+    }
+
+    /// Changes whenever device scratch moves (graphs captured before then are stale).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Records the launches `body` queues (which must not synchronise, copy from the host or
+    /// allocate) into a graph without running them.
+    pub fn capture(&self, body: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        self.bind()?;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| anyhow!("CUDA graph capture: {e:?}"))?;
+        let run = body();
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags_enum(0));
+        run?;
+        match graph {
+            Ok(Some(g)) => Ok(Graph(g)),
+            Ok(None) => bail!("CUDA graph capture recorded nothing"),
+            Err(e) => bail!("CUDA graph capture: {e:?}"),
+        }
+    }
+
+    /// Queues a captured graph.
+    pub fn replay(&self, g: &Graph) -> Result<()> {
+        self.bind()?;
+        g.0.launch().map_err(|e| anyhow!("CUDA graph launch: {e:?}"))
+    }
+
+    fn launch(
+        &self,
+        k: &Kernel,
+        grid: (u32, u32, u32),
+        block: u32,
+        smem: u32,
+        params: &mut [*mut c_void],
+    ) -> Result<()> {
+        let timing = self.profile_start()?;
+        // SAFETY: every launcher below passes exactly its kernel's parameter list, in
+        // kernels.cu order, as pointers to values of the matching C types (i32 = int,
+        // i64 = long long, f32 = float, DevPtr = a pointer, AttnArgs = struct Attn, both
+        // #[repr(C)]/transparent); cuLaunchKernel copies them before returning. Device
+        // addresses come from live DevBufs sized by the models for the shapes passed.
+        unsafe {
+            drv::launch_kernel(
+                k.f.cu_function(),
+                grid,
+                (block, 1, 1),
+                smem,
+                self.stream.cu_stream(),
+                params,
+            )
+        }
+        .map_err(|e| anyhow!("CUDA kernel {} failed to launch: {e:?}", k.name))?;
+        self.profile_end(k.name, timing)
+    }
+
+    /// With `GYRE_CUDA_PROFILE=1`: an event before a launch.
+    fn profile_start(&self) -> Result<Option<CudaEvent>> {
+        if self.profile.is_none() {
+            return Ok(None);
+        }
+        let e = self
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| anyhow!("CUDA event: {e:?}"))?;
+        e.record(&self.stream).map_err(|e| anyhow!("CUDA event: {e:?}"))?;
+        Ok(Some(e))
+    }
+
+    fn profile_end(&self, name: &'static str, start: Option<CudaEvent>) -> Result<()> {
+        let (Some(start), Some(p)) = (start, &self.profile) else {
+            return Ok(());
+        };
+        let end = self.profile_start()?.expect("profiling is on");
+        p.lock()
+            .map_err(|_| anyhow!("profile lock poisoned"))?
+            .push((name, start, end));
+        Ok(())
+    }
+
+    /// With `GYRE_CUDA_PROFILE=1`: device time per kernel since the last report, longest
+    /// first (launches are timed one by one, so graphs are not used while profiling).
+    pub fn profile_report(&self) -> Result<Vec<(&'static str, f64, usize)>> {
+        let Some(p) = &self.profile else {
+            return Ok(Vec::new());
+        };
+        self.sync()?;
+        let mut totals: Vec<(&'static str, f64, usize)> = Vec::new();
+        for (name, a, b) in p.lock().map_err(|_| anyhow!("profile lock poisoned"))?.drain(..) {
+            let ms = a.elapsed_ms(&b).map_err(|e| anyhow!("CUDA event: {e:?}"))? as f64;
+            match totals.iter_mut().find(|t| t.0 == name) {
+                Some(t) => {
+                    t.1 += ms;
+                    t.2 += 1;
+                }
+                None => totals.push((name, ms, 1)),
+            }
+        }
+        totals.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(totals)
+    }
+
+    /// Whether launches are being timed one by one.
+    pub fn profiling(&self) -> bool {
+        self.profile.is_some()
+    }
+}
+
+/// `&value as *mut c_void` for a launch's parameter list.
+macro_rules! params {
+    ($($v:expr),* $(,)?) => { &mut [$(&$v as *const _ as *mut c_void),*] };
+}
+
+fn blocks(n: usize, per: usize) -> u32 {
+    n.div_ceil(per).max(1) as u32
+}
+
+const THREADS: u32 = 256;
+
+/// Threads of the row-norm kernels; each holds up to 16 values (`NORM_PER_THREAD`).
+const NORM_THREADS: u32 = 512;
+
+fn check_norm_width(c: usize) -> Result<()> {
+    if c > 16 * NORM_THREADS as usize {
+        bail!(
+            "hidden size {c} is above the CUDA norm kernels' {}",
+            16 * NORM_THREADS
+        );
+    }
+    Ok(())
+}
+
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+fn blas_type(d: DType) -> blas_sys::cudaDataType {
+    match d {
+        DType::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
+        DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
+    }
+}
+
+impl Gpu {
+    /// Uploads weights as stored: `parts` are row blocks of one matrix (fused projections)
+    /// in the same dtype, each [rows_i, cols].
+    pub fn upload_matrix(
+        self: &Arc<Self>,
+        parts: &[(&[u8], usize)],
+        dtype: DType,
+        cols: usize,
+    ) -> Result<DevMatrix> {
+        let rows: usize = parts.iter().map(|p| p.1).sum();
+        let buf = self.alloc(rows * cols * dtype.size())?;
+        let mut off = 0;
+        for (raw, r) in parts {
+            if raw.len() != r * cols * dtype.size() {
+                bail!(
+                    "internal: weight block of {} bytes is not [{r}, {cols}] {dtype}",
+                    raw.len()
+                );
+            }
+            self.write(buf.ptr.byte_at(off), raw)?;
+            off += raw.len();
+        }
+        Ok(DevMatrix {
+            buf,
+            dtype,
+            rows,
+            cols,
+            groups: 1,
+        })
+    }
+
+    /// `y ⊕= x·Wᵀ (+ b)` for every row (⊕ per [`Epilogue`]): the GEMV kernel up to
+    /// [`GEMV_ROWS`] rows, cuBLAS above.
+    pub fn linear(&self, w: &DevMatrix, p: Product) -> Result<()> {
+        if p.rows > GEMV_ROWS {
+            return self.gemm(w, p);
+        }
+        let groups = w.groups;
+        let (n_out, n_in) = (w.rows / groups, w.cols);
+        let variant = match p.rows {
+            0 => return Ok(()),
+            1 => 0,
+            2 => 1,
+            3 | 4 => 2,
+            _ => 3,
+        };
+        let k = &self.k.gemv[dtype_code(w.dtype) as usize][variant];
+        let vec = 16 / w.dtype.size();
+        let vec_ok =
+            (n_in.is_multiple_of(vec) && p.x_stride.is_multiple_of(4) && n_in.is_multiple_of(4)) as i32;
+        let bias = p.bias.unwrap_or(DevPtr::NULL);
+        let (n_in_i, n_out_i, rows_i) = (n_in as i32, n_out as i32, p.rows as i32);
+        let (xs, ys, mode, aux) = (
+            p.x_stride as i32,
+            p.y_stride as i32,
+            p.epilogue.mode(),
+            p.epilogue.aux(),
+        );
+        let (wg, xg, yg) = ((n_out * n_in) as i64, n_in as i32, n_out as i32);
+        const WARPS: usize = 4;
+        self.launch(
+            k,
+            (blocks(n_out, WARPS), groups as u32, 1),
+            32 * WARPS as u32,
+            0,
+            params!(
+                w.buf.ptr, p.x, p.y, bias, n_in_i, n_out_i, rows_i, xs, ys, mode, wg, xg, yg, vec_ok, aux
+            ),
+        )
+    }
+
+    /// cuBLAS product for many rows (prefill, large batches): activations rounded to the
+    /// weights' 16-bit dtype, f32 accumulation and output; bias and activation after.
+    fn gemm(&self, w: &DevMatrix, p: Product) -> Result<()> {
+        let groups = w.groups;
+        let (n_out, n_in) = (w.rows / groups, w.cols);
+        let full_in = n_in * groups;
+        let full_out = n_out * groups;
+        let (b_ptr, ldb) = if w.dtype == DType::F32 {
+            (p.x, p.x_stride)
+        } else {
+            let scratch = self.scratch(0, p.rows * full_in * 2)?;
+            let (rows_i, n_i, xs, dt) = (
+                p.rows as i32,
+                full_in as i32,
+                p.x_stride as i32,
+                dtype_code(w.dtype),
+            );
+            self.launch(
+                &self.k.round_rows,
+                (blocks(p.rows * full_in, THREADS as usize), 1, 1),
+                THREADS,
+                0,
+                params!(p.x, scratch, rows_i, n_i, xs, dt),
+            )?;
+            (scratch, full_in)
+        };
+        // Gated accumulation needs the bare product apart; the others land in y directly.
+        let (c_ptr, ldc, beta) = match p.epilogue {
+            Epilogue::AccumulateGated(_) => (self.scratch(1, p.rows * full_out * 4)?, full_out, 0.0f32),
+            Epilogue::Accumulate => (p.y, p.y_stride, 1.0),
+            Epilogue::Store | Epilogue::ReluSquare => (p.y, p.y_stride, 0.0),
+        };
+        let alpha = 1.0f32;
+        let timing = self.profile_start()?;
+        let t = blas_type(w.dtype);
+        // SAFETY: A is W [groups][n_out, n_in] (column-major n_in × n_out, lda n_in, op T),
+        // B the activations (column-major full_in × rows, ldb), C the output (n_out × rows,
+        // ldc y_stride) in f32; all live device buffers of those extents, on our stream.
+        unsafe {
+            cudarc::cublas::result::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n_out as i32,
+                p.rows as i32,
+                n_in as i32,
+                &alpha as *const f32 as *const c_void,
+                w.buf.ptr.0 as *const c_void,
+                t,
+                n_in as i32,
+                (n_out * n_in) as i64,
+                b_ptr.0 as *const c_void,
+                t,
+                ldb as i32,
+                n_in as i64,
+                &beta as *const f32 as *const c_void,
+                c_ptr.0 as *mut c_void,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                ldc as i32,
+                n_out as i64,
+                groups as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| {
+            anyhow!(
+                "cuBLAS product [{}×{n_in}]·[{n_out}×{n_in}]ᵀ failed: {e:?}",
+                p.rows
+            )
+        })?;
+        self.profile_end("cublas_gemm", timing)?;
+        let needs_pass = p.bias.is_some() || !matches!(p.epilogue, Epilogue::Store | Epilogue::Accumulate);
+        if needs_pass {
+            // After an accumulating product y already holds the sum: only the bias is left.
+            let mode = match p.epilogue {
+                Epilogue::Accumulate => 0,
+                e => e.mode(),
+            };
+            let bias = p.bias.unwrap_or(DevPtr::NULL);
+            let (rows_i, n_i, ys) = (p.rows as i32, full_out as i32, p.y_stride as i32);
+            self.launch(
+                &self.k.epilogue,
+                (blocks(p.rows * full_out, THREADS as usize), 1, 1),
+                THREADS,
+                0,
+                params!(p.y, c_ptr, bias, p.epilogue.aux(), rows_i, n_i, ys, mode),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn scratch(&self, slot: usize, bytes: usize) -> Result<DevPtr> {
+        let mut all = self
+            .scratch
+            .lock()
+            .map_err(|_| anyhow!("scratch lock poisoned"))?;
+        let s = &mut all[slot];
+        if let Some((p, cap)) = *s {
+            if cap >= bytes {
+                return Ok(p);
+            }
+            self.sync()?;
+            // SAFETY: allocated below by malloc_sync and only referenced through this slot;
+            // the stream is idle, so no queued product still reads it.
+            unsafe { drv::free_sync(p.0) }.map_err(|e| anyhow!("CUDA free: {e:?}"))?;
+            *s = None;
+        }
+        let cap = bytes.next_power_of_two().max(1 << 20);
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.bind()?;
+        // SAFETY: plain allocation, owned by this slot for the process's lifetime.
+        let p =
+            unsafe { drv::malloc_sync(cap) }.map_err(|e| anyhow!("CUDA: scratch of {cap} bytes: {e:?}"))?;
+        *s = Some((DevPtr(p), cap));
+        Ok(DevPtr(p))
+    }
+
+    /// RMSNorm of `rows` rows of `c` (Gemma's `1 + w` when `w_offset` is 1).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rmsnorm(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        out: DevPtr,
+        rows: usize,
+        c: usize,
+        eps: f32,
+        w_offset: f32,
+    ) -> Result<()> {
+        check_norm_width(c)?;
+        let c_i = c as i32;
+        self.launch(
+            &self.k.rmsnorm,
+            (rows as u32, 1, 1),
+            NORM_THREADS,
+            0,
+            params!(x, w, out, c_i, eps, w_offset),
+        )
+    }
+
+    /// LayerNorm of `rows` rows of `c`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn layernorm(
+        &self,
+        x: DevPtr,
+        w: DevPtr,
+        b: DevPtr,
+        out: DevPtr,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        check_norm_width(c)?;
+        let c_i = c as i32;
+        self.launch(
+            &self.k.layernorm,
+            (rows as u32, 1, 1),
+            NORM_THREADS,
+            0,
+            params!(x, w, b, out, c_i, eps),
+        )
+    }
+
+    /// `out[r] = scale · table[tokens[r]]` (table [V, c] in `dtype`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn embed(
+        &self,
+        table: DevPtr,
+        dtype: DType,
+        tokens: DevPtr,
+        out: DevPtr,
+        rows: usize,
+        c: usize,
+        scale: f32,
+    ) -> Result<()> {
+        let (dt, c_i) = (dtype_code(dtype), c as i32);
+        self.launch(
+            &self.k.embed,
+            (rows as u32, 1, 1),
+            THREADS,
+            0,
+            params!(table, dt, tokens, out, c_i, scale),
+        )
+    }
+
+    /// Rounds `n` values to `dtype` in place (no-op for f32).
+    pub fn round_in_place(&self, x: DevPtr, n: usize, dtype: DType) -> Result<()> {
+        let (n64, dt) = (n as u64, dtype_code(dtype));
+        self.launch(
+            &self.k.round_in_place,
+            (blocks(n, 256), 1, 1),
+            THREADS,
+            0,
+            params!(x, n64, dt),
+        )
+    }
+
+    /// `out[i] = x[rows[i]]`, `n` rows of `c`.
+    pub fn gather_rows(&self, x: DevPtr, rows: DevPtr, out: DevPtr, n: usize, c: usize) -> Result<()> {
+        let c_i = c as i32;
+        self.launch(
+            &self.k.gather_rows,
+            (n as u32, 1, 1),
+            THREADS,
+            0,
+            params!(x, rows, out, c_i),
+        )
+    }
+
+    /// `out[r, j] = act(gu[r, j]) · gu[r, f + j]`, act SiLU (`gelu` false) or GELU-tanh.
+    pub fn gated(&self, gu: DevPtr, out: DevPtr, rows: usize, f: usize, gelu: bool) -> Result<()> {
+        let k = if gelu { &self.k.gelu_mul } else { &self.k.silu_mul };
+        let (rows_i, f_i) = (rows as i32, f as i32);
+        self.launch(
+            k,
+            (blocks(rows * f, 256), 1, 1),
+            THREADS,
+            0,
+            params!(gu, out, rows_i, f_i),
+        )
+    }
+
+    pub fn soft_cap(&self, x: DevPtr, n: usize, cap: f32) -> Result<()> {
+        let n64 = n as u64;
+        self.launch(
+            &self.k.soft_cap,
+            (blocks(n, 256), 1, 1),
+            THREADS,
+            0,
+            params!(x, n64, cap),
+        )
+    }
+
+    /// Half-split RoPE on the first `n_heads` heads of every row.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope(
+        &self,
+        x: DevPtr,
+        x_stride: usize,
+        n_heads: usize,
+        hd: usize,
+        half: usize,
+        inv_freq: DevPtr,
+        b: BatchMeta,
+    ) -> Result<()> {
+        let (xs, nh, hd_i, half_i) = (x_stride as i32, n_heads as i32, hd as i32, half as i32);
+        self.launch(
+            &self.k.rope,
+            (b.rows as u32, n_heads as u32, 1),
+            half.clamp(32, 256) as u32,
+            0,
+            params!(x, xs, nh, hd_i, half_i, inv_freq, b.meta, b.rows, b.seqs),
+        )
+    }
+
+    /// Attention of every row over its visible keys (`max_keys` bounds any row's count),
+    /// then the chunk's keys into the caches. `out` [rows, heads·hd]; `part` scratch of at
+    /// least [`Gpu::attention_scratch`] f32 values.
+    pub fn attention(
+        &self,
+        a: AttnArgs,
+        b: BatchMeta,
+        max_keys: usize,
+        out: DevPtr,
+        part: DevPtr,
+    ) -> Result<()> {
+        if a.hd > 512 || a.hd % 4 != 0 {
+            bail!(
+                "attention head dimension {} is not one the CUDA kernel takes (a multiple of 4, at most 512)",
+                a.hd
+            );
+        }
+        let splits = max_keys.div_ceil(KEYS_PER_SPLIT).max(1);
+        let rows = b.rows as usize;
+        let heads = a.heads as usize;
+        let part_ml = part.f32_at(rows * heads * splits * a.hd as usize);
+        let splits_i = splits as i32;
+        self.launch(
+            &self.k.attention_split,
+            (rows as u32, heads as u32, splits as u32),
+            256,
+            0,
+            params!(a, b.meta, b.states, b.rows, b.seqs, part, part_ml, splits_i),
+        )?;
+        let (heads_i, hd_i) = (a.heads, a.hd);
+        self.launch(
+            &self.k.attention_merge,
+            (rows as u32, heads as u32, 1),
+            128,
+            0,
+            params!(part, part_ml, out, heads_i, hd_i, splits_i),
+        )?;
+        self.launch(
+            &self.k.write_kv,
+            (rows as u32, 1, 1),
+            128,
+            0,
+            params!(a, b.meta, b.states, b.rows, b.seqs),
+        )
+    }
+
+    /// f32 values of attention scratch for these sizes.
+    pub fn attention_scratch(rows: usize, heads: usize, hd: usize, max_keys: usize) -> usize {
+        let splits = max_keys.div_ceil(KEYS_PER_SPLIT).max(1);
+        rows * heads * splits * (hd + 2)
+    }
+
+    /// Griffin's causal conv1d (then the history update) over `x` with row stride `x_stride`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv1d(
+        &self,
+        x: DevPtr,
+        x_stride: usize,
+        out: DevPtr,
+        w: DevPtr,
+        bias: DevPtr,
+        lru: usize,
+        width: usize,
+        hist_off: usize,
+        b: BatchMeta,
+    ) -> Result<()> {
+        let (xs, lru_i, width_i, ho) = (x_stride as i32, lru as i32, width as i32, hist_off as i64);
+        self.launch(
+            &self.k.conv1d,
+            (blocks(lru, 256), b.rows as u32, 1),
+            THREADS,
+            0,
+            params!(x, xs, out, w, bias, lru_i, width_i, ho, b.meta, b.states, b.rows, b.seqs),
+        )?;
+        self.launch(
+            &self.k.conv1d_keep,
+            (blocks(lru, 256), b.seqs as u32, 1),
+            THREADS,
+            0,
+            params!(x, xs, lru_i, width_i, ho, b.meta, b.states, b.rows, b.seqs),
+        )
+    }
+
+    /// The RG-LRU scan (gates [rows, H, 2, bw] pre-activation: input then recurrence gate
+    /// per head; y with row stride `y_stride`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn rglru_scan(
+        &self,
+        conv: DevPtr,
+        gates: DevPtr,
+        y: DevPtr,
+        y_stride: usize,
+        log_a_scale: DevPtr,
+        out: DevPtr,
+        lru: usize,
+        bw: usize,
+        h_off: usize,
+        b: BatchMeta,
+    ) -> Result<()> {
+        let (ys, lru_i, bw_i, ho) = (y_stride as i32, lru as i32, bw as i32, h_off as i64);
+        self.launch(
+            &self.k.rglru_scan,
+            (blocks(lru, 128), b.seqs as u32, 1),
+            128,
+            0,
+            params!(
+                conv,
+                gates,
+                y,
+                ys,
+                log_a_scale,
+                out,
+                lru_i,
+                bw_i,
+                ho,
+                b.meta,
+                b.states,
+                b.rows,
+                b.seqs
+            ),
+        )
+    }
+
+    /// RWKV token shift: `n_mix` mixes of `xx` into `out` [n_mix, rows, c], then the state's
+    /// shift row updated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn shift_mix(
+        &self,
+        xx: DevPtr,
+        out: DevPtr,
+        mixes: DevPtr,
+        n_mix: usize,
+        c: usize,
+        shift_off: usize,
+        b: BatchMeta,
+    ) -> Result<()> {
+        let (nm, c_i, so) = (n_mix as i32, c as i32, shift_off as i64);
+        self.launch(
+            &self.k.shift_mix,
+            (blocks(c, 256), b.rows as u32, 1),
+            THREADS,
+            0,
+            params!(xx, out, mixes, nm, c_i, so, b.meta, b.states, b.rows, b.seqs),
+        )?;
+        self.launch(
+            &self.k.shift_keep,
+            (blocks(c, 256), b.seqs as u32, 1),
+            THREADS,
+            0,
+            params!(xx, c_i, so, b.meta, b.states, b.rows, b.seqs),
+        )
+    }
+
+    /// The WKV recurrence over each sequence's rows; `rkv` is [3, rows, c_att].
+    #[allow(clippy::too_many_arguments)]
+    pub fn wkv5(
+        &self,
+        rkv: DevPtr,
+        decay: DevPtr,
+        bonus: DevPtr,
+        y: DevPtr,
+        heads: usize,
+        n: usize,
+        wkv_off: usize,
+        b: BatchMeta,
+    ) -> Result<()> {
+        if n > 1024 {
+            bail!("RWKV head size {n} is above the CUDA kernel's 1024");
+        }
+        let (n_i, c_att, wo) = (n as i32, (heads * n) as i32, wkv_off as i64);
+        let smem = ((n * n + 3 * n) * 4) as u32;
+        if smem > 48 * 1024 {
+            bail!("RWKV head size {n} needs {smem} bytes of shared memory, above 48 KiB");
+        }
+        self.launch(
+            &self.k.wkv5,
+            (heads as u32, b.seqs as u32, 1),
+            n as u32,
+            smem,
+            params!(rkv, decay, bonus, y, n_i, c_att, wo, b.meta, b.states, b.rows, b.seqs),
+        )
+    }
+
+    /// RWKV's ln_x GroupNorm per head, then × silu(g).
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_norm_gate(
+        &self,
+        y: DevPtr,
+        g: DevPtr,
+        w: DevPtr,
+        bias: DevPtr,
+        n: usize,
+        c_att: usize,
+        rows: usize,
+        eps: f32,
+    ) -> Result<()> {
+        let items = rows * (c_att / n);
+        let (n_i, ca, rows_i) = (n as i32, c_att as i32, rows as i32);
+        self.launch(
+            &self.k.group_norm_gate,
+            (blocks(items, 8), 1, 1),
+            THREADS,
+            0,
+            params!(y, g, w, bias, n_i, ca, rows_i, eps),
+        )
+    }
+}
+
+/// The device's read bandwidth: one pass sums a 1 GiB buffer with 16-byte streaming loads
+/// (the GEMV kernel's access pattern).
+pub struct DeviceReadProbe {
+    buf: DevBuf,
+    out: DevBuf,
+}
+
+impl DeviceReadProbe {
+    const BYTES: usize = 1 << 30;
+    const BLOCKS: usize = 4096;
+
+    pub fn new(gpu: &Arc<Gpu>) -> Result<DeviceReadProbe> {
+        let ones = vec![1f32; Self::BYTES / 4];
+        Ok(DeviceReadProbe {
+            buf: gpu.upload(&ones)?,
+            out: gpu.zeros(Self::BLOCKS * 4)?,
+        })
+    }
+
+    /// Four passes timed together after a warm-up: GB/s (0 if the device failed).
+    pub fn pass(&self) -> f64 {
+        let gpu = self.buf.gpu();
+        let run = || -> Result<f64> {
+            gpu.bind()?;
+            let n = (Self::BYTES / 16) as u64;
+            let launch = || {
+                gpu.launch(
+                    &gpu.k.read_sum,
+                    (Self::BLOCKS as u32, 1, 1),
+                    THREADS,
+                    0,
+                    params!(self.buf.ptr, n, self.out.ptr),
+                )
+            };
+            launch()?;
+            gpu.sync()?;
+            let t0 = std::time::Instant::now();
+            for _ in 0..4 {
+                launch()?;
+            }
+            gpu.sync()?;
+            Ok(4.0 * Self::BYTES as f64 / t0.elapsed().as_secs_f64() / 1e9)
+        };
+        run().unwrap_or(0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The kernels compile for Hopper wherever NVRTC can be loaded (no device needed).
+    #[test]
+    fn kernels_compile_with_nvrtc() {
+        // SAFETY: only tries to dlopen NVRTC.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            eprintln!("skipped: NVRTC is not installed here");
+            return;
+        }
+        if let Err(e) = super::compile(9, 0) {
+            panic!("{e:#}");
+        }
+    }
+}

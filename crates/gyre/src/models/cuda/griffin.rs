@@ -1,0 +1,349 @@
+//! RecurrentGemma (Griffin) on a CUDA device: the math of `models/griffin.rs`, with
+//! linear_x/linear_y, q/k/v and gate/up fused into one product each, and the RG-LRU gates,
+//! recurrence and output gate fused into one scan kernel.
+
+use std::sync::{Arc, Mutex};
+
+use anyhow::{anyhow, Result};
+
+use super::{advance, download_logits, prepare_batch, upload, upload_f32, upload_fused, Arena, StateLayout};
+use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Epilogue, Gpu, Product};
+use crate::models::griffin::{Griffin, Temporal};
+use crate::models::{Logits, Model, ModelInfo, SeqInput};
+use crate::state::{DeviceState, GriffinState, KvCache, State};
+use crate::tensor::DType;
+
+struct Recurrent {
+    /// [2·lru, C]: linear_x, linear_y; bias [2·lru]
+    xy: DevMatrix,
+    xy_b: DevBuf,
+    /// [width, lru], [lru]
+    conv_w: DevBuf,
+    conv_b: DevBuf,
+    /// The block-diagonal gates as H groups of [2·bw, bw]: head h's input gate rows, then
+    /// its recurrence gate rows; biases [H, 2, bw] alike. One product gives both gates.
+    gates: DevMatrix,
+    gates_b: DevBuf,
+    log_a_scale: DevBuf,
+    /// [C, lru], [C]
+    out: DevMatrix,
+    out_b: DevBuf,
+    /// Index among the recurrent layers (its conv history and RG-LRU state)
+    index: usize,
+}
+
+struct Attention {
+    /// [H·hd + 2·KV·hd, C]
+    qkv: DevMatrix,
+    /// [C, H·hd], [C]
+    o: DevMatrix,
+    o_b: DevBuf,
+    kv_index: usize,
+}
+
+enum Block {
+    Recurrent(Box<Recurrent>),
+    Attention(Box<Attention>),
+}
+
+struct Layer {
+    temporal_norm: DevBuf,
+    channel_norm: DevBuf,
+    block: Block,
+    /// [2F, C] gate, up; bias [2F]
+    gate_up: DevMatrix,
+    gate_up_b: DevBuf,
+    /// [C, F], [C]
+    down: DevMatrix,
+    down_b: DevBuf,
+}
+
+/// A RecurrentGemma model on a CUDA device.
+pub struct CudaGriffin {
+    gpu: Arc<Gpu>,
+    info: ModelInfo,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    lru: usize,
+    conv_width: usize,
+    window: usize,
+    eps: f32,
+    soft_cap: f32,
+    embed_scale: f32,
+    inv_freq: DevBuf,
+    rot_half: usize,
+    /// the tied embedding / output head [V, C]
+    head: DevMatrix,
+    embed_dtype: DType,
+    layers: Vec<Layer>,
+    n_recurrent: usize,
+    final_norm: DevBuf,
+    layout: Arc<StateLayout>,
+    arena: Mutex<Arena>,
+}
+
+fn concat(a: &[f32], b: &[f32]) -> Vec<f32> {
+    a.iter().chain(b).copied().collect()
+}
+
+impl CudaGriffin {
+    /// Uploads a loaded model's weights.
+    pub fn new(m: Griffin, gpu: &Arc<Gpu>) -> Result<CudaGriffin> {
+        let mut layers = Vec::with_capacity(m.layers.len());
+        let mut r_index = 0;
+        for (i, l) in m.layers.iter().enumerate() {
+            let what = |n: &str| format!("model.layers.{i}.{n}");
+            let block = match &l.temporal {
+                Temporal::Recurrent(r) => {
+                    let heads = r.input_gate.len();
+                    let bw = r.input_gate_b.len() / heads;
+                    let per_head: Vec<&crate::tensor::Matrix> = r
+                        .input_gate
+                        .iter()
+                        .zip(&r.a_gate)
+                        .flat_map(|(i, a)| [i, a])
+                        .collect();
+                    let mut gates = upload_fused(gpu, &per_head, &what("temporal_block.rg_lru gates"))?;
+                    gates.groups = heads;
+                    let gates_b: Vec<f32> = (0..heads)
+                        .flat_map(|h| {
+                            let span = h * bw..(h + 1) * bw;
+                            r.input_gate_b[span.clone()]
+                                .iter()
+                                .chain(&r.a_gate_b[span])
+                                .copied()
+                        })
+                        .collect();
+                    r_index += 1;
+                    Block::Recurrent(Box::new(Recurrent {
+                        xy: upload_fused(
+                            gpu,
+                            &[&r.linear_x, &r.linear_y],
+                            &what("temporal_block.linear_x/y"),
+                        )?,
+                        xy_b: upload_f32(gpu, &concat(&r.linear_x_b, &r.linear_y_b))?,
+                        conv_w: upload_f32(gpu, &r.conv_w)?,
+                        conv_b: upload_f32(gpu, &r.conv_b)?,
+                        gates,
+                        gates_b: upload_f32(gpu, &gates_b)?,
+                        log_a_scale: upload_f32(gpu, &r.log_a_scale)?,
+                        out: upload(gpu, &r.linear_out, &what("temporal_block.linear_out"))?,
+                        out_b: upload_f32(gpu, &r.linear_out_b)?,
+                        index: r_index - 1,
+                    }))
+                }
+                Temporal::Attention(a) => Block::Attention(Box::new(Attention {
+                    qkv: upload_fused(gpu, &[&a.q, &a.k, &a.v], &what("temporal_block.q/k/v_proj"))?,
+                    o: upload(gpu, &a.o, &what("temporal_block.o_proj"))?,
+                    o_b: upload_f32(gpu, &a.o_b)?,
+                    kv_index: a.kv_index,
+                })),
+            };
+            layers.push(Layer {
+                temporal_norm: upload_f32(gpu, &l.temporal_norm)?,
+                channel_norm: upload_f32(gpu, &l.channel_norm)?,
+                block,
+                gate_up: upload_fused(gpu, &[&l.gate, &l.up], &what("mlp_block.gate/up_proj"))?,
+                gate_up_b: upload_f32(gpu, &concat(&l.gate_b, &l.up_b))?,
+                down: upload(gpu, &l.down, &what("mlp_block.down_proj"))?,
+                down_b: upload_f32(gpu, &l.down_b)?,
+            });
+        }
+        let kv_dim = m.kv_heads * m.head_dim;
+        let (nr, lru, w) = (m.n_recurrent, m.lru, m.conv_width);
+        let template = State::Griffin(GriffinState::new(
+            nr,
+            lru,
+            w,
+            KvCache::ring(m.n_attention, kv_dim, m.window),
+        ));
+        let mut fixed = vec![(w - 1) * lru; nr];
+        fixed.extend(std::iter::repeat_n(lru, nr));
+        let layout = StateLayout::new(template, fixed, 2 * m.n_attention, kv_dim, Some(m.window));
+        Ok(CudaGriffin {
+            gpu: gpu.clone(),
+            info: m.info.clone(),
+            heads: m.heads,
+            kv_heads: m.kv_heads,
+            head_dim: m.head_dim,
+            lru,
+            conv_width: w,
+            window: m.window,
+            eps: m.eps,
+            soft_cap: m.soft_cap,
+            embed_scale: m.embed_scale,
+            inv_freq: upload_f32(gpu, &m.inv_freq)?,
+            rot_half: m.inv_freq.len(),
+            head: upload(gpu, &m.head, "model.embed_tokens")?,
+            embed_dtype: m.embed.dtype(),
+            layers,
+            n_recurrent: nr,
+            final_norm: upload_f32(gpu, &m.final_norm)?,
+            layout: Arc::new(layout),
+            arena: Mutex::new(Arena::new(gpu)),
+        })
+    }
+}
+
+impl Model for CudaGriffin {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    fn new_state(&self) -> State {
+        State::Device(
+            DeviceState::new(&self.gpu, &self.layout)
+                .unwrap_or_else(|e| panic!("allocating a sequence state on the CUDA device: {e:#}")),
+        )
+    }
+
+    fn state_bytes(&self, _tokens: usize) -> usize {
+        GriffinState::bytes_for(self.n_recurrent, self.lru, self.conv_width)
+            + KvCache::bytes_at(
+                self.layout_kv_layers(),
+                self.kv_heads * self.head_dim,
+                Some(self.window),
+                self.window,
+            )
+    }
+
+    fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
+        let g = &*self.gpu;
+        g.bind()?;
+        let (c, v, lru, w) = (
+            self.info.hidden_size,
+            self.info.vocab_size,
+            self.lru,
+            self.conv_width,
+        );
+        let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
+        let (qd, kvd) = (h * hd, kvh * hd);
+        let qkvd = qd + 2 * kvd;
+        let f = self.layers.first().map_or(0, |l| l.gate_up.rows / 2);
+        let mut b = prepare_batch(&self.layout, v, batch, which, self.window + 1)?;
+        let (rows, np) = (b.rows, b.n_picked);
+        let part_len = Gpu::attention_scratch(rows, h, hd, b.max_keys);
+        let wide = (2 * lru).max(qkvd).max(2 * f);
+        let mut arena = self
+            .arena
+            .lock()
+            .map_err(|_| anyhow!("model arena lock poisoned"))?;
+        let [meta, x, normed, xy, conv, gates, tmp, part, px, pn, logits] = arena.carve(|a| {
+            [
+                a.bytes(b.meta_bytes()),
+                a.f32(rows * c),
+                a.f32(rows * c),
+                a.f32(rows * wide),
+                a.f32(rows * lru),
+                a.f32(rows * 2 * lru),
+                a.f32(rows * lru.max(qd).max(f)),
+                a.f32(part_len),
+                a.f32(np * c),
+                a.f32(np * c),
+                a.f32(np * v),
+            ]
+        })?;
+        b.upload(g, meta)?;
+        let body = || -> Result<()> {
+            g.embed(
+                self.head.buf.ptr(),
+                self.embed_dtype,
+                b.tokens,
+                x,
+                rows,
+                c,
+                self.embed_scale,
+            )?;
+            let prod = |x, x_stride, y, y_stride, bias: &DevBuf, accumulate| Product {
+                x,
+                x_stride,
+                rows,
+                y,
+                y_stride,
+                bias: Some(bias.ptr()),
+                epilogue: if accumulate {
+                    Epilogue::Accumulate
+                } else {
+                    Epilogue::Store
+                },
+            };
+            let (hist_base, h_base) = (0, self.n_recurrent * (w - 1) * lru);
+            for l in &self.layers {
+                g.rmsnorm(x, l.temporal_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
+                match &l.block {
+                    Block::Recurrent(r) => {
+                        // xy [rows, 2·lru]: linear_x | linear_y
+                        g.linear(&r.xy, prod(normed, c, xy, 2 * lru, &r.xy_b, false))?;
+                        let hist_off = hist_base + r.index * (w - 1) * lru;
+                        let (cw, cb) = (r.conv_w.ptr(), r.conv_b.ptr());
+                        g.conv1d(xy, 2 * lru, conv, cw, cb, lru, w, hist_off, b.meta)?;
+                        g.linear(&r.gates, prod(conv, lru, gates, 2 * lru, &r.gates_b, false))?;
+                        let (y, h_off) = (xy.f32_at(lru), h_base + r.index * lru);
+                        let (bw, a_scale) = (lru / h, r.log_a_scale.ptr());
+                        g.rglru_scan(conv, gates, y, 2 * lru, a_scale, tmp, lru, bw, h_off, b.meta)?;
+                        g.linear(&r.out, prod(tmp, lru, x, c, &r.out_b, true))?;
+                    }
+                    Block::Attention(a) => {
+                        g.linear(
+                            &a.qkv,
+                            Product {
+                                bias: None,
+                                ..prod(normed, c, xy, qkvd, &a.o_b, false)
+                            },
+                        )?;
+                        g.rope(xy, qkvd, h + kvh, hd, self.rot_half, self.inv_freq.ptr(), b.meta)?;
+                        let args = AttnArgs {
+                            qkv: xy,
+                            row_stride: qkvd as i32,
+                            q_off: 0,
+                            k_off: qd as i32,
+                            v_off: (qd + kvd) as i32,
+                            kv_offset: self.layout.kv_offset() as i64,
+                            layer: a.kv_index as i32,
+                            heads: h as i32,
+                            kv_heads: kvh as i32,
+                            hd: hd as i32,
+                            span: (self.window + 1) as i32,
+                            scale: 1.0 / (hd as f32).sqrt(),
+                        };
+                        g.attention(args, b.meta, b.max_keys, tmp, part)?;
+                        g.linear(&a.o, prod(tmp, qd, x, c, &a.o_b, true))?;
+                    }
+                }
+                g.rmsnorm(x, l.channel_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
+                g.linear(&l.gate_up, prod(normed, c, xy, 2 * f, &l.gate_up_b, false))?;
+                g.gated(xy, tmp, rows, f, true)?;
+                g.linear(&l.down, prod(tmp, f, x, c, &l.down_b, true))?;
+            }
+            g.gather_rows(x, b.picked, px, np, c)?;
+            g.rmsnorm(px, self.final_norm.ptr(), pn, np, c, self.eps, 1.0)?;
+            g.linear(
+                &self.head,
+                Product {
+                    rows: np,
+                    bias: None,
+                    ..prod(pn, c, logits, v, &self.final_norm, false)
+                },
+            )?;
+            if self.soft_cap > 0.0 {
+                g.soft_cap(logits, np * v, self.soft_cap)?;
+            }
+            Ok(())
+        };
+        let base = arena.base();
+        arena.graphs.run(g, &b, which, base, body)?;
+        let out = download_logits(g, logits, v, &b, which)?;
+        advance(batch, &self.layout)?;
+        Ok(out)
+    }
+}
+
+impl CudaGriffin {
+    fn layout_kv_layers(&self) -> usize {
+        self.layers
+            .iter()
+            .filter(|l| matches!(l.block, Block::Attention(_)))
+            .count()
+    }
+}

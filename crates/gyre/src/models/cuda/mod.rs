@@ -1,0 +1,571 @@
+//! The model families on a CUDA device (`--device cuda`).
+//!
+//! Each family's device model is built from its CPU model (same checkpoint reading, same
+//! validation), uploads the weights once in their stored dtype (projections that share an
+//! input fused into one matrix), and runs the same math as the CPU forward pass with the
+//! kernels of `kernels/cuda`. Activations are f32; products with at most
+//! [`GEMV_ROWS`](crate::kernels::cuda::GEMV_ROWS) rows stream the weights through the GEMV
+//! kernel, larger ones go through cuBLAS with activations rounded to the weights' dtype.
+//!
+//! A sequence's state lives on the device ([`DeviceState`]): the CPU state's tensors laid
+//! end to end, each at full capacity, so saving, loading and inspecting a state use the CPU
+//! layout ([`State::parts`]).
+
+pub mod griffin;
+pub mod llama;
+pub mod rwkv5;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+
+use super::layers::{self, Segment};
+use super::{check_tokens, Logits, SeqInput};
+use crate::kernels::cuda::{BatchMeta, DevBuf, DevMatrix, DevPtr, Gpu, Graph};
+use crate::state::State;
+use crate::tensor::{DType, Matrix, Tensor};
+
+/// How a family's state sits in device memory: the CPU state's parts in order, the first
+/// `fixed.len()` at the given capacities (f32 values), then `kv_parts` key/value parts of
+/// `slots · kv_dim` each (layer l's keys are part 2l, its values 2l + 1).
+#[derive(Debug)]
+pub struct StateLayout {
+    /// A CPU state of this shape: names, shapes and family of the parts.
+    template: State,
+    fixed: Vec<usize>,
+    kv_parts: usize,
+    kv_dim: usize,
+    /// Slots of a ring cache; `None`: the cache grows with the sequence.
+    ring: Option<usize>,
+}
+
+impl StateLayout {
+    pub fn new(
+        template: State,
+        fixed: Vec<usize>,
+        kv_parts: usize,
+        kv_dim: usize,
+        ring: Option<usize>,
+    ) -> Self {
+        StateLayout {
+            template,
+            fixed,
+            kv_parts,
+            kv_dim,
+            ring,
+        }
+    }
+
+    /// f32 offset of the key/value parts (layer 0's keys).
+    pub fn kv_offset(&self) -> usize {
+        self.fixed.iter().sum()
+    }
+
+    fn values(&self, slots: usize) -> usize {
+        self.kv_offset() + self.kv_parts * slots * self.kv_dim
+    }
+
+    /// Offset of every part, in [`State::parts`] order.
+    fn offsets(&self, slots: usize) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.fixed.len() + self.kv_parts);
+        let mut off = 0;
+        for &n in &self.fixed {
+            out.push(off);
+            off += n;
+        }
+        for _ in 0..self.kv_parts {
+            out.push(off);
+            off += slots * self.kv_dim;
+        }
+        out
+    }
+}
+
+/// One sequence's state in device memory.
+pub struct DeviceState {
+    buf: DevBuf,
+    layout: Arc<StateLayout>,
+    /// Key/value slots per attention layer (the ring size, or the grown capacity).
+    slots: usize,
+    pos: usize,
+    /// A host copy handed out by [`DeviceState::parts`]; written back before the next pass.
+    host: Option<Box<State>>,
+}
+
+impl fmt::Debug for DeviceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "DeviceState({} at {}, {} bytes)",
+            self.family(),
+            self.pos,
+            self.buf.bytes()
+        )
+    }
+}
+
+impl Clone for DeviceState {
+    fn clone(&self) -> Self {
+        let gpu = self.buf.gpu().clone();
+        // Clone cannot fail: running out of device memory while forking a state is fatal.
+        let buf = gpu
+            .alloc(self.buf.bytes())
+            .and_then(|b| gpu.copy(b.ptr(), self.buf.ptr(), self.buf.bytes()).map(|_| b))
+            .unwrap_or_else(|e| panic!("copying a sequence state on the CUDA device: {e:#}"));
+        DeviceState {
+            buf,
+            layout: self.layout.clone(),
+            slots: self.slots,
+            pos: self.pos,
+            host: self.host.clone(),
+        }
+    }
+}
+
+/// Initial key/value slots of a growing cache.
+const FIRST_SLOTS: usize = 256;
+
+impl DeviceState {
+    /// A zeroed state (position 0).
+    pub fn new(gpu: &Arc<Gpu>, layout: &Arc<StateLayout>) -> Result<DeviceState> {
+        let slots = layout.ring.unwrap_or(FIRST_SLOTS);
+        Ok(DeviceState {
+            buf: gpu.zeros(layout.values(slots) * 4)?,
+            layout: layout.clone(),
+            slots,
+            pos: 0,
+            host: None,
+        })
+    }
+
+    pub fn family(&self) -> &'static str {
+        self.layout.template.family()
+    }
+
+    pub fn tokens_seen(&self) -> usize {
+        self.host.as_ref().map_or(self.pos, |h| h.tokens_seen())
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.bytes()
+    }
+
+    /// The device address of the state block.
+    pub fn ptr(&self) -> DevPtr {
+        self.buf.ptr()
+    }
+
+    pub fn slots(&self) -> usize {
+        self.slots
+    }
+
+    fn belongs_to(&self, layout: &Arc<StateLayout>) -> bool {
+        Arc::ptr_eq(&self.layout, layout)
+    }
+
+    /// Sets the token count before loading saved tensors through [`DeviceState::parts`].
+    pub fn prepare_for(&mut self, tokens: usize) {
+        let mut host = Box::new(self.layout.template.clone());
+        host.prepare_for(tokens);
+        self.host = Some(host);
+    }
+
+    /// Rewinds to `tokens` (growing caches only; recurrent states and rings cannot).
+    pub fn truncate(&mut self, tokens: usize) -> bool {
+        if self.host.is_some() {
+            return false;
+        }
+        if tokens == self.pos
+            || (self.layout.ring.is_none() && self.layout.fixed.is_empty() && tokens < self.pos)
+        {
+            self.pos = tokens;
+            return true;
+        }
+        false
+    }
+
+    /// The state's tensors in the CPU layout (copied from the device); edits are written
+    /// back before the next forward pass.
+    pub fn parts(&mut self) -> Result<Vec<crate::state::StatePart<'_>>> {
+        if self.host.is_none() {
+            let mut host = Box::new(self.layout.template.clone());
+            host.prepare_for(self.pos);
+            let offsets = self.layout.offsets(self.slots);
+            for ((_, _, v), off) in host.parts()?.into_iter().zip(offsets) {
+                self.buf.gpu().read(self.buf.ptr().f32_at(off), v)?;
+            }
+            self.host = Some(host);
+        }
+        match self.host.as_mut() {
+            Some(h) => h.parts(),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// A host copy of the whole state (a CPU state of the family).
+    pub fn to_host(&mut self) -> Result<State> {
+        self.parts()?;
+        Ok(self
+            .host
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| self.layout.template.clone()))
+    }
+
+    /// Replaces the state with a host state of the same shape (written to the device before
+    /// the next pass).
+    pub fn load_host(&mut self, state: State) {
+        self.host = Some(Box::new(state));
+    }
+
+    /// Writes a pending host copy back to the device.
+    fn flush_host(&mut self) -> Result<()> {
+        let Some(mut host) = self.host.take() else {
+            return Ok(());
+        };
+        let tokens = host.tokens_seen();
+        self.reserve(tokens)?;
+        let offsets = self.layout.offsets(self.slots);
+        let gpu = self.buf.gpu().clone();
+        for ((name, _, v), off) in host.parts()?.into_iter().zip(offsets) {
+            let cap = self.layout.values(self.slots) - off;
+            if v.len() > cap {
+                bail!(
+                    "state tensor '{name}' has {} values, the device state holds {cap}",
+                    v.len()
+                );
+            }
+            gpu.write(self.buf.ptr().f32_at(off), v)?;
+        }
+        self.pos = tokens;
+        Ok(())
+    }
+
+    /// Grows a growing cache to hold `tokens` positions (copying what it holds).
+    fn reserve(&mut self, tokens: usize) -> Result<()> {
+        if self.layout.ring.is_some() || tokens <= self.slots {
+            return Ok(());
+        }
+        // Grow by half (not double): long sequences of a large batch must still fit.
+        let slots = tokens
+            .max(self.slots + self.slots / 2)
+            .next_multiple_of(FIRST_SLOTS);
+        let gpu = self.buf.gpu().clone();
+        let buf = gpu.zeros(self.layout.values(slots) * 4)?;
+        let (old, new) = (self.layout.offsets(self.slots), self.layout.offsets(slots));
+        let fixed = self.layout.fixed.len();
+        for (i, (o, n)) in old.iter().zip(&new).enumerate() {
+            let len = if i < fixed {
+                self.layout.fixed[i]
+            } else {
+                self.pos.min(self.slots) * self.layout.kv_dim
+            };
+            gpu.copy(buf.ptr().f32_at(*n), self.buf.ptr().f32_at(*o), len * 4)?;
+        }
+        self.buf = buf;
+        self.slots = slots;
+        Ok(())
+    }
+}
+
+/// Grow-only device scratch for a model's forward passes; the same shapes get the same
+/// addresses.
+pub struct Arena {
+    gpu: Arc<Gpu>,
+    buf: Option<DevBuf>,
+    /// Decode steps captured over this arena's buffers.
+    pub graphs: StepGraphs,
+}
+
+/// Carves 256-byte-aligned pieces out of an arena.
+pub struct Carver {
+    base: DevPtr,
+    end: usize,
+}
+
+impl Carver {
+    /// `n` f32 values.
+    pub fn f32(&mut self, n: usize) -> DevPtr {
+        self.bytes(n * 4)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> DevPtr {
+        let p = self.base.byte_at(self.end);
+        self.end += n.next_multiple_of(256);
+        p
+    }
+}
+
+impl Arena {
+    /// Where the arena starts (part of a captured graph's key).
+    pub fn base(&self) -> DevPtr {
+        self.buf.as_ref().map_or(DevPtr::NULL, |b| b.ptr())
+    }
+
+    pub fn new(gpu: &Arc<Gpu>) -> Arena {
+        Arena {
+            gpu: gpu.clone(),
+            buf: None,
+            graphs: StepGraphs::default(),
+        }
+    }
+
+    /// Runs `carve` against the arena, growing it until everything fits.
+    pub fn carve<T>(&mut self, carve: impl Fn(&mut Carver) -> T) -> Result<T> {
+        loop {
+            let (base, cap) = self
+                .buf
+                .as_ref()
+                .map_or((DevPtr::NULL, 0), |b| (b.ptr(), b.bytes()));
+            let mut c = Carver { base, end: 0 };
+            let out = carve(&mut c);
+            if c.end <= cap && self.buf.is_some() {
+                return Ok(out);
+            }
+            self.gpu.sync()?;
+            self.buf = None;
+            self.buf = Some(self.gpu.alloc(c.end.max(1 << 20))?);
+        }
+    }
+}
+
+/// A batch laid out on the device: rows, segments, metadata and the sequences' states.
+pub struct DeviceBatch {
+    pub segs: Vec<Segment>,
+    pub rows: usize,
+    pub meta: BatchMeta,
+    /// Token ids [rows] (u32).
+    pub tokens: DevPtr,
+    /// Rows whose logits are wanted [picked] (i32) and how many.
+    pub picked: DevPtr,
+    pub n_picked: usize,
+    /// The longest any row's attention can reach (keys), for the split count.
+    pub max_keys: usize,
+    /// The metadata as uploaded; offsets above are relative to it until [`DeviceBatch::upload`].
+    host: Vec<u8>,
+}
+
+/// Checks the batch and brings every state up to date on the device (pending host copies
+/// written, growing caches reserved for the new tokens); lays the batch out. Its metadata
+/// goes to the device with [`DeviceBatch::upload`]. `span` bounds how far back a query sees
+/// (0: all).
+pub fn prepare_batch(
+    layout: &Arc<StateLayout>,
+    vocab: usize,
+    batch: &mut [SeqInput<'_>],
+    which: Logits,
+    span: usize,
+) -> Result<DeviceBatch> {
+    check_tokens(batch, vocab)?;
+    let mut positions = Vec::with_capacity(batch.len());
+    let mut slots = Vec::with_capacity(batch.len());
+    let mut states = Vec::with_capacity(batch.len());
+    for seq in batch.iter_mut() {
+        let n = seq.tokens.len();
+        let st = device_state(seq.state, layout)?;
+        st.flush_host()?;
+        st.reserve(st.pos + n)?;
+        positions.push(st.pos);
+        slots.push(st.slots as i32);
+        states.push(st.ptr().0);
+    }
+    let (segs, rows) = layers::segments(batch, |i| positions[i]);
+    let seqs = segs.len();
+    let mut ints: Vec<i32> = Vec::with_capacity(2 * rows + 4 * seqs);
+    for (i, s) in segs.iter().enumerate() {
+        ints.extend(std::iter::repeat_n(i as i32, s.len));
+    }
+    for s in &segs {
+        ints.extend((s.pos..s.pos + s.len).map(|p| p as i32));
+    }
+    ints.extend(segs.iter().map(|s| s.row as i32));
+    ints.extend(segs.iter().map(|s| s.len as i32));
+    ints.extend(segs.iter().map(|s| s.pos as i32));
+    ints.extend(&slots);
+    // Rounded up to a power of two (at least one split), so that decode steps reuse a
+    // captured graph while the sequences grow.
+    let max_keys = segs
+        .iter()
+        .map(|s| {
+            if span == 0 {
+                s.pos + s.len
+            } else {
+                (s.pos + s.len).min(span)
+            }
+        })
+        .max()
+        .unwrap_or(0)
+        .next_power_of_two()
+        .max(crate::kernels::cuda::KEYS_PER_SPLIT);
+    let picked: Vec<i32> = match which {
+        Logits::All => (0..rows as i32).collect(),
+        Logits::Last => segs.iter().map(|s| (s.row + s.len - 1) as i32).collect(),
+    };
+    let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+    // One upload: ints, then the state addresses (8-aligned), tokens and picked rows.
+    let n_ints = ints.len();
+    let states_at = (n_ints * 4).next_multiple_of(8);
+    let tokens_at = states_at + seqs * 8;
+    let picked_at = tokens_at + rows * 4;
+    let mut bytes = vec![0u8; picked_at + picked.len() * 4];
+    bytes[..n_ints * 4].copy_from_slice(bytemuck::cast_slice(&ints));
+    bytes[states_at..tokens_at].copy_from_slice(bytemuck::cast_slice(&states));
+    bytes[tokens_at..picked_at].copy_from_slice(bytemuck::cast_slice(&tokens));
+    bytes[picked_at..].copy_from_slice(bytemuck::cast_slice(&picked));
+    Ok(DeviceBatch {
+        rows,
+        meta: BatchMeta {
+            meta: DevPtr::NULL,
+            states: DevPtr(states_at as u64),
+            rows: rows as i32,
+            seqs: seqs as i32,
+        },
+        tokens: DevPtr(tokens_at as u64),
+        picked: DevPtr(picked_at as u64),
+        n_picked: picked.len(),
+        max_keys,
+        segs,
+        host: bytes,
+    })
+}
+
+impl DeviceBatch {
+    /// Bytes of device memory the metadata needs.
+    pub fn meta_bytes(&self) -> usize {
+        self.host.len()
+    }
+
+    /// Copies the metadata to `at` and points the batch at it.
+    pub fn upload(&mut self, gpu: &Gpu, at: DevPtr) -> Result<()> {
+        gpu.write(at, &self.host)?;
+        self.meta.meta = at;
+        self.meta.states = at.byte_at(self.meta.states.0 as usize);
+        self.tokens = at.byte_at(self.tokens.0 as usize);
+        self.picked = at.byte_at(self.picked.0 as usize);
+        Ok(())
+    }
+}
+
+/// Captured decode steps of one model, by batch shape.
+#[derive(Default)]
+pub struct StepGraphs {
+    graphs: HashMap<GraphKey, Graph>,
+    seen: HashSet<GraphKey>,
+}
+
+/// What fixes a decode step's launches: sequences, attention splits, where the scratch is.
+type GraphKey = (usize, usize, u64, u64);
+
+impl StepGraphs {
+    /// Runs the device part of a forward pass (`body`, launches only). A decode step (one
+    /// token per sequence, last logits) of a shape seen before is captured once and then
+    /// replayed; the first step of a shape runs directly, allocating what it needs.
+    pub fn run(
+        &mut self,
+        gpu: &Gpu,
+        b: &DeviceBatch,
+        which: Logits,
+        arena: DevPtr,
+        body: impl Fn() -> Result<()>,
+    ) -> Result<()> {
+        // Only steps whose products all run as the GEMV kernel: cuBLAS may allocate.
+        let decode = which == Logits::Last
+            && b.rows <= crate::kernels::cuda::GEMV_ROWS
+            && b.segs.iter().all(|s| s.len == 1);
+        if !decode || gpu.profiling() || std::env::var_os("GYRE_CUDA_GRAPHS").is_some_and(|v| v == "0") {
+            return body();
+        }
+        let key = (b.segs.len(), b.max_keys, arena.0, gpu.generation());
+        if let Some(g) = self.graphs.get(&key) {
+            return gpu.replay(g);
+        }
+        if self.seen.insert(key) {
+            return body();
+        }
+        match gpu.capture(&body) {
+            Ok(g) => {
+                gpu.replay(&g)?;
+                self.graphs.insert(key, g);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!("decode step not captured as a CUDA graph ({e:#}); launching directly");
+                body()
+            }
+        }
+    }
+}
+
+/// Advances every state of the batch past its new tokens.
+pub fn advance(batch: &mut [SeqInput<'_>], layout: &Arc<StateLayout>) -> Result<()> {
+    for seq in batch.iter_mut() {
+        let n = seq.tokens.len();
+        device_state(seq.state, layout)?.pos += n;
+    }
+    Ok(())
+}
+
+/// Downloads [picked, V] logits and splits them per sequence.
+pub fn download_logits(
+    gpu: &Gpu,
+    logits: DevPtr,
+    v: usize,
+    b: &DeviceBatch,
+    which: Logits,
+) -> Result<Vec<Vec<f32>>> {
+    let mut host = vec![0f32; b.n_picked * v];
+    gpu.read(logits, &mut host)?;
+    Ok(layers::split_logits(host, v, &b.segs, which))
+}
+
+fn device_state<'s>(state: &'s mut State, layout: &Arc<StateLayout>) -> Result<&'s mut DeviceState> {
+    match state {
+        State::Device(d) => {
+            if !d.belongs_to(layout) {
+                bail!("this state belongs to another model on the CUDA device");
+            }
+            Ok(d)
+        }
+        other => bail!(
+            "this {} state is in host memory; the model runs on the CUDA device (load it with --device cuda)",
+            other.family()
+        ),
+    }
+}
+
+/// Uploads a matrix as stored. Quantized weights are CPU-only.
+pub fn upload(gpu: &Arc<Gpu>, m: &Matrix, what: &str) -> Result<DevMatrix> {
+    upload_fused(gpu, &[m], what)
+}
+
+/// Uploads matrices sharing an input as one [Σ rows, cols] matrix (one product for all).
+pub fn upload_fused(gpu: &Arc<Gpu>, ms: &[&Matrix], what: &str) -> Result<DevMatrix> {
+    let mut parts = Vec::with_capacity(ms.len());
+    let mut dtype = None;
+    for m in ms {
+        let Matrix::Dense(t) = m else {
+            bail!(
+                "{what}: quantized weights (--quant) run on the CPU only; use --device cpu or stored weights"
+            );
+        };
+        if dtype.is_some_and(|d| d != t.dtype()) || m.cols() != ms[0].cols() {
+            bail!("{what}: fused projections must share dtype and input width");
+        }
+        dtype = Some(t.dtype());
+        parts.push((t.raw(), t.shape()[0]));
+    }
+    let cols = ms[0].cols();
+    gpu.upload_matrix(&parts, dtype.unwrap_or(DType::F32), cols)
+}
+
+/// Uploads f32 values.
+pub fn upload_f32(gpu: &Arc<Gpu>, v: &[f32]) -> Result<DevBuf> {
+    gpu.upload(v)
+}
+
+/// A tensor as stored (embedding tables gathered by row).
+pub fn upload_tensor(gpu: &Arc<Gpu>, t: &Tensor) -> Result<DevBuf> {
+    gpu.upload(t.raw())
+}

@@ -1,0 +1,243 @@
+//! The CUDA backend against the CPU path (itself tested against the reference
+//! implementations) on every model fixture.
+//!
+//! These tests need a CUDA device. Where none can be opened they print why and pass without
+//! checking, except with `GYRE_REQUIRE_CUDA=1` (set on the GPU machine), where a missing or
+//! broken CUDA setup fails them.
+//!
+//! Bounds, relative to the largest |logit| of the CPU result (at least 1):
+//! - f32 weights: 1e-4: products accumulate in f32 in another order (GEMV, cuBLAS without
+//!   TF32);
+//! - bf16/f16 weights: 2e-2: products of more than 8 rows (prefill) go through cuBLAS with
+//!   activations rounded to the weights' 16-bit type; decode (GEMV) keeps f32 activations.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use gyre::kernels::cuda::{self, Gpu};
+use gyre::loader::Checkpoint;
+use gyre::models::{self, Device, LoadOptions, Logits, Model, SeqInput};
+use gyre::tensor::DType;
+
+const CASES: &[(&str, &str, &str)] = &[
+    ("griffin", "griffin_small", "tokens_long"),
+    ("griffin", "griffin_attn_first", "tokens_long"),
+    ("llama", "llama_gqa_f32", "tokens"),
+    ("llama", "llama_mha_oldconfig_f32", "tokens"),
+    ("llama", "llama_f16", "tokens"),
+    ("llama", "llama_tied_bf16", "tokens"),
+    ("llama", "mistral_window_f32", "tokens"),
+    ("rwkv5", "rwkv5_tiny_f32", "tokens"),
+    ("rwkv5", "rwkv5_tiny_bf16", "tokens"),
+];
+
+/// The device, or `None` (with the reason printed) when this machine has none.
+fn gpu() -> Option<Arc<Gpu>> {
+    let required = std::env::var("GYRE_REQUIRE_CUDA").is_ok_and(|v| v == "1");
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e) if !required => {
+            eprintln!("skipped: no usable CUDA device ({e:#})");
+            None
+        }
+        Err(e) => panic!("GYRE_REQUIRE_CUDA=1 but CUDA cannot be used: {e:#}"),
+    }
+}
+
+struct Pair {
+    cpu: Box<dyn Model>,
+    gpu: Box<dyn Model>,
+    tokens: Vec<u32>,
+    /// Relative bound for this fixture's weights.
+    bound: f32,
+}
+
+fn pair(family: &str, case: &str, tokens: &str) -> Pair {
+    let dir = fixture(family, case);
+    // RWKV fixtures hold a .pth beside the expected logits: name the weights.
+    let weights = if family == "rwkv5" {
+        dir.join("model.pth")
+    } else {
+        dir.clone()
+    };
+    let ckpt = Checkpoint::open(&weights, |_, _| {}).unwrap();
+    let cpu = models::load(&ckpt).unwrap();
+    let opts = LoadOptions {
+        quant: None,
+        device: Device::Cuda(0),
+    };
+    let gpu = models::load_with(&ckpt, opts).unwrap_or_else(|e| panic!("{case}: {e:#}"));
+    let exp = Expected::read(&dir.join("expected.safetensors"));
+    let bound = if cpu.info().dtypes.iter().all(|&d| d == DType::F32) {
+        1e-4
+    } else {
+        2e-2
+    };
+    Pair {
+        cpu,
+        gpu,
+        tokens: exp.ids(tokens).to_vec(),
+        bound,
+    }
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], bound: f32) {
+    let scale = want.iter().fold(1f32, |m, v| m.max(v.abs()));
+    let d = max_abs_diff(got, want);
+    assert!(
+        d.is_finite() && d <= bound * scale,
+        "{what}: max |Δlogit| = {d} > {bound} × {scale}"
+    );
+    eprintln!("{what}: max |Δlogit| {d:.2e} (bound {:.2e})", bound * scale);
+}
+
+fn greedy(model: &dyn Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut state = model.new_state();
+    let mut logits = prefill_from(model, &mut state, prompt);
+    let v = model.info().vocab_size;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let last = &logits[logits.len() - v..];
+        let next = (0..v)
+            .max_by(|&a, &b| last[a].total_cmp(&last[b]).then(b.cmp(&a)))
+            .unwrap() as u32;
+        out.push(next);
+        logits = step_from(model, &mut state, &[next]);
+    }
+    out
+}
+
+/// Prefill and token-by-token decode on the device equal the CPU path, and each other.
+#[test]
+fn cuda_prefill_and_decode_match_the_cpu_on_every_fixture() {
+    if gpu().is_none() {
+        return;
+    }
+    for &(family, case, tokens) in CASES {
+        let p = pair(family, case, tokens);
+        let want = prefill_all(p.cpu.as_ref(), &p.tokens);
+        let prefill = prefill_all(p.gpu.as_ref(), &p.tokens);
+        assert_close(&format!("{case} prefill"), &prefill, &want, p.bound);
+        let step = step_by_step(p.gpu.as_ref(), &p.tokens);
+        assert_close(&format!("{case} step-by-step"), &step, &want, p.bound);
+        assert_close(&format!("{case} prefill vs step"), &prefill, &step, p.bound);
+    }
+}
+
+/// Greedy generations of 64 tokens agree with the CPU's.
+#[test]
+fn cuda_greedy_generation_matches_the_cpu_for_64_tokens() {
+    if gpu().is_none() {
+        return;
+    }
+    for &(family, case, tokens) in CASES {
+        let p = pair(family, case, tokens);
+        let prompt = &p.tokens[..p.tokens.len().min(12)];
+        let want = greedy(p.cpu.as_ref(), prompt, 64);
+        let got = greedy(p.gpu.as_ref(), prompt, 64);
+        assert_eq!(got, want, "{case}: greedy tokens differ");
+    }
+}
+
+/// A batch of sequences at different positions, some prefilling and some decoding, gives
+/// each the logits it gets alone.
+#[test]
+fn cuda_batched_forward_equals_one_sequence_at_a_time() {
+    if gpu().is_none() {
+        return;
+    }
+    for &(family, case, tokens) in CASES {
+        let p = pair(family, case, tokens);
+        let m = p.gpu.as_ref();
+        let t = &p.tokens;
+        let (mut a, mut b, mut c) = (m.new_state(), m.new_state(), m.new_state());
+        prefill_from(m, &mut a, &t[..5]);
+        prefill_from(m, &mut b, &t[..11]);
+        let (mut a2, mut b2, mut c2) = (a.clone(), b.clone(), c.clone());
+        let chunks: [&[u32]; 3] = [&t[5..6], &t[11..14], &t[..9]];
+        let together = m
+            .forward(
+                &mut [
+                    SeqInput {
+                        tokens: chunks[0],
+                        state: &mut a,
+                    },
+                    SeqInput {
+                        tokens: chunks[1],
+                        state: &mut b,
+                    },
+                    SeqInput {
+                        tokens: chunks[2],
+                        state: &mut c,
+                    },
+                ],
+                Logits::All,
+            )
+            .unwrap();
+        for (i, (st, chunk)) in [&mut a2, &mut b2, &mut c2].into_iter().zip(chunks).enumerate() {
+            let alone = prefill_from(m, st, chunk);
+            assert_close(&format!("{case} batch row {i}"), &together[i], &alone, p.bound);
+        }
+    }
+}
+
+/// A state moves between host and device: a CPU state loaded into a device state continues
+/// as the CPU does, and a device state read back (as `gyre state save` does) equals the CPU's.
+#[test]
+fn cuda_states_round_trip_through_the_host_layout() {
+    if gpu().is_none() {
+        return;
+    }
+    for &(family, case, tokens) in CASES {
+        let p = pair(family, case, tokens);
+        let (prompt, rest) = p.tokens.split_at(10);
+        let mut cpu_state = p.cpu.new_state();
+        prefill_from(p.cpu.as_ref(), &mut cpu_state, prompt);
+        let mut dev_state = p.gpu.new_state();
+        prefill_from(p.gpu.as_ref(), &mut dev_state, prompt);
+        // Device → host: the same tensors as the CPU state.
+        let mut cpu_copy = cpu_state.clone();
+        let (cpu_parts, dev_parts) = (cpu_copy.parts().unwrap(), dev_state.parts().unwrap());
+        assert_eq!(cpu_parts.len(), dev_parts.len(), "{case}: state part count");
+        for ((name, shape, a), (dname, dshape, b)) in cpu_parts.iter().zip(&dev_parts) {
+            assert_eq!((name, shape), (dname, dshape), "{case}: state layout");
+            assert_close(&format!("{case} state {name}"), b, a, p.bound);
+        }
+        // Host → device: load the CPU's tensors into a fresh device state and continue.
+        let mut loaded = p.gpu.new_state();
+        loaded.prepare_for(cpu_state.tokens_seen());
+        let mut src = cpu_state.clone();
+        for ((_, _, dst), (_, _, v)) in loaded.parts().unwrap().into_iter().zip(src.parts().unwrap()) {
+            dst.copy_from_slice(v);
+        }
+        let want = step_from(p.cpu.as_ref(), &mut cpu_state, &rest[..4]);
+        let got = step_from(p.gpu.as_ref(), &mut loaded, &rest[..4]);
+        assert_close(
+            &format!("{case} continued from a CPU state"),
+            &got,
+            &want,
+            p.bound,
+        );
+    }
+}
+
+/// Without a CUDA driver, `--device cuda` is a clear error, not a panic.
+#[test]
+fn cuda_device_without_a_driver_is_a_clear_error() {
+    if cuda::driver_present() {
+        eprintln!("skipped: this machine has a CUDA driver");
+        return;
+    }
+    let ckpt = Checkpoint::open(&fixture("llama", "llama_gqa_f32"), |_, _| {}).unwrap();
+    let opts = LoadOptions {
+        quant: None,
+        device: Device::Cuda(0),
+    };
+    let err = models::load_with(&ckpt, opts)
+        .err()
+        .expect("loading on a missing device must fail");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("--device cuda") && msg.contains("libcuda"), "{msg}");
+}
