@@ -102,7 +102,7 @@ pub(crate) struct ModelArgs {
     /// `generate` and `chat` use the bundled RecurrentGemma demo when it is left out.
     #[arg(long)]
     pub model: Option<PathBuf>,
-    /// Where to run.
+    /// Where to run: `cuda` uses the first NVIDIA GPU (CUDA libraries loaded at run time).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: Device,
     /// Worker threads for the kernels (default: all cores).
@@ -236,8 +236,6 @@ struct TokenizerArgs {
     /// A tokenizer.json file, an RWKV vocab file, or `world` for the built-in RWKV World tokenizer.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "cpu")]
-    device: Device,
 }
 
 #[derive(Args)]

@@ -192,10 +192,7 @@ impl Model for CudaGriffin {
     }
 
     fn new_state(&self) -> State {
-        State::Device(
-            DeviceState::new(&self.gpu, &self.layout)
-                .unwrap_or_else(|e| panic!("allocating a sequence state on the CUDA device: {e:#}")),
-        )
+        State::Device(DeviceState::new(&self.gpu, &self.layout))
     }
 
     fn state_bytes(&self, _tokens: usize) -> usize {

@@ -96,10 +96,7 @@ impl Model for CudaLlama {
     }
 
     fn new_state(&self) -> State {
-        State::Device(
-            DeviceState::new(&self.gpu, &self.layout)
-                .unwrap_or_else(|e| panic!("allocating a sequence state on the CUDA device: {e:#}")),
-        )
+        State::Device(DeviceState::new(&self.gpu, &self.layout))
     }
 
     fn state_bytes(&self, tokens: usize) -> usize {

@@ -84,8 +84,15 @@ impl StateLayout {
 }
 
 /// One sequence's state in device memory.
+///
+/// Cloning is cheap and cannot fail: clones share the device buffer until one of them runs
+/// a forward pass, which copies it first (copy on write). A fresh state allocates nothing
+/// until its first pass, so running out of device memory is an error of that pass.
+#[derive(Clone)]
 pub struct DeviceState {
-    buf: DevBuf,
+    gpu: Arc<Gpu>,
+    /// The state block; `None` until the first pass (all zeros).
+    buf: Option<Arc<DevBuf>>,
     layout: Arc<StateLayout>,
     /// Key/value slots per attention layer (the ring size, or the grown capacity).
     slots: usize,
@@ -101,26 +108,8 @@ impl fmt::Debug for DeviceState {
             "DeviceState({} at {}, {} bytes)",
             self.family(),
             self.pos,
-            self.buf.bytes()
+            self.bytes()
         )
-    }
-}
-
-impl Clone for DeviceState {
-    fn clone(&self) -> Self {
-        let gpu = self.buf.gpu().clone();
-        // Clone cannot fail: running out of device memory while forking a state is fatal.
-        let buf = gpu
-            .alloc(self.buf.bytes())
-            .and_then(|b| gpu.copy(b.ptr(), self.buf.ptr(), self.buf.bytes()).map(|_| b))
-            .unwrap_or_else(|e| panic!("copying a sequence state on the CUDA device: {e:#}"));
-        DeviceState {
-            buf,
-            layout: self.layout.clone(),
-            slots: self.slots,
-            pos: self.pos,
-            host: self.host.clone(),
-        }
     }
 }
 
@@ -128,16 +117,16 @@ impl Clone for DeviceState {
 const FIRST_SLOTS: usize = 256;
 
 impl DeviceState {
-    /// A zeroed state (position 0).
-    pub fn new(gpu: &Arc<Gpu>, layout: &Arc<StateLayout>) -> Result<DeviceState> {
-        let slots = layout.ring.unwrap_or(FIRST_SLOTS);
-        Ok(DeviceState {
-            buf: gpu.zeros(layout.values(slots) * 4)?,
+    /// A zeroed state (position 0); device memory comes with the first pass.
+    pub fn new(gpu: &Arc<Gpu>, layout: &Arc<StateLayout>) -> DeviceState {
+        DeviceState {
+            gpu: gpu.clone(),
+            buf: None,
             layout: layout.clone(),
-            slots,
+            slots: layout.ring.unwrap_or(FIRST_SLOTS),
             pos: 0,
             host: None,
-        })
+        }
     }
 
     pub fn family(&self) -> &'static str {
@@ -148,17 +137,9 @@ impl DeviceState {
         self.host.as_ref().map_or(self.pos, |h| h.tokens_seen())
     }
 
+    /// Device bytes the state holds (or will hold at its first pass).
     pub fn bytes(&self) -> usize {
-        self.buf.bytes()
-    }
-
-    /// The device address of the state block.
-    pub fn ptr(&self) -> DevPtr {
-        self.buf.ptr()
-    }
-
-    pub fn slots(&self) -> usize {
-        self.slots
+        self.layout.values(self.slots) * 4
     }
 
     fn belongs_to(&self, layout: &Arc<StateLayout>) -> bool {
@@ -177,9 +158,8 @@ impl DeviceState {
         if self.host.is_some() {
             return false;
         }
-        if tokens == self.pos
-            || (self.layout.ring.is_none() && self.layout.fixed.is_empty() && tokens < self.pos)
-        {
+        let rewindable = self.layout.ring.is_none() && self.layout.fixed.is_empty();
+        if tokens == self.pos || (rewindable && tokens < self.pos) {
             self.pos = tokens;
             return true;
         }
@@ -192,9 +172,11 @@ impl DeviceState {
         if self.host.is_none() {
             let mut host = Box::new(self.layout.template.clone());
             host.prepare_for(self.pos);
-            let offsets = self.layout.offsets(self.slots);
-            for ((_, _, v), off) in host.parts()?.into_iter().zip(offsets) {
-                self.buf.gpu().read(self.buf.ptr().f32_at(off), v)?;
+            if let Some(buf) = &self.buf {
+                let offsets = self.layout.offsets(self.slots);
+                for ((_, _, v), off) in host.parts()?.into_iter().zip(offsets) {
+                    self.gpu.read(buf.ptr().f32_at(off), v)?;
+                }
             }
             self.host = Some(host);
         }
@@ -220,27 +202,53 @@ impl DeviceState {
         self.host = Some(Box::new(state));
     }
 
-    /// Writes a pending host copy back to the device.
-    fn flush_host(&mut self) -> Result<()> {
-        let Some(mut host) = self.host.take() else {
-            return Ok(());
-        };
-        let tokens = host.tokens_seen();
-        self.reserve(tokens)?;
-        let offsets = self.layout.offsets(self.slots);
-        let gpu = self.buf.gpu().clone();
-        for ((name, _, v), off) in host.parts()?.into_iter().zip(offsets) {
-            let cap = self.layout.values(self.slots) - off;
-            if v.len() > cap {
-                bail!(
-                    "state tensor '{name}' has {} values, the device state holds {cap}",
-                    v.len()
-                );
+    /// Gets the state ready for a pass over `new_tokens` more tokens: a pending host copy
+    /// written back, a growing cache grown, a shared buffer copied. Returns its address.
+    fn ready_for(&mut self, new_tokens: usize) -> Result<DevPtr> {
+        if let Some(mut host) = self.host.take() {
+            let tokens = host.tokens_seen();
+            self.reserve(tokens)?;
+            let ptr = self.own()?;
+            let offsets = self.layout.offsets(self.slots);
+            for ((name, _, v), off) in host.parts()?.into_iter().zip(offsets) {
+                let cap = self.layout.values(self.slots) - off;
+                if v.len() > cap {
+                    bail!(
+                        "state tensor '{name}' has {} values, the device state holds {cap}",
+                        v.len()
+                    );
+                }
+                self.gpu.write(ptr.f32_at(off), v)?;
             }
-            gpu.write(self.buf.ptr().f32_at(off), v)?;
+            self.pos = tokens;
         }
-        self.pos = tokens;
-        Ok(())
+        self.reserve(self.pos + new_tokens)?;
+        self.own()
+    }
+
+    /// This state's own buffer: allocated (zeroed) on first use, copied when shared.
+    fn own(&mut self) -> Result<DevPtr> {
+        let bytes = self.bytes();
+        let buf = match self.buf.take() {
+            None => self.gpu.zeros(bytes)?,
+            Some(shared) => match Arc::try_unwrap(shared) {
+                Ok(mine) => mine,
+                Err(shared) => {
+                    let copy = self.gpu.alloc(bytes);
+                    let copy = copy.and_then(|c| self.gpu.copy(c.ptr(), shared.ptr(), bytes).map(|_| c));
+                    match copy {
+                        Ok(c) => c,
+                        Err(e) => {
+                            self.buf = Some(shared);
+                            return Err(e);
+                        }
+                    }
+                }
+            },
+        };
+        let ptr = buf.ptr();
+        self.buf = Some(Arc::new(buf));
+        Ok(ptr)
     }
 
     /// Grows a growing cache to hold `tokens` positions (copying what it holds).
@@ -252,19 +260,21 @@ impl DeviceState {
         let slots = tokens
             .max(self.slots + self.slots / 2)
             .next_multiple_of(FIRST_SLOTS);
-        let gpu = self.buf.gpu().clone();
-        let buf = gpu.zeros(self.layout.values(slots) * 4)?;
-        let (old, new) = (self.layout.offsets(self.slots), self.layout.offsets(slots));
-        let fixed = self.layout.fixed.len();
-        for (i, (o, n)) in old.iter().zip(&new).enumerate() {
-            let len = if i < fixed {
-                self.layout.fixed[i]
-            } else {
-                self.pos.min(self.slots) * self.layout.kv_dim
-            };
-            gpu.copy(buf.ptr().f32_at(*n), self.buf.ptr().f32_at(*o), len * 4)?;
+        if let Some(old_buf) = &self.buf {
+            let buf = self.gpu.zeros(self.layout.values(slots) * 4)?;
+            let (old, new) = (self.layout.offsets(self.slots), self.layout.offsets(slots));
+            let fixed = self.layout.fixed.len();
+            for (i, (o, n)) in old.iter().zip(&new).enumerate() {
+                let len = if i < fixed {
+                    self.layout.fixed[i]
+                } else {
+                    self.pos.min(self.slots) * self.layout.kv_dim
+                };
+                self.gpu
+                    .copy(buf.ptr().f32_at(*n), old_buf.ptr().f32_at(*o), len * 4)?;
+            }
+            self.buf = Some(Arc::new(buf));
         }
-        self.buf = buf;
         self.slots = slots;
         Ok(())
     }
@@ -365,11 +375,10 @@ pub fn prepare_batch(
     for seq in batch.iter_mut() {
         let n = seq.tokens.len();
         let st = device_state(seq.state, layout)?;
-        st.flush_host()?;
-        st.reserve(st.pos + n)?;
+        let ptr = st.ready_for(n)?;
         positions.push(st.pos);
         slots.push(st.slots as i32);
-        states.push(st.ptr().0);
+        states.push(ptr.0);
     }
     let (segs, rows) = layers::segments(batch, |i| positions[i]);
     let seqs = segs.len();
