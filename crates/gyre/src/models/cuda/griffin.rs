@@ -150,17 +150,8 @@ impl CudaGriffin {
                 down_b: upload_f32(gpu, &l.down_b)?,
             });
         }
-        let kv_dim = m.kv_heads * m.head_dim;
         let (nr, lru, w) = (m.n_recurrent, m.lru, m.conv_width);
-        let template = State::Griffin(GriffinState::new(
-            nr,
-            lru,
-            w,
-            KvCache::ring(m.n_attention, kv_dim, m.window),
-        ));
-        let mut fixed = vec![(w - 1) * lru; nr];
-        fixed.extend(std::iter::repeat_n(lru, nr));
-        let layout = StateLayout::new(template, fixed, 2 * m.n_attention, kv_dim, Some(m.window));
+        let layout = state_layout(&m);
         Ok(CudaGriffin {
             gpu: gpu.clone(),
             info: m.info.clone(),
@@ -184,6 +175,22 @@ impl CudaGriffin {
             arena: Mutex::new(Arena::new(gpu)),
         })
     }
+}
+
+/// The device state: conv histories and RG-LRU states per recurrent layer, then the key and
+/// value rings per attention layer, as the CPU state lists them.
+pub(super) fn state_layout(m: &Griffin) -> StateLayout {
+    let kv_dim = m.kv_heads * m.head_dim;
+    let (nr, lru, w) = (m.n_recurrent, m.lru, m.conv_width);
+    let template = State::Griffin(GriffinState::new(
+        nr,
+        lru,
+        w,
+        KvCache::ring(m.n_attention, kv_dim, m.window),
+    ));
+    let mut fixed = vec![(w - 1) * lru; nr];
+    fixed.extend(std::iter::repeat_n(lru, nr));
+    StateLayout::new(template, fixed, 2 * m.n_attention, kv_dim, Some(m.window))
 }
 
 impl Model for CudaGriffin {

@@ -67,9 +67,7 @@ impl CudaLlama {
         } else {
             Some(gpu.upload(m.embed.raw())?)
         };
-        let kv_dim = m.kv_heads * m.head_dim;
-        let template = State::Kv(KvCache::new(m.layers.len(), kv_dim, m.window));
-        let layout = StateLayout::new(template, Vec::new(), 2 * m.layers.len(), kv_dim, m.window);
+        let layout = state_layout(&m);
         Ok(CudaLlama {
             gpu: gpu.clone(),
             info: m.info.clone(),
@@ -88,6 +86,13 @@ impl CudaLlama {
             arena: Mutex::new(Arena::new(gpu)),
         })
     }
+}
+
+/// The device state: the CPU cache's parts (keys, values per layer) at `slots` rows each.
+pub(super) fn state_layout(m: &Llama) -> StateLayout {
+    let kv_dim = m.kv_heads * m.head_dim;
+    let template = State::Kv(KvCache::new(m.layers.len(), kv_dim, m.window));
+    StateLayout::new(template, Vec::new(), 2 * m.layers.len(), kv_dim, m.window)
 }
 
 impl Model for CudaLlama {

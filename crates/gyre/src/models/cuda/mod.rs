@@ -25,7 +25,7 @@ use super::layers::{self, Segment};
 use super::{check_tokens, Logits, SeqInput};
 use crate::kernels::cuda::{BatchMeta, DevBuf, DevMatrix, DevPtr, Gpu, Graph};
 use crate::state::State;
-use crate::tensor::{DType, Matrix, Tensor};
+use crate::tensor::{DType, Matrix};
 
 /// How a family's state sits in device memory: the CPU state's parts in order, the first
 /// `fixed.len()` at the given capacities (f32 values), then `kv_parts` key/value parts of
@@ -574,7 +574,51 @@ pub fn upload_f32(gpu: &Arc<Gpu>, v: &[f32]) -> Result<DevBuf> {
     gpu.upload(v)
 }
 
-/// A tensor as stored (embedding tables gathered by row).
-pub fn upload_tensor(gpu: &Arc<Gpu>, t: &Tensor) -> Result<DevBuf> {
-    gpu.upload(t.raw())
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::loader::Checkpoint;
+    use crate::models::LoadOptions;
+
+    fn fixture(path: &str) -> Checkpoint {
+        let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(path);
+        Checkpoint::open(&p, |_, _| {}).unwrap()
+    }
+
+    /// Every part of the CPU state, at the device state's capacity, fills exactly its region
+    /// of the device layout (what the kernels' offsets and `DeviceState::parts` rely on).
+    fn assert_layout_matches(what: &str, layout: StateLayout) {
+        let slots = layout.ring.unwrap_or(FIRST_SLOTS);
+        let mut st = layout.template.clone();
+        st.prepare_for(slots);
+        let offsets = layout.offsets(slots);
+        let end = layout.values(slots);
+        let parts = st.parts().unwrap();
+        assert_eq!(parts.len(), offsets.len(), "{what}: part count");
+        for (i, (name, _, v)) in parts.iter().enumerate() {
+            let region = offsets.get(i + 1).copied().unwrap_or(end) - offsets[i];
+            assert_eq!(v.len(), region, "{what}: part {name}");
+        }
+    }
+
+    #[test]
+    fn device_state_layouts_match_the_cpu_states() {
+        let opts = LoadOptions::default();
+        for case in ["llama/llama_gqa_f32", "llama/mistral_window_f32"] {
+            let ckpt = fixture(case);
+            let arch = crate::models::detect(&ckpt).unwrap();
+            let m = crate::models::llama::Llama::load(&ckpt, arch, opts).unwrap();
+            assert_layout_matches(case, llama::state_layout(&m));
+        }
+        for case in ["griffin/griffin_small", "griffin/griffin_attn_first"] {
+            let m = crate::models::griffin::Griffin::load(&fixture(case), opts).unwrap();
+            assert_layout_matches(case, griffin::state_layout(&m));
+        }
+        let m = crate::models::rwkv5::Rwkv5::load(&fixture("rwkv5/rwkv5_tiny_f32/model.pth"), opts).unwrap();
+        assert_layout_matches("rwkv5", rwkv5::state_layout(&m));
+    }
 }

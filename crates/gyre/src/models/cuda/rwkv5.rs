@@ -78,10 +78,8 @@ impl CudaRwkv5 {
                 ffn_v: upload(gpu, &b.ffn_v, &what("ffn.value.weight"))?,
             });
         }
-        let (l, c, h, n) = (m.blocks.len(), m.info.hidden_size, m.heads, m.head_size);
-        let template = State::Rwkv(RwkvState::new(l, c, h, n));
-        let fixed = (0..l).flat_map(|_| [c, h * n * n, c]).collect();
-        let layout = StateLayout::new(template, fixed, 0, 0, Some(0));
+        let (h, n) = (m.heads, m.head_size);
+        let layout = state_layout(&m);
         Ok(CudaRwkv5 {
             gpu: gpu.clone(),
             info: m.info.clone(),
@@ -97,6 +95,14 @@ impl CudaRwkv5 {
             arena: Mutex::new(Arena::new(gpu)),
         })
     }
+}
+
+/// The device state: token shifts and WKV matrices per layer, as the CPU state lists them.
+pub(super) fn state_layout(m: &Rwkv5) -> StateLayout {
+    let (l, c, h, n) = (m.blocks.len(), m.info.hidden_size, m.heads, m.head_size);
+    let template = State::Rwkv(RwkvState::new(l, c, h, n));
+    let fixed = (0..l).flat_map(|_| [c, h * n * n, c]).collect();
+    StateLayout::new(template, fixed, 0, 0, Some(0))
 }
 
 impl Model for CudaRwkv5 {
