@@ -516,7 +516,9 @@ pub fn advance(batch: &mut [SeqInput<'_>], layout: &Arc<StateLayout>) -> Result<
     Ok(())
 }
 
-/// Downloads [picked, V] logits and splits them per sequence.
+/// Downloads the picked rows' logits [picked, V] straight into one vector per sequence
+/// (no intermediate copy: with a large vocabulary and batch these are the biggest transfers
+/// of a step).
 pub fn download_logits(
     gpu: &Gpu,
     logits: DevPtr,
@@ -524,9 +526,20 @@ pub fn download_logits(
     b: &DeviceBatch,
     which: Logits,
 ) -> Result<Vec<Vec<f32>>> {
-    let mut host = vec![0f32; b.n_picked * v];
-    gpu.read(logits, &mut host)?;
-    Ok(layers::split_logits(host, v, &b.segs, which))
+    let mut first = 0;
+    b.segs
+        .iter()
+        .map(|s| {
+            let rows = match which {
+                Logits::Last => 1,
+                Logits::All => s.len,
+            };
+            let mut out = vec![0f32; rows * v];
+            gpu.read(logits.f32_at(first * v), &mut out)?;
+            first += rows;
+            Ok(out)
+        })
+        .collect()
 }
 
 fn device_state<'s>(state: &'s mut State, layout: &Arc<StateLayout>) -> Result<&'s mut DeviceState> {
