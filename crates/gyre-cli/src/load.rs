@@ -36,7 +36,21 @@ impl Loaded {
             bar.set_position(done as u64);
         })?;
         bar.finish_and_clear();
-        let model = models::load_with(&ckpt, opts)?;
+        // Building the model can take a while too (quantizing, or copying the weights to a
+        // GPU): a spinner on terminals, nothing when stderr is piped.
+        let spinner = ProgressBar::new_spinner();
+        spinner.set_message(match opts.device {
+            models::Device::Cuda(_) => format!(
+                "copying {:.2} GB of weights to the GPU",
+                ckpt.summary().1 as f64 / 1e9
+            ),
+            models::Device::Cpu if opts.quant.is_some() => "quantizing the weights".to_string(),
+            models::Device::Cpu => "building the model".to_string(),
+        });
+        spinner.enable_steady_tick(std::time::Duration::from_millis(120));
+        let model = models::load_with(&ckpt, opts);
+        spinner.finish_and_clear();
+        let model = model?;
         Ok(Loaded {
             model,
             dir: ckpt.dir.clone(),
