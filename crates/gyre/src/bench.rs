@@ -495,18 +495,8 @@ pub fn run(
 ) -> Result<BenchReport> {
     let v = model.info().vocab_size as u32;
     let tokens = prompt_tokens(prompt, v as usize);
-    let mut states: Vec<_> = (0..batch).map(|_| model.new_state()).collect();
-    let t0 = Instant::now();
-    for st in states.iter_mut() {
-        model.forward(
-            &mut [SeqInput {
-                tokens: &tokens,
-                state: st,
-            }],
-            Logits::Last,
-        )?;
-    }
-    let prefill_tok_s = (prompt * batch) as f64 / t0.elapsed().as_secs_f64();
+    let (mut states, prefill_s) = prefilled(model, &tokens, batch)?;
+    let prefill_tok_s = (prompt * batch) as f64 / prefill_s;
     let interleave = bytes_per_token >= INTERLEAVE_BYTES;
     let mut machine: Vec<f64> = if interleave {
         Vec::with_capacity(gen)
@@ -524,16 +514,8 @@ pub fn run(
         } else {
             up_front
         };
-        let mut inputs: Vec<SeqInput<'_>> = states
-            .iter_mut()
-            .zip(&next)
-            .map(|(state, t)| SeqInput {
-                tokens: std::slice::from_ref(t),
-                state,
-            })
-            .collect();
         let t = Instant::now();
-        model.forward(&mut inputs, Logits::Last)?;
+        decode_step(model, &mut states, &next)?;
         let dt = t.elapsed().as_secs_f64();
         steps.push(dt);
         ratios.push(bytes_per_token as f64 / dt / 1e9 / bw);
@@ -552,6 +534,30 @@ pub fn run(
         prompt,
         gen,
     })
+}
+
+/// `batch` fresh states, each prefilled with `tokens` in its own pass, and the seconds that took.
+fn prefilled(model: &dyn Model, tokens: &[u32], batch: usize) -> Result<(Vec<State>, f64)> {
+    let mut states: Vec<State> = (0..batch).map(|_| model.new_state()).collect();
+    let t0 = Instant::now();
+    for state in states.iter_mut() {
+        model.forward(&mut [SeqInput { tokens, state }], Logits::Last)?;
+    }
+    Ok((states, t0.elapsed().as_secs_f64()))
+}
+
+/// One batched decode step: sequence i is fed `next[i]`.
+fn decode_step(model: &dyn Model, states: &mut [State], next: &[u32]) -> Result<()> {
+    let mut inputs: Vec<SeqInput<'_>> = states
+        .iter_mut()
+        .zip(next)
+        .map(|(state, t)| SeqInput {
+            tokens: std::slice::from_ref(t),
+            state,
+        })
+        .collect();
+    model.forward(&mut inputs, Logits::Last)?;
+    Ok(())
 }
 
 /// One point of a throughput-against-length curve (`gyre bench --curve`).
@@ -580,32 +586,13 @@ pub fn curve(
 ) -> Result<(f64, Vec<CurvePoint>)> {
     let v = model.info().vocab_size as u32;
     let tokens = prompt_tokens(prompt, v as usize);
-    let mut states: Vec<_> = (0..batch).map(|_| model.new_state()).collect();
-    let t0 = Instant::now();
-    for st in states.iter_mut() {
-        model.forward(
-            &mut [SeqInput {
-                tokens: &tokens,
-                state: st,
-            }],
-            Logits::Last,
-        )?;
-    }
-    let prefill_s = t0.elapsed().as_secs_f64();
+    let (mut states, prefill_s) = prefilled(model, &tokens, batch)?;
     let every = (gen / points.max(1)).max(1);
     let next: Vec<u32> = (0..batch as u32).map(|b| (b * 31 + 5) % v).collect();
     let (start, mut window) = (Instant::now(), Instant::now());
     let mut out = Vec::with_capacity(points);
     for step in 1..=gen {
-        let mut inputs: Vec<SeqInput<'_>> = states
-            .iter_mut()
-            .zip(&next)
-            .map(|(state, t)| SeqInput {
-                tokens: std::slice::from_ref(t),
-                state,
-            })
-            .collect();
-        model.forward(&mut inputs, Logits::Last)?;
+        decode_step(model, &mut states, &next)?;
         if step % every == 0 || step == gen {
             let since = out.last().map_or(0, |p: &CurvePoint| p.generated);
             out.push(CurvePoint {

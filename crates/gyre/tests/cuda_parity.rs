@@ -46,6 +46,22 @@ fn gpu() -> Option<Arc<Gpu>> {
     }
 }
 
+/// Models built on the first GPU, weights as stored.
+const ON_GPU: LoadOptions = LoadOptions {
+    quant: None,
+    device: Device::Cuda(0),
+};
+
+/// Runs `check` on every fixture's CPU/GPU model pair, when there is a GPU.
+fn each_case(check: impl Fn(&str, Pair)) {
+    if gpu().is_none() {
+        return;
+    }
+    for &(family, case, tokens) in CASES {
+        check(case, pair(family, case, tokens));
+    }
+}
+
 struct Pair {
     cpu: Box<dyn Model>,
     gpu: Box<dyn Model>,
@@ -64,11 +80,7 @@ fn pair(family: &str, case: &str, tokens: &str) -> Pair {
     };
     let ckpt = Checkpoint::open(&weights, |_, _| {}).unwrap();
     let cpu = models::load(&ckpt).unwrap();
-    let opts = LoadOptions {
-        quant: None,
-        device: Device::Cuda(0),
-    };
-    let gpu = models::load_with(&ckpt, opts).unwrap_or_else(|e| panic!("{case}: {e:#}"));
+    let gpu = models::load_with(&ckpt, ON_GPU).unwrap_or_else(|e| panic!("{case}: {e:#}"));
     let exp = Expected::read(&dir.join("expected.safetensors"));
     let bound = if cpu.info().dtypes.iter().all(|&d| d == DType::F32) {
         1e-4
@@ -112,44 +124,32 @@ fn greedy(model: &dyn Model, prompt: &[u32], n: usize) -> Vec<u32> {
 /// Prefill and token-by-token decode on the device equal the CPU path, and each other.
 #[test]
 fn cuda_prefill_and_decode_match_the_cpu_on_every_fixture() {
-    if gpu().is_none() {
-        return;
-    }
-    for &(family, case, tokens) in CASES {
-        let p = pair(family, case, tokens);
+    each_case(|case, p| {
         let want = prefill_all(p.cpu.as_ref(), &p.tokens);
         let prefill = prefill_all(p.gpu.as_ref(), &p.tokens);
         assert_close(&format!("{case} prefill"), &prefill, &want, p.bound);
         let step = step_by_step(p.gpu.as_ref(), &p.tokens);
         assert_close(&format!("{case} step-by-step"), &step, &want, p.bound);
         assert_close(&format!("{case} prefill vs step"), &prefill, &step, p.bound);
-    }
+    });
 }
 
 /// Greedy generations of 64 tokens agree with the CPU's.
 #[test]
 fn cuda_greedy_generation_matches_the_cpu_for_64_tokens() {
-    if gpu().is_none() {
-        return;
-    }
-    for &(family, case, tokens) in CASES {
-        let p = pair(family, case, tokens);
+    each_case(|case, p| {
         let prompt = &p.tokens[..p.tokens.len().min(12)];
         let want = greedy(p.cpu.as_ref(), prompt, 64);
         let got = greedy(p.gpu.as_ref(), prompt, 64);
         assert_eq!(got, want, "{case}: greedy tokens differ");
-    }
+    });
 }
 
 /// A batch of sequences at different positions, some prefilling and some decoding, gives
 /// each the logits it gets alone.
 #[test]
 fn cuda_batched_forward_equals_one_sequence_at_a_time() {
-    if gpu().is_none() {
-        return;
-    }
-    for &(family, case, tokens) in CASES {
-        let p = pair(family, case, tokens);
+    each_case(|case, p| {
         let m = p.gpu.as_ref();
         let t = &p.tokens;
         let (mut a, mut b, mut c) = (m.new_state(), m.new_state(), m.new_state());
@@ -180,18 +180,14 @@ fn cuda_batched_forward_equals_one_sequence_at_a_time() {
             let alone = prefill_from(m, st, chunk);
             assert_close(&format!("{case} batch row {i}"), &together[i], &alone, p.bound);
         }
-    }
+    });
 }
 
 /// A state moves between host and device: a CPU state loaded into a device state continues
 /// as the CPU does, and a device state read back (as `gyre state save` does) equals the CPU's.
 #[test]
 fn cuda_states_round_trip_through_the_host_layout() {
-    if gpu().is_none() {
-        return;
-    }
-    for &(family, case, tokens) in CASES {
-        let p = pair(family, case, tokens);
+    each_case(|case, p| {
         let (prompt, rest) = p.tokens.split_at(10);
         let mut cpu_state = p.cpu.new_state();
         prefill_from(p.cpu.as_ref(), &mut cpu_state, prompt);
@@ -220,7 +216,7 @@ fn cuda_states_round_trip_through_the_host_layout() {
             &want,
             p.bound,
         );
-    }
+    });
 }
 
 /// Without a CUDA driver, `--device cuda` is a clear error, not a panic.
@@ -231,11 +227,7 @@ fn cuda_device_without_a_driver_is_a_clear_error() {
         return;
     }
     let ckpt = Checkpoint::open(&fixture("llama", "llama_gqa_f32"), |_, _| {}).unwrap();
-    let opts = LoadOptions {
-        quant: None,
-        device: Device::Cuda(0),
-    };
-    let err = models::load_with(&ckpt, opts)
+    let err = models::load_with(&ckpt, ON_GPU)
         .err()
         .expect("loading on a missing device must fail");
     let msg = format!("{err:#}");

@@ -142,6 +142,42 @@ pub struct Product {
     pub epilogue: Epilogue,
 }
 
+impl Product {
+    /// `y = x·Wᵀ` over `rows` rows, no bias.
+    pub fn new(x: DevPtr, x_stride: usize, rows: usize, y: DevPtr, y_stride: usize) -> Product {
+        Product {
+            x,
+            x_stride,
+            rows,
+            y,
+            y_stride,
+            bias: None,
+            epilogue: Epilogue::Store,
+        }
+    }
+
+    /// `y += …` (a residual connection).
+    pub fn accumulating(self) -> Product {
+        Product {
+            epilogue: Epilogue::Accumulate,
+            ..self
+        }
+    }
+
+    /// With a bias added.
+    pub fn with_bias(self, bias: DevPtr) -> Product {
+        Product {
+            bias: Some(bias),
+            ..self
+        }
+    }
+
+    /// With another epilogue.
+    pub fn then(self, epilogue: Epilogue) -> Product {
+        Product { epilogue, ..self }
+    }
+}
+
 /// How a product's result `s` lands in `y` (`mode` in kernels.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Epilogue {
@@ -189,6 +225,36 @@ pub struct AttnArgs {
     pub hd: i32,
     pub span: i32,
     pub scale: f32,
+}
+
+impl AttnArgs {
+    /// Attention over rows laid out [q (heads·hd) | k (kv_heads·hd) | v (kv_heads·hd)] (one
+    /// fused projection), scores scaled by hd^-0.5; `span` as in kernels.cu (0: all keys).
+    pub fn fused_qkv(
+        qkv: DevPtr,
+        heads: usize,
+        kv_heads: usize,
+        hd: usize,
+        kv_offset: usize,
+        layer: usize,
+        span: usize,
+    ) -> AttnArgs {
+        let (qd, kvd) = (heads * hd, kv_heads * hd);
+        AttnArgs {
+            qkv,
+            row_stride: (qd + 2 * kvd) as i32,
+            q_off: 0,
+            k_off: qd as i32,
+            v_off: (qd + kvd) as i32,
+            kv_offset: kv_offset as i64,
+            layer: layer as i32,
+            heads: heads as i32,
+            kv_heads: kv_heads as i32,
+            hd: hd as i32,
+            span: span as i32,
+            scale: 1.0 / (hd as f32).sqrt(),
+        }
+    }
 }
 
 /// Device copy of a batch's layout (`Batch` in kernels.cu): per row its sequence and

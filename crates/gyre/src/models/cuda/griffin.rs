@@ -2,15 +2,15 @@
 //! linear_x/linear_y, q/k/v and gate/up fused into one product each, and the RG-LRU gates,
 //! recurrence and output gate fused into one scan kernel.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 
-use super::{advance, download_logits, prepare_batch, upload, upload_f32, upload_fused, Arena, StateLayout};
-use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Epilogue, Gpu, Product};
+use super::{upload, upload_fused, DeviceBatch, Runner, StateLayout};
+use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Gpu, Product};
 use crate::models::griffin::{Griffin, Temporal};
 use crate::models::{Logits, Model, ModelInfo, SeqInput};
-use crate::state::{DeviceState, GriffinState, KvCache, State};
+use crate::state::{GriffinState, KvCache, State};
 use crate::tensor::DType;
 
 struct Recurrent {
@@ -60,7 +60,7 @@ struct Layer {
 
 /// A RecurrentGemma model on a CUDA device.
 pub struct CudaGriffin {
-    gpu: Arc<Gpu>,
+    run: Runner,
     info: ModelInfo,
     heads: usize,
     kv_heads: usize,
@@ -79,8 +79,6 @@ pub struct CudaGriffin {
     layers: Vec<Layer>,
     n_recurrent: usize,
     final_norm: DevBuf,
-    layout: Arc<StateLayout>,
-    arena: Mutex<Arena>,
 }
 
 fn concat(a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -122,38 +120,38 @@ impl CudaGriffin {
                             &[&r.linear_x, &r.linear_y],
                             &what("temporal_block.linear_x/y"),
                         )?,
-                        xy_b: upload_f32(gpu, &concat(&r.linear_x_b, &r.linear_y_b))?,
-                        conv_w: upload_f32(gpu, &r.conv_w)?,
-                        conv_b: upload_f32(gpu, &r.conv_b)?,
+                        xy_b: gpu.upload(&concat(&r.linear_x_b, &r.linear_y_b))?,
+                        conv_w: gpu.upload(&r.conv_w)?,
+                        conv_b: gpu.upload(&r.conv_b)?,
                         gates,
-                        gates_b: upload_f32(gpu, &gates_b)?,
-                        log_a_scale: upload_f32(gpu, &r.log_a_scale)?,
+                        gates_b: gpu.upload(&gates_b)?,
+                        log_a_scale: gpu.upload(&r.log_a_scale)?,
                         out: upload(gpu, &r.linear_out, &what("temporal_block.linear_out"))?,
-                        out_b: upload_f32(gpu, &r.linear_out_b)?,
+                        out_b: gpu.upload(&r.linear_out_b)?,
                         index: r_index - 1,
                     }))
                 }
                 Temporal::Attention(a) => Block::Attention(Box::new(Attention {
                     qkv: upload_fused(gpu, &[&a.q, &a.k, &a.v], &what("temporal_block.q/k/v_proj"))?,
                     o: upload(gpu, &a.o, &what("temporal_block.o_proj"))?,
-                    o_b: upload_f32(gpu, &a.o_b)?,
+                    o_b: gpu.upload(&a.o_b)?,
                     kv_index: a.kv_index,
                 })),
             };
             layers.push(Layer {
-                temporal_norm: upload_f32(gpu, &l.temporal_norm)?,
-                channel_norm: upload_f32(gpu, &l.channel_norm)?,
+                temporal_norm: gpu.upload(&l.temporal_norm)?,
+                channel_norm: gpu.upload(&l.channel_norm)?,
                 block,
                 gate_up: upload_fused(gpu, &[&l.gate, &l.up], &what("mlp_block.gate/up_proj"))?,
-                gate_up_b: upload_f32(gpu, &concat(&l.gate_b, &l.up_b))?,
+                gate_up_b: gpu.upload(&concat(&l.gate_b, &l.up_b))?,
                 down: upload(gpu, &l.down, &what("mlp_block.down_proj"))?,
-                down_b: upload_f32(gpu, &l.down_b)?,
+                down_b: gpu.upload(&l.down_b)?,
             });
         }
         let (nr, lru, w) = (m.n_recurrent, m.lru, m.conv_width);
         let layout = state_layout(&m);
         Ok(CudaGriffin {
-            gpu: gpu.clone(),
+            run: Runner::new(gpu, layout),
             info: m.info.clone(),
             heads: m.heads,
             kv_heads: m.kv_heads,
@@ -164,15 +162,13 @@ impl CudaGriffin {
             eps: m.eps,
             soft_cap: m.soft_cap,
             embed_scale: m.embed_scale,
-            inv_freq: upload_f32(gpu, &m.inv_freq)?,
+            inv_freq: gpu.upload(&m.inv_freq)?,
             rot_half: m.inv_freq.len(),
             head: upload(gpu, &m.head, "model.embed_tokens")?,
             embed_dtype: m.embed.dtype(),
             layers,
             n_recurrent: nr,
-            final_norm: upload_f32(gpu, &m.final_norm)?,
-            layout: Arc::new(layout),
-            arena: Mutex::new(Arena::new(gpu)),
+            final_norm: gpu.upload(&m.final_norm)?,
         })
     }
 }
@@ -199,7 +195,7 @@ impl Model for CudaGriffin {
     }
 
     fn new_state(&self) -> State {
-        State::Device(DeviceState::new(&self.gpu, &self.layout))
+        self.run.new_state()
     }
 
     fn state_bytes(&self, _tokens: usize) -> usize {
@@ -213,8 +209,7 @@ impl Model for CudaGriffin {
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
-        let g = &*self.gpu;
-        g.bind()?;
+        let g = &*self.run.gpu;
         let (c, v, lru, w) = (
             self.info.hidden_size,
             self.info.vocab_size,
@@ -225,121 +220,91 @@ impl Model for CudaGriffin {
         let (qd, kvd) = (h * hd, kvh * hd);
         let qkvd = qd + 2 * kvd;
         let f = self.layers.first().map_or(0, |l| l.gate_up.rows / 2);
-        let mut b = prepare_batch(&self.layout, v, batch, which, self.window + 1)?;
-        let (rows, np) = (b.rows, b.n_picked);
-        let part_len = Gpu::attention_scratch(rows, h, hd, b.max_keys);
         let wide = (2 * lru).max(qkvd).max(2 * f);
-        let mut arena = self
-            .arena
-            .lock()
-            .map_err(|_| anyhow!("model arena lock poisoned"))?;
-        let [meta, x, normed, xy, conv, gates, tmp, part, px, pn, logits] = arena.carve(|a| {
+        let sizes = |b: &DeviceBatch| {
+            let (rows, np) = (b.rows, b.n_picked);
             [
-                a.bytes(b.meta_bytes()),
-                a.f32(rows * c),
-                a.f32(rows * c),
-                a.f32(rows * wide),
-                a.f32(rows * lru),
-                a.f32(rows * 2 * lru),
-                a.f32(rows * lru.max(qd).max(f)),
-                a.f32(part_len),
-                a.f32(np * c),
-                a.f32(np * c),
-                a.f32(np * v),
+                rows * c,
+                rows * c,
+                rows * wide,
+                rows * lru,
+                rows * 2 * lru,
+                rows * lru.max(qd).max(f),
+                Gpu::attention_scratch(rows, h, hd, b.max_keys),
+                np * c,
+                np * c,
             ]
-        })?;
-        b.upload(g, meta)?;
-        let body = || -> Result<()> {
-            g.embed(
-                self.head.buf.ptr(),
-                self.embed_dtype,
-                b.tokens,
-                x,
-                rows,
-                c,
-                self.embed_scale,
-            )?;
-            let prod = |x, x_stride, y, y_stride, bias: &DevBuf, accumulate| Product {
-                x,
-                x_stride,
-                rows,
-                y,
-                y_stride,
-                bias: Some(bias.ptr()),
-                epilogue: if accumulate {
-                    Epilogue::Accumulate
-                } else {
-                    Epilogue::Store
-                },
-            };
-            let (hist_base, h_base) = (0, self.n_recurrent * (w - 1) * lru);
-            for l in &self.layers {
-                g.rmsnorm(x, l.temporal_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
-                match &l.block {
-                    Block::Recurrent(r) => {
-                        // xy [rows, 2·lru]: linear_x | linear_y
-                        g.linear(&r.xy, prod(normed, c, xy, 2 * lru, &r.xy_b, false))?;
-                        let hist_off = hist_base + r.index * (w - 1) * lru;
-                        let (cw, cb) = (r.conv_w.ptr(), r.conv_b.ptr());
-                        g.conv1d(xy, 2 * lru, conv, cw, cb, lru, w, hist_off, b.meta)?;
-                        g.linear(&r.gates, prod(conv, lru, gates, 2 * lru, &r.gates_b, false))?;
-                        let (y, h_off) = (xy.f32_at(lru), h_base + r.index * lru);
-                        let (bw, a_scale) = (lru / h, r.log_a_scale.ptr());
-                        g.rglru_scan(conv, gates, y, 2 * lru, a_scale, tmp, lru, bw, h_off, b.meta)?;
-                        g.linear(&r.out, prod(tmp, lru, x, c, &r.out_b, true))?;
-                    }
-                    Block::Attention(a) => {
-                        g.linear(
-                            &a.qkv,
-                            Product {
-                                bias: None,
-                                ..prod(normed, c, xy, qkvd, &a.o_b, false)
-                            },
-                        )?;
-                        g.rope(xy, qkvd, h + kvh, hd, self.rot_half, self.inv_freq.ptr(), b.meta)?;
-                        let args = AttnArgs {
-                            qkv: xy,
-                            row_stride: qkvd as i32,
-                            q_off: 0,
-                            k_off: qd as i32,
-                            v_off: (qd + kvd) as i32,
-                            kv_offset: self.layout.kv_offset() as i64,
-                            layer: a.kv_index as i32,
-                            heads: h as i32,
-                            kv_heads: kvh as i32,
-                            hd: hd as i32,
-                            span: (self.window + 1) as i32,
-                            scale: 1.0 / (hd as f32).sqrt(),
-                        };
-                        g.attention(args, b.meta, b.max_keys, tmp, part)?;
-                        g.linear(&a.o, prod(tmp, qd, x, c, &a.o_b, true))?;
-                    }
-                }
-                g.rmsnorm(x, l.channel_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
-                g.linear(&l.gate_up, prod(normed, c, xy, 2 * f, &l.gate_up_b, false))?;
-                g.gated(xy, tmp, rows, f, true)?;
-                g.linear(&l.down, prod(tmp, f, x, c, &l.down_b, true))?;
-            }
-            g.gather_rows(x, b.picked, px, np, c)?;
-            g.rmsnorm(px, self.final_norm.ptr(), pn, np, c, self.eps, 1.0)?;
-            g.linear(
-                &self.head,
-                Product {
-                    rows: np,
-                    bias: None,
-                    ..prod(pn, c, logits, v, &self.final_norm, false)
-                },
-            )?;
-            if self.soft_cap > 0.0 {
-                g.soft_cap(logits, np * v, self.soft_cap)?;
-            }
-            Ok(())
         };
-        let base = arena.base();
-        arena.graphs.run(g, &b, which, base, body)?;
-        let out = download_logits(g, logits, v, &b, which)?;
-        advance(batch, &self.layout)?;
-        Ok(out)
+        self.run.forward(
+            v,
+            batch,
+            which,
+            self.window + 1,
+            sizes,
+            |b, [x, normed, xy, conv, gates, tmp, part, px, pn], logits| {
+                let (rows, np) = (b.rows, b.n_picked);
+                g.embed(
+                    self.head.buf.ptr(),
+                    self.embed_dtype,
+                    b.tokens,
+                    x,
+                    rows,
+                    c,
+                    self.embed_scale,
+                )?;
+                let prod = |x, x_stride, y, y_stride| Product::new(x, x_stride, rows, y, y_stride);
+                let (hist_base, h_base) = (0, self.n_recurrent * (w - 1) * lru);
+                for l in &self.layers {
+                    g.rmsnorm(x, l.temporal_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
+                    match &l.block {
+                        Block::Recurrent(r) => {
+                            // xy [rows, 2·lru]: linear_x | linear_y
+                            g.linear(&r.xy, prod(normed, c, xy, 2 * lru).with_bias(r.xy_b.ptr()))?;
+                            let hist_off = hist_base + r.index * (w - 1) * lru;
+                            let (cw, cb) = (r.conv_w.ptr(), r.conv_b.ptr());
+                            g.conv1d(xy, 2 * lru, conv, cw, cb, lru, w, hist_off, b.meta)?;
+                            g.linear(
+                                &r.gates,
+                                prod(conv, lru, gates, 2 * lru).with_bias(r.gates_b.ptr()),
+                            )?;
+                            let (y, h_off) = (xy.f32_at(lru), h_base + r.index * lru);
+                            let (bw, a_scale) = (lru / h, r.log_a_scale.ptr());
+                            g.rglru_scan(conv, gates, y, 2 * lru, a_scale, tmp, lru, bw, h_off, b.meta)?;
+                            g.linear(
+                                &r.out,
+                                prod(tmp, lru, x, c).with_bias(r.out_b.ptr()).accumulating(),
+                            )?;
+                        }
+                        Block::Attention(a) => {
+                            g.linear(&a.qkv, prod(normed, c, xy, qkvd))?;
+                            g.rope(xy, qkvd, h + kvh, hd, self.rot_half, self.inv_freq.ptr(), b.meta)?;
+                            let kv_offset = self.run.layout.kv_offset();
+                            let span = self.window + 1;
+                            let args = AttnArgs::fused_qkv(xy, h, kvh, hd, kv_offset, a.kv_index, span);
+                            g.attention(args, b.meta, b.max_keys, tmp, part)?;
+                            g.linear(&a.o, prod(tmp, qd, x, c).with_bias(a.o_b.ptr()).accumulating())?;
+                        }
+                    }
+                    g.rmsnorm(x, l.channel_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
+                    g.linear(
+                        &l.gate_up,
+                        prod(normed, c, xy, 2 * f).with_bias(l.gate_up_b.ptr()),
+                    )?;
+                    g.gated(xy, tmp, rows, f, true)?;
+                    g.linear(
+                        &l.down,
+                        prod(tmp, f, x, c).with_bias(l.down_b.ptr()).accumulating(),
+                    )?;
+                }
+                g.gather_rows(x, b.picked, px, np, c)?;
+                g.rmsnorm(px, self.final_norm.ptr(), pn, np, c, self.eps, 1.0)?;
+                g.linear(&self.head, Product::new(pn, c, np, logits, v))?;
+                if self.soft_cap > 0.0 {
+                    g.soft_cap(logits, np * v, self.soft_cap)?;
+                }
+                Ok(())
+            },
+        )
     }
 }
 

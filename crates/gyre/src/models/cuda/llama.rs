@@ -1,15 +1,15 @@
 //! Llama-2 / Mistral / SOLAR on a CUDA device: the math of `models/llama.rs`, with q/k/v
 //! and gate/up fused into one product each.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 
-use super::{advance, download_logits, prepare_batch, upload, upload_f32, upload_fused, Arena, StateLayout};
-use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Epilogue, Gpu, Product};
+use super::{upload, upload_fused, DeviceBatch, Runner, StateLayout};
+use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Gpu, Product};
 use crate::models::llama::Llama;
 use crate::models::{Logits, Model, ModelInfo, SeqInput};
-use crate::state::{DeviceState, KvCache, State};
+use crate::state::{KvCache, State};
 use crate::tensor::DType;
 
 struct Layer {
@@ -27,7 +27,7 @@ struct Layer {
 
 /// A Llama-architecture model on a CUDA device.
 pub struct CudaLlama {
-    gpu: Arc<Gpu>,
+    run: Runner,
     info: ModelInfo,
     heads: usize,
     kv_heads: usize,
@@ -41,8 +41,6 @@ pub struct CudaLlama {
     layers: Vec<Layer>,
     norm: DevBuf,
     lm_head: DevMatrix,
-    layout: Arc<StateLayout>,
-    arena: Mutex<Arena>,
 }
 
 impl CudaLlama {
@@ -52,10 +50,10 @@ impl CudaLlama {
         for (i, l) in m.layers.iter().enumerate() {
             let what = |n: &str| format!("model.layers.{i}.{n}");
             layers.push(Layer {
-                attn_norm: upload_f32(gpu, &l.attn_norm)?,
+                attn_norm: gpu.upload(&l.attn_norm)?,
                 qkv: upload_fused(gpu, &[&l.q, &l.k, &l.v], &what("self_attn.q/k/v_proj"))?,
                 o: upload(gpu, &l.o, &what("self_attn.o_proj"))?,
-                mlp_norm: upload_f32(gpu, &l.mlp_norm)?,
+                mlp_norm: gpu.upload(&l.mlp_norm)?,
                 gate_up: upload_fused(gpu, &[&l.gate, &l.up], &what("mlp.gate/up_proj"))?,
                 down: upload(gpu, &l.down, &what("mlp.down_proj"))?,
             });
@@ -69,21 +67,19 @@ impl CudaLlama {
         };
         let layout = state_layout(&m);
         Ok(CudaLlama {
-            gpu: gpu.clone(),
+            run: Runner::new(gpu, layout),
             info: m.info.clone(),
             heads: m.heads,
             kv_heads: m.kv_heads,
             head_dim: m.head_dim,
             eps: m.eps,
             window: m.window,
-            inv_freq: upload_f32(gpu, &m.inv_freq)?,
+            inv_freq: gpu.upload(&m.inv_freq)?,
             embed,
             embed_dtype: m.embed.dtype(),
             layers,
-            norm: upload_f32(gpu, &m.norm)?,
+            norm: gpu.upload(&m.norm)?,
             lm_head,
-            layout: Arc::new(layout),
-            arena: Mutex::new(Arena::new(gpu)),
         })
     }
 }
@@ -101,7 +97,7 @@ impl Model for CudaLlama {
     }
 
     fn new_state(&self) -> State {
-        State::Device(DeviceState::new(&self.gpu, &self.layout))
+        self.run.new_state()
     }
 
     fn state_bytes(&self, tokens: usize) -> usize {
@@ -114,93 +110,57 @@ impl Model for CudaLlama {
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
-        let g = &*self.gpu;
-        g.bind()?;
+        let g = &*self.run.gpu;
         let (c, v) = (self.info.hidden_size, self.info.vocab_size);
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
         let (qd, kvd) = (h * hd, kvh * hd);
         let qkvd = qd + 2 * kvd;
         let f = self.layers.first().map_or(0, |l| l.gate_up.rows / 2);
-        let mut b = prepare_batch(&self.layout, v, batch, which, self.window.unwrap_or(0))?;
-        let (rows, np) = (b.rows, b.n_picked);
-        let part_len = Gpu::attention_scratch(rows, h, hd, b.max_keys);
-        let mut arena = self
-            .arena
-            .lock()
-            .map_err(|_| anyhow!("model arena lock poisoned"))?;
-        let [meta, x, normed, qkv, attn, gu, act, part, px, pn, logits] = arena.carve(|a| {
+        let sizes = |b: &DeviceBatch| {
+            let (rows, np) = (b.rows, b.n_picked);
             [
-                a.bytes(b.meta_bytes()),
-                a.f32(rows * c),
-                a.f32(rows * c),
-                a.f32(rows * qkvd),
-                a.f32(rows * qd),
-                a.f32(rows * 2 * f),
-                a.f32(rows * f),
-                a.f32(part_len),
-                a.f32(np * c),
-                a.f32(np * c),
-                a.f32(np * v),
+                rows * c,
+                rows * c,
+                rows * qkvd,
+                rows * qd,
+                rows * 2 * f,
+                rows * f,
+                Gpu::attention_scratch(rows, h, hd, b.max_keys),
+                np * c,
+                np * c,
             ]
-        })?;
-        b.upload(g, meta)?;
-        let body = || -> Result<()> {
-            let embed = self.embed.as_ref().map_or(self.lm_head.buf.ptr(), |e| e.ptr());
-            g.embed(embed, self.embed_dtype, b.tokens, x, rows, c, 1.0)?;
-            let prod = |x, x_stride, y, y_stride, accumulate| Product {
-                x,
-                x_stride,
-                rows,
-                y,
-                y_stride,
-                bias: None,
-                epilogue: if accumulate {
-                    Epilogue::Accumulate
-                } else {
-                    Epilogue::Store
-                },
-            };
-            for (li, l) in self.layers.iter().enumerate() {
-                g.rmsnorm(x, l.attn_norm.ptr(), normed, rows, c, self.eps, 0.0)?;
-                g.linear(&l.qkv, prod(normed, c, qkv, qkvd, false))?;
-                g.rope(qkv, qkvd, h + kvh, hd, hd / 2, self.inv_freq.ptr(), b.meta)?;
-                let args = AttnArgs {
-                    qkv,
-                    row_stride: qkvd as i32,
-                    q_off: 0,
-                    k_off: qd as i32,
-                    v_off: (qd + kvd) as i32,
-                    kv_offset: self.layout.kv_offset() as i64,
-                    layer: li as i32,
-                    heads: h as i32,
-                    kv_heads: kvh as i32,
-                    hd: hd as i32,
-                    span: self.window.unwrap_or(0) as i32,
-                    scale: 1.0 / (hd as f32).sqrt(),
-                };
-                g.attention(args, b.meta, b.max_keys, attn, part)?;
-                g.linear(&l.o, prod(attn, qd, x, c, true))?;
-
-                g.rmsnorm(x, l.mlp_norm.ptr(), normed, rows, c, self.eps, 0.0)?;
-                g.linear(&l.gate_up, prod(normed, c, gu, 2 * f, false))?;
-                g.gated(gu, act, rows, f, false)?;
-                g.linear(&l.down, prod(act, f, x, c, true))?;
-            }
-            g.gather_rows(x, b.picked, px, np, c)?;
-            g.rmsnorm(px, self.norm.ptr(), pn, np, c, self.eps, 0.0)?;
-            g.linear(
-                &self.lm_head,
-                Product {
-                    rows: np,
-                    ..prod(pn, c, logits, v, false)
-                },
-            )?;
-            Ok(())
         };
-        let base = arena.base();
-        arena.graphs.run(g, &b, which, base, body)?;
-        let out = download_logits(g, logits, v, &b, which)?;
-        advance(batch, &self.layout)?;
-        Ok(out)
+        self.run.forward(
+            v,
+            batch,
+            which,
+            self.window.unwrap_or(0),
+            sizes,
+            |b, [x, normed, qkv, attn, gu, act, part, px, pn], logits| {
+                let (rows, np) = (b.rows, b.n_picked);
+                let embed = self.embed.as_ref().map_or(self.lm_head.buf.ptr(), |e| e.ptr());
+                g.embed(embed, self.embed_dtype, b.tokens, x, rows, c, 1.0)?;
+                let prod = |x, x_stride, y, y_stride| Product::new(x, x_stride, rows, y, y_stride);
+                for (li, l) in self.layers.iter().enumerate() {
+                    g.rmsnorm(x, l.attn_norm.ptr(), normed, rows, c, self.eps, 0.0)?;
+                    g.linear(&l.qkv, prod(normed, c, qkv, qkvd))?;
+                    g.rope(qkv, qkvd, h + kvh, hd, hd / 2, self.inv_freq.ptr(), b.meta)?;
+                    let kv_offset = self.run.layout.kv_offset();
+                    let span = self.window.unwrap_or(0);
+                    let args = AttnArgs::fused_qkv(qkv, h, kvh, hd, kv_offset, li, span);
+                    g.attention(args, b.meta, b.max_keys, attn, part)?;
+                    g.linear(&l.o, prod(attn, qd, x, c).accumulating())?;
+
+                    g.rmsnorm(x, l.mlp_norm.ptr(), normed, rows, c, self.eps, 0.0)?;
+                    g.linear(&l.gate_up, prod(normed, c, gu, 2 * f))?;
+                    g.gated(gu, act, rows, f, false)?;
+                    g.linear(&l.down, prod(act, f, x, c).accumulating())?;
+                }
+                g.gather_rows(x, b.picked, px, np, c)?;
+                g.rmsnorm(px, self.norm.ptr(), pn, np, c, self.eps, 0.0)?;
+                g.linear(&self.lm_head, Product::new(pn, c, np, logits, v))?;
+                Ok(())
+            },
+        )
     }
 }

@@ -17,9 +17,9 @@ pub mod rwkv5;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 
 use super::layers::{self, Segment};
 use super::{check_tokens, Logits, SeqInput};
@@ -280,6 +280,64 @@ impl DeviceState {
     }
 }
 
+/// What every device model shares: its GPU, its state layout, and the scratch its passes
+/// carve (with the decode steps captured over it). It owns the pass protocol; the models
+/// only say which buffers they need and which kernels to run.
+pub struct Runner {
+    pub gpu: Arc<Gpu>,
+    pub layout: Arc<StateLayout>,
+    arena: Mutex<Arena>,
+}
+
+impl Runner {
+    pub fn new(gpu: &Arc<Gpu>, layout: StateLayout) -> Runner {
+        Runner {
+            gpu: gpu.clone(),
+            layout: Arc::new(layout),
+            arena: Mutex::new(Arena::new(gpu)),
+        }
+    }
+
+    /// A fresh sequence state of this model.
+    pub fn new_state(&self) -> State {
+        State::Device(DeviceState::new(&self.gpu, &self.layout))
+    }
+
+    /// One forward pass: lays the batch out and brings its states up to date (see
+    /// [`prepare_batch`]), carves the batch metadata, `N` f32 buffers of the lengths `sizes`
+    /// gives and the [picked, V] logits, queues `body` (a decode step is captured once and
+    /// replayed, see [`StepGraphs`]), then downloads the logits and advances the states.
+    pub fn forward<const N: usize>(
+        &self,
+        vocab: usize,
+        batch: &mut [SeqInput<'_>],
+        which: Logits,
+        span: usize,
+        sizes: impl Fn(&DeviceBatch) -> [usize; N],
+        body: impl Fn(&DeviceBatch, [DevPtr; N], DevPtr) -> Result<()>,
+    ) -> Result<Vec<Vec<f32>>> {
+        let g = &*self.gpu;
+        g.bind()?;
+        let mut b = prepare_batch(&self.layout, vocab, batch, which, span)?;
+        let lens = sizes(&b);
+        let mut arena = self
+            .arena
+            .lock()
+            .map_err(|_| anyhow!("model arena lock poisoned"))?;
+        let (meta, bufs, logits) = arena.carve(|a| {
+            let meta = a.bytes(b.meta_bytes());
+            let bufs = lens.map(|n| a.f32(n));
+            (meta, bufs, a.f32(b.n_picked * vocab))
+        })?;
+        b.upload(g, meta)?;
+        let base = arena.base();
+        arena.graphs.run(g, &b, which, base, || body(&b, bufs, logits))?;
+        let out = download_logits(g, logits, vocab, &b, which)?;
+        advance(batch, &self.layout)?;
+        Ok(out)
+    }
+}
+
 /// Grow-only device scratch for a model's forward passes; the same shapes get the same
 /// addresses.
 pub struct Arena {
@@ -361,7 +419,7 @@ pub struct DeviceBatch {
 /// written, growing caches reserved for the new tokens); lays the batch out. Its metadata
 /// goes to the device with [`DeviceBatch::upload`]. `span` bounds how far back a query sees
 /// (0: all).
-pub fn prepare_batch(
+fn prepare_batch(
     layout: &Arc<StateLayout>,
     vocab: usize,
     batch: &mut [SeqInput<'_>],
@@ -508,7 +566,7 @@ impl StepGraphs {
 }
 
 /// Advances every state of the batch past its new tokens.
-pub fn advance(batch: &mut [SeqInput<'_>], layout: &Arc<StateLayout>) -> Result<()> {
+fn advance(batch: &mut [SeqInput<'_>], layout: &Arc<StateLayout>) -> Result<()> {
     for seq in batch.iter_mut() {
         let n = seq.tokens.len();
         device_state(seq.state, layout)?.pos += n;
@@ -519,7 +577,7 @@ pub fn advance(batch: &mut [SeqInput<'_>], layout: &Arc<StateLayout>) -> Result<
 /// Downloads the picked rows' logits [picked, V] straight into one vector per sequence
 /// (no intermediate copy: with a large vocabulary and batch these are the biggest transfers
 /// of a step).
-pub fn download_logits(
+fn download_logits(
     gpu: &Gpu,
     logits: DevPtr,
     v: usize,
@@ -580,11 +638,6 @@ pub fn upload_fused(gpu: &Arc<Gpu>, ms: &[&Matrix], what: &str) -> Result<DevMat
     }
     let cols = ms[0].cols();
     gpu.upload_matrix(&parts, dtype.unwrap_or(DType::F32), cols)
-}
-
-/// Uploads f32 values.
-pub fn upload_f32(gpu: &Arc<Gpu>, v: &[f32]) -> Result<DevBuf> {
-    gpu.upload(v)
 }
 
 #[cfg(test)]

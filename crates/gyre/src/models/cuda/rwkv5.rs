@@ -1,15 +1,15 @@
 //! RWKV-5.2 on a CUDA device: the math of `models/rwkv5.rs`; token shift, WKV and the
 //! gated GroupNorm are one kernel each.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use anyhow::{anyhow, Result};
+use anyhow::Result;
 
-use super::{advance, download_logits, prepare_batch, upload, upload_f32, Arena, StateLayout};
+use super::{upload, DeviceBatch, Runner, StateLayout};
 use crate::kernels::cuda::{DevBuf, DevMatrix, Epilogue, Gpu, Product};
 use crate::models::rwkv5::{Rwkv5, GN_EPS, LN_EPS};
 use crate::models::{Logits, Model, ModelInfo, SeqInput};
-use crate::state::{DeviceState, RwkvState, State};
+use crate::state::{RwkvState, State};
 use crate::tensor::DType;
 
 struct Block {
@@ -34,7 +34,7 @@ struct Block {
 
 /// An RWKV-5.2 model on a CUDA device.
 pub struct CudaRwkv5 {
-    gpu: Arc<Gpu>,
+    run: Runner,
     info: ModelInfo,
     heads: usize,
     head_size: usize,
@@ -44,12 +44,10 @@ pub struct CudaRwkv5 {
     blocks: Vec<Block>,
     ln_out: (DevBuf, DevBuf),
     head: DevMatrix,
-    layout: Arc<StateLayout>,
-    arena: Mutex<Arena>,
 }
 
 fn pair(gpu: &Arc<Gpu>, p: &(Vec<f32>, Vec<f32>)) -> Result<(DevBuf, DevBuf)> {
-    Ok((upload_f32(gpu, &p.0)?, upload_f32(gpu, &p.1)?))
+    Ok((gpu.upload(&p.0)?, gpu.upload(&p.1)?))
 }
 
 impl CudaRwkv5 {
@@ -63,16 +61,16 @@ impl CudaRwkv5 {
             blocks.push(Block {
                 ln1: pair(gpu, &b.ln1)?,
                 ln2: pair(gpu, &b.ln2)?,
-                att_mix: upload_f32(gpu, &cat(&[&b.mix_r, &b.mix_k, &b.mix_v, &b.mix_g]))?,
-                decay: upload_f32(gpu, &b.decay)?,
-                bonus: upload_f32(gpu, &b.bonus)?,
+                att_mix: gpu.upload(&cat(&[&b.mix_r, &b.mix_k, &b.mix_v, &b.mix_g]))?,
+                decay: gpu.upload(&b.decay)?,
+                bonus: gpu.upload(&b.bonus)?,
                 wr: upload(gpu, &b.wr, &what("att.receptance.weight"))?,
                 wk: upload(gpu, &b.wk, &what("att.key.weight"))?,
                 wv: upload(gpu, &b.wv, &what("att.value.weight"))?,
                 wg: upload(gpu, &b.wg, &what("att.gate.weight"))?,
                 wo: upload(gpu, &b.wo, &what("att.output.weight"))?,
                 ln_x: pair(gpu, &b.ln_x)?,
-                ffn_mix: upload_f32(gpu, &cat(&[&b.ffn_mix_k, &b.ffn_mix_r]))?,
+                ffn_mix: gpu.upload(&cat(&[&b.ffn_mix_k, &b.ffn_mix_r]))?,
                 ffn_k: upload(gpu, &b.ffn_k, &what("ffn.key.weight"))?,
                 ffn_r: upload(gpu, &b.ffn_r, &what("ffn.receptance.weight"))?,
                 ffn_v: upload(gpu, &b.ffn_v, &what("ffn.value.weight"))?,
@@ -81,7 +79,7 @@ impl CudaRwkv5 {
         let (h, n) = (m.heads, m.head_size);
         let layout = state_layout(&m);
         Ok(CudaRwkv5 {
-            gpu: gpu.clone(),
+            run: Runner::new(gpu, layout),
             info: m.info.clone(),
             heads: h,
             head_size: n,
@@ -91,8 +89,6 @@ impl CudaRwkv5 {
             blocks,
             ln_out: pair(gpu, &m.ln_out)?,
             head: upload(gpu, &m.head, "head.weight")?,
-            layout: Arc::new(layout),
-            arena: Mutex::new(Arena::new(gpu)),
         })
     }
 }
@@ -111,7 +107,7 @@ impl Model for CudaRwkv5 {
     }
 
     fn new_state(&self) -> State {
-        State::Device(DeviceState::new(&self.gpu, &self.layout))
+        self.run.new_state()
     }
 
     fn state_bytes(&self, _tokens: usize) -> usize {
@@ -124,8 +120,7 @@ impl Model for CudaRwkv5 {
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
-        let g = &*self.gpu;
-        g.bind()?;
+        let g = &*self.run.gpu;
         let (c, v, h, n) = (
             self.info.hidden_size,
             self.info.vocab_size,
@@ -134,108 +129,67 @@ impl Model for CudaRwkv5 {
         );
         let c_att = h * n;
         let f = self.blocks.first().map_or(0, |b| b.ffn_k.rows);
-        let mut b = prepare_batch(&self.layout, v, batch, which, 0)?;
-        let (rows, np) = (b.rows, b.n_picked);
-        let mut arena = self
-            .arena
-            .lock()
-            .map_err(|_| anyhow!("model arena lock poisoned"))?;
-        let [meta, x, xx, mixes, rkvg, y, fk, px, pn, logits] = arena.carve(|a| {
+        let sizes = |b: &DeviceBatch| {
+            let (rows, np) = (b.rows, b.n_picked);
             [
-                a.bytes(b.meta_bytes()),
-                a.f32(rows * c),
-                a.f32(rows * c),
-                a.f32(4 * rows * c),
-                a.f32(4 * rows * c_att),
-                a.f32(rows * c_att.max(c)),
-                a.f32(rows * f.max(2 * c)),
-                a.f32(np * c),
-                a.f32(np * c),
-                a.f32(np * v),
+                rows * c,
+                rows * c,
+                4 * rows * c,
+                4 * rows * c_att,
+                rows * c_att.max(c),
+                rows * f.max(2 * c),
+                np * c,
+                np * c,
             ]
-        })?;
-        b.upload(g, meta)?;
-        let body = || -> Result<()> {
-            g.embed(self.emb.ptr(), self.emb_dtype, b.tokens, xx, rows, c, 1.0)?;
-            g.layernorm(xx, self.ln0.0.ptr(), self.ln0.1.ptr(), x, rows, c, LN_EPS)?;
-            // The reference folds ln0 into the table in the table's dtype: round as it does.
-            if self.emb_dtype != DType::F32 {
-                g.round_in_place(x, rows * c, self.emb_dtype)?;
-            }
-            let prod = |x, x_stride, y, y_stride, accumulate| Product {
-                x,
-                x_stride,
-                rows,
-                y,
-                y_stride,
-                bias: None,
-                epilogue: if accumulate {
-                    Epilogue::Accumulate
-                } else {
-                    Epilogue::Store
-                },
-            };
-            let plane = rows * c;
-            let att_plane = rows * c_att;
-            let per_layer = 2 * c + h * n * n;
-            for (li, bl) in self.blocks.iter().enumerate() {
-                let shift_off = li * per_layer;
-                // Time mixing.
-                g.layernorm(x, bl.ln1.0.ptr(), bl.ln1.1.ptr(), xx, rows, c, LN_EPS)?;
-                g.shift_mix(xx, mixes, bl.att_mix.ptr(), 4, c, shift_off, b.meta)?;
-                for (k, w) in [&bl.wr, &bl.wk, &bl.wv, &bl.wg].into_iter().enumerate() {
-                    g.linear(
-                        w,
-                        prod(
-                            mixes.f32_at(k * plane),
-                            c,
-                            rkvg.f32_at(k * att_plane),
-                            c_att,
-                            false,
-                        ),
-                    )?;
-                }
-                let wkv_off = shift_off + c;
-                g.wkv5(rkvg, bl.decay.ptr(), bl.bonus.ptr(), y, h, n, wkv_off, b.meta)?;
-                let gate = rkvg.f32_at(3 * att_plane);
-                g.group_norm_gate(y, gate, bl.ln_x.0.ptr(), bl.ln_x.1.ptr(), n, c_att, rows, GN_EPS)?;
-                g.linear(&bl.wo, prod(y, c_att, x, c, true))?;
-
-                // Channel mixing.
-                g.layernorm(x, bl.ln2.0.ptr(), bl.ln2.1.ptr(), xx, rows, c, LN_EPS)?;
-                g.shift_mix(xx, mixes, bl.ffn_mix.ptr(), 2, c, wkv_off + h * n * n, b.meta)?;
-                // x += sigmoid(r) · (relu(k)² · Wv), r and relu² in the products' epilogues
-                g.linear(&bl.ffn_r, prod(mixes.f32_at(plane), c, xx, c, false))?;
-                g.linear(
-                    &bl.ffn_k,
-                    Product {
-                        epilogue: Epilogue::ReluSquare,
-                        ..prod(mixes, c, fk, f, false)
-                    },
-                )?;
-                g.linear(
-                    &bl.ffn_v,
-                    Product {
-                        epilogue: Epilogue::AccumulateGated(xx),
-                        ..prod(fk, f, x, c, false)
-                    },
-                )?;
-            }
-            g.gather_rows(x, b.picked, px, np, c)?;
-            g.layernorm(px, self.ln_out.0.ptr(), self.ln_out.1.ptr(), pn, np, c, LN_EPS)?;
-            g.linear(
-                &self.head,
-                Product {
-                    rows: np,
-                    ..prod(pn, c, logits, v, false)
-                },
-            )?;
-            Ok(())
         };
-        let base = arena.base();
-        arena.graphs.run(g, &b, which, base, body)?;
-        let out = download_logits(g, logits, v, &b, which)?;
-        advance(batch, &self.layout)?;
-        Ok(out)
+        self.run.forward(
+            v,
+            batch,
+            which,
+            0,
+            sizes,
+            |b, [x, xx, mixes, rkvg, y, fk, px, pn], logits| {
+                let (rows, np) = (b.rows, b.n_picked);
+                g.embed(self.emb.ptr(), self.emb_dtype, b.tokens, xx, rows, c, 1.0)?;
+                g.layernorm(xx, self.ln0.0.ptr(), self.ln0.1.ptr(), x, rows, c, LN_EPS)?;
+                // The reference folds ln0 into the table in the table's dtype: round as it does.
+                if self.emb_dtype != DType::F32 {
+                    g.round_in_place(x, rows * c, self.emb_dtype)?;
+                }
+                let prod = |x, x_stride, y, y_stride| Product::new(x, x_stride, rows, y, y_stride);
+                let plane = rows * c;
+                let att_plane = rows * c_att;
+                let per_layer = 2 * c + h * n * n;
+                for (li, bl) in self.blocks.iter().enumerate() {
+                    let shift_off = li * per_layer;
+                    // Time mixing.
+                    g.layernorm(x, bl.ln1.0.ptr(), bl.ln1.1.ptr(), xx, rows, c, LN_EPS)?;
+                    g.shift_mix(xx, mixes, bl.att_mix.ptr(), 4, c, shift_off, b.meta)?;
+                    for (k, w) in [&bl.wr, &bl.wk, &bl.wv, &bl.wg].into_iter().enumerate() {
+                        g.linear(
+                            w,
+                            prod(mixes.f32_at(k * plane), c, rkvg.f32_at(k * att_plane), c_att),
+                        )?;
+                    }
+                    let wkv_off = shift_off + c;
+                    g.wkv5(rkvg, bl.decay.ptr(), bl.bonus.ptr(), y, h, n, wkv_off, b.meta)?;
+                    let gate = rkvg.f32_at(3 * att_plane);
+                    g.group_norm_gate(y, gate, bl.ln_x.0.ptr(), bl.ln_x.1.ptr(), n, c_att, rows, GN_EPS)?;
+                    g.linear(&bl.wo, prod(y, c_att, x, c).accumulating())?;
+
+                    // Channel mixing.
+                    g.layernorm(x, bl.ln2.0.ptr(), bl.ln2.1.ptr(), xx, rows, c, LN_EPS)?;
+                    g.shift_mix(xx, mixes, bl.ffn_mix.ptr(), 2, c, wkv_off + h * n * n, b.meta)?;
+                    // x += sigmoid(r) · (relu(k)² · Wv), r and relu² in the products' epilogues
+                    g.linear(&bl.ffn_r, prod(mixes.f32_at(plane), c, xx, c))?;
+                    g.linear(&bl.ffn_k, prod(mixes, c, fk, f).then(Epilogue::ReluSquare))?;
+                    g.linear(&bl.ffn_v, prod(fk, f, x, c).then(Epilogue::AccumulateGated(xx)))?;
+                }
+                g.gather_rows(x, b.picked, px, np, c)?;
+                g.layernorm(px, self.ln_out.0.ptr(), self.ln_out.1.ptr(), pn, np, c, LN_EPS)?;
+                g.linear(&self.head, Product::new(pn, c, np, logits, v))?;
+                Ok(())
+            },
+        )
     }
 }
