@@ -108,7 +108,7 @@ pub(crate) struct ModelArgs {
     /// Worker threads for the kernels (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Quantize the weight matrices at load (int8 or 4-bit in groups of 32, an f32 scale each).
+    /// Quantize the weight matrices at load (int8 or 4-bit in groups of 32, an f16 scale each).
     #[arg(long, value_enum)]
     pub quant: Option<QuantArg>,
 }

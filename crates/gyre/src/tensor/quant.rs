@@ -1,14 +1,15 @@
 //! Quantized weight matrices, made at load time from a stored-dtype [`Tensor`].
 //!
-//! Both formats split each row into groups of [`GROUP`] columns with one f32 scale per group
-//! and round to nearest (half away from zero); products dequantize in registers and
-//! accumulate in f32.
+//! Both formats split each row into groups of [`GROUP`] columns with one f16 scale per group
+//! (the scale `max|w| / qmax` rounded to f16, as llama.cpp's Q8_0/Q4_0 store it; values are
+//! rounded against that rounded scale) and round to nearest (half away from zero); products
+//! dequantize in registers and accumulate in f32.
 //!
 //! - **Q8**: `s = max|w| / 127`, values `q = round(w / s)` as int8 (one byte each):
-//!   ≈ 1.125 bytes per weight.
+//!   1.0625 bytes per weight, as Q8_0.
 //! - **Q4**: `s = max|w| / 7`, values `q = round(w / s) ∈ [−7, 7]` stored as `q + 8` in a
 //!   nibble; byte j of a group holds element j in its low nibble and element j + 16 in its
-//!   high nibble: ≈ 0.625 bytes per weight.
+//!   high nibble: 0.5625 bytes per weight, as Q4_0.
 //!
 //! Both are stored by tiles of [`TILE`] rows, so a kernel reading eight rows at once reads
 //! each tile as two sequential streams (values, scales) instead of sixteen short ones:
@@ -18,15 +19,20 @@
 //!   ([`tile_value_offset`]). Rows of a last partial tile stay row-major. (llama.cpp's
 //!   "repack" of Q8_0/Q4_0 interleaves rows for the same reason.)
 //!
-//! A Q8 matrix multiplies the f32 activation, so a Q8 model's prefill equals its step-by-step
-//! decode as closely as the stored-dtype model's. A Q4 matrix multiplies the activation
-//! rounded to int8 per group of 32 ([`quantize_activation`], as llama.cpp does for Q4_0),
-//! which lets decode use integer dot products (AVX-512 VNNI): measured 1.5–2× faster on the
-//! project's machine, where the f32 Q4 kernel was compute-bound, while Q8's f32 kernel
-//! already streams near the read bandwidth. Every Q4 path (decode, prefill, batched, SIMD
-//! or portable) sees the same rounded activation; prefill and decode still differ where a
-//! value sitting on a rounding boundary is computed 1e-6 apart by the two paths and rounds
-//! the other way (tests/quant.rs bounds it).
+//! Quantized matrices multiply a rounded activation, so that decode can use integer dot
+//! products (AVX-512 VNNI), which on the project's machine keep up with the memory stream
+//! where the f32 kernels, widening every weight, were compute-bound:
+//! - a Q8 matrix multiplies the activation rounded to int16 per group of 32
+//!   ([`quantize_activation_i16`]; `vpdpwssd`): an error of at most 1/65534 of the group's
+//!   largest activation, far below the weights' own 1/254;
+//! - a Q4 matrix multiplies it rounded to int8 ([`quantize_activation`], as llama.cpp does
+//!   for Q4_0 and Q8_0; `vpdpbusd`).
+//!
+//! Every path (decode, prefill, batched, SIMD or portable) sees the same rounded activation
+//! ([`Quant::rounded_activation`]); prefill and decode still differ where a value sitting
+//! on a rounding boundary is computed 1e-6 apart by the two paths and rounds the other way:
+//! a step of 1/32767 of the group's range for Q8 (below the stored dtypes' own prefill
+//! differences), 1/127 for Q4 (tests/quant.rs bounds both).
 
 use std::sync::Arc;
 
@@ -76,31 +82,69 @@ impl Quant {
 
     /// Bytes of a quantized R×C matrix, scales included.
     pub fn matrix_bytes(self, rows: usize, cols: usize) -> usize {
-        rows * (self.value_bytes(cols) + 4 * cols.div_ceil(GROUP))
+        rows * (self.value_bytes(cols) + 2 * cols.div_ceil(GROUP))
+    }
+
+    /// The stored scale for a group whose largest magnitude is `amax`: `amax / qmax` rounded
+    /// to f16 (saturating at f16's largest finite value).
+    fn scale_for(self, amax: f32) -> half::f16 {
+        half::f16::from_f32((amax / self.qmax()).min(f32::from(half::f16::MAX)))
+    }
+}
+
+/// Rounds `x` per group of [`GROUP`] to integers in `[−qmax, qmax]` (scale `max|x| / qmax`,
+/// ties to even), handing each integer to `push` and writing the scales [⌈n/32⌉] to `scales`
+/// and the dequantized values `q · scale` to `x_hat`.
+fn round_activation(
+    x: &[f32],
+    qmax: f32,
+    mut push: impl FnMut(f32),
+    scales: &mut Vec<f32>,
+    x_hat: &mut Vec<f32>,
+) {
+    scales.clear();
+    x_hat.clear();
+    for g in x.chunks(GROUP) {
+        let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / qmax;
+        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+        scales.push(scale);
+        for &v in g {
+            // Adding and removing 1.5·2²³ rounds to the nearest integer, ties to even, for
+            // |v·inv| ≤ 2²² (what `round_ties_even` does, but it vectorises on baseline x86-64,
+            // where `round_ties_even` is a libm call per element).
+            const MAGIC: f32 = 12_582_912.0;
+            let i = ((v * inv).clamp(-qmax, qmax) + MAGIC) - MAGIC;
+            push(i);
+            x_hat.push(i * scale);
+        }
     }
 }
 
 /// Rounds `x` to int8 per group of [`GROUP`] (scale `max|x| / 127`, ties to even), writing
 /// the ints to `q`, the scales to `scales` [⌈n/32⌉] and the dequantized values `q · scale` —
-/// the activation every quantized product uses — to `x_hat`.
+/// the activation every Q4 product uses — to `x_hat`.
 pub fn quantize_activation(x: &[f32], q: &mut Vec<i8>, scales: &mut Vec<f32>, x_hat: &mut Vec<f32>) {
     q.clear();
-    scales.clear();
-    x_hat.clear();
-    for g in x.chunks(GROUP) {
-        let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let scale = amax / 127.0;
-        let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-        scales.push(scale);
-        for &v in g {
-            // Adding and removing 1.5·2²³ rounds to the nearest integer, ties to even, for
-            // |v·inv| ≤ 127 (what `round_ties_even` does, but it vectorises on baseline x86-64,
-            // where `round_ties_even` is a libm call per element).
-            const MAGIC: f32 = 12_582_912.0;
-            let i = ((v * inv).clamp(-127.0, 127.0) + MAGIC) - MAGIC;
-            q.push(i as i8);
-            x_hat.push(i * scale);
-        }
+    round_activation(x, 127.0, |i| q.push(i as i8), scales, x_hat);
+}
+
+/// As [`quantize_activation`] with int16 (scale `max|x| / 32767`): the activation every Q8
+/// product uses.
+pub fn quantize_activation_i16(x: &[f32], q: &mut Vec<i16>, scales: &mut Vec<f32>, x_hat: &mut Vec<f32>) {
+    q.clear();
+    round_activation(x, 32767.0, |i| q.push(i as i16), scales, x_hat);
+}
+
+impl Quant {
+    /// The activation a matrix of this format multiplies, `x` rounded per group of 32
+    /// (int16 for Q8, int8 for Q4), into `x_hat`.
+    pub fn rounded_activation(self, x: &[f32], x_hat: &mut Vec<f32>) {
+        let qmax = match self {
+            Quant::Q8 => 32767.0,
+            Quant::Q4 => 127.0,
+        };
+        round_activation(x, qmax, |_| {}, &mut Vec::new(), x_hat);
     }
 }
 
@@ -139,7 +183,7 @@ fn interleaved(values: &[u8], rows: usize, vpr: usize) -> Vec<u8> {
 
 /// Row-major scales [rows, gpr] rearranged into tiles of [`TILE`] rows, group-major inside
 /// each tile (the last tile may have fewer rows).
-fn tiled(scales: &[f32], rows: usize, gpr: usize) -> Vec<f32> {
+fn tiled(scales: &[u16], rows: usize, gpr: usize) -> Vec<u16> {
     let mut out = Vec::with_capacity(scales.len());
     for first in (0..rows).step_by(TILE) {
         let tile_rows = TILE.min(rows - first);
@@ -155,8 +199,8 @@ pub struct QMatrix {
     quant: Quant,
     rows: usize,
     cols: usize,
-    /// ⌈cols/32⌉ f32 scales per row, in tiles (module docs); huge-page memory when large,
-    /// like owned tensors
+    /// ⌈cols/32⌉ f16 scales (raw bits) per row, in tiles (module docs); huge-page memory
+    /// when large, like owned tensors
     scales: Bytes,
     /// [rows, value_bytes(cols)] quantized values
     values: Bytes,
@@ -179,7 +223,7 @@ impl QMatrix {
     pub fn quantize(t: &Tensor, quant: Quant) -> QMatrix {
         let (rows, cols) = (t.shape()[0], t.shape()[1]);
         let (gpr, vpr) = (cols.div_ceil(GROUP), quant.value_bytes(cols));
-        let mut scales = vec![0f32; rows * gpr];
+        let mut scales = vec![0u16; rows * gpr];
         let mut values = vec![0u8; rows * vpr];
         let data = t.data();
         values
@@ -192,9 +236,10 @@ impl QMatrix {
                     data.row_to_f32(r * cols, row);
                     for (g, wg) in row.chunks(GROUP).enumerate() {
                         let amax = wg.iter().fold(0f32, |m, v| m.max(v.abs()));
-                        let scale = amax / quant.qmax();
+                        let stored = quant.scale_for(amax);
+                        let scale = stored.to_f32();
                         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                        s[g] = scale;
+                        s[g] = stored.to_bits();
                         let q = |w: f32| (w * inv).round().clamp(-quant.qmax(), quant.qmax()) as i32;
                         match quant {
                             Quant::Q8 => {
@@ -247,9 +292,14 @@ impl QMatrix {
         first * self.groups_per_row() + g * tile_rows + (r - first)
     }
 
+    /// The tiled scales as raw f16 bits.
+    fn scale_bits(&self) -> &[u16] {
+        bytemuck::cast_slice(self.scales.as_slice())
+    }
+
     /// Row `r`'s scale for group `g`.
     pub fn scale(&self, r: usize, g: usize) -> f32 {
-        bytemuck::cast_slice::<u8, f32>(self.scales.as_slice())[self.scale_index(r, g)]
+        half::f16::from_bits(self.scale_bits()[self.scale_index(r, g)]).to_f32()
     }
 
     /// Row `r`'s scales [⌈cols/32⌉], gathered from the tiled layout into `out`.
@@ -291,17 +341,16 @@ impl QMatrix {
     }
 
     /// The full tile of [`TILE`] rows starting at `first` (a multiple of `TILE`, with
-    /// `first + TILE <= rows`): its scales `[group][row]` and its value bytes (interleaved,
-    /// see [`tile_value_offset`]).
-    pub fn tile(&self, first: usize) -> (&[f32], &[u8]) {
+    /// `first + TILE <= rows`): its scales `[group][row]` (f16 bits) and its value bytes
+    /// (interleaved, see [`tile_value_offset`]).
+    pub fn tile(&self, first: usize) -> (&[u16], &[u8]) {
         assert!(
             first.is_multiple_of(TILE) && first + TILE <= self.rows,
             "QMatrix::tile({first})"
         );
         let (gpr, vpr) = (self.groups_per_row(), self.quant.value_bytes(self.cols));
-        let scales: &[f32] = bytemuck::cast_slice(self.scales.as_slice());
         (
-            &scales[first * gpr..(first + TILE) * gpr],
+            &self.scale_bits()[first * gpr..(first + TILE) * gpr],
             &self.values.as_slice()[first * vpr..(first + TILE) * vpr],
         )
     }
@@ -311,8 +360,11 @@ impl QMatrix {
         let first = r / TILE * TILE;
         let tile_rows = TILE.min(self.rows - first);
         // Row r's scale for group g sits at (r − first) + g · tile_rows of its tile.
-        let scales: &[f32] = bytemuck::cast_slice(self.scales.as_slice());
-        let row_scales = (&scales[first * self.groups_per_row()..], r - first, tile_rows);
+        let row_scales = (
+            &self.scale_bits()[first * self.groups_per_row()..],
+            r - first,
+            tile_rows,
+        );
         for (start, piece) in self.row_pieces(r) {
             self.dequantize(row_scales, start, piece, out);
         }
@@ -322,7 +374,7 @@ impl QMatrix {
     /// columns of `out` they hold; `(tile_scales, base, stride)` locate the row's scales.
     fn dequantize(
         &self,
-        (tile_scales, base, stride): (&[f32], usize, usize),
+        (tile_scales, base, stride): (&[u16], usize, usize),
         start: usize,
         bytes: &[u8],
         out: &mut [f32],
@@ -330,7 +382,7 @@ impl QMatrix {
         let group_bytes = self.quant.value_bytes(GROUP);
         for (i, b) in bytes.chunks(group_bytes).enumerate() {
             let g = start / group_bytes + i;
-            let s = tile_scales[base + g * stride];
+            let s = half::f16::from_bits(tile_scales[base + g * stride]).to_f32();
             let cols = &mut out[g * GROUP..((g + 1) * GROUP).min(self.cols)];
             match self.quant {
                 Quant::Q8 => {
@@ -434,6 +486,19 @@ mod tests {
         for (i, (&h, &qi)) in x_hat.iter().zip(&q).enumerate() {
             assert_eq!(h, qi as f32 * scales[i / GROUP]);
         }
+
+        // int16: scale max/32767, every value within half a step, and the same `x_hat` as
+        // the rounding that prefill uses.
+        let mut q16 = Vec::new();
+        quantize_activation_i16(&x, &mut q16, &mut scales, &mut x_hat);
+        assert_eq!((scales[0], q16[31]), (127.0 / 32767.0, 32767));
+        for (i, (&v, &qi)) in x.iter().zip(&q16).enumerate() {
+            let s = scales[i / GROUP];
+            assert!((qi as f32 * s - v).abs() <= 0.5 * s * (1.0 + 1e-5), "element {i}");
+        }
+        let mut rounded = Vec::new();
+        Quant::Q8.rounded_activation(&x, &mut rounded);
+        assert_eq!(rounded, x_hat);
     }
 
     #[test]
@@ -460,6 +525,7 @@ mod tests {
             zeros.row_to_f32(0, &mut back[..40]);
             assert!(back[..40].iter().all(|&x| x == 0.0));
         }
-        assert_eq!(Quant::Q4.matrix_bytes(1, 64), 32 + 8);
+        assert_eq!(Quant::Q4.matrix_bytes(1, 64), 32 + 4);
+        assert_eq!(Quant::Q8.matrix_bytes(3, 64), 3 * (64 + 4));
     }
 }

@@ -9,7 +9,7 @@
 //! tile, and CPUs without AVX-512, use the one-row dots of `dot.rs`.
 
 use super::dot::{dot, dot_bf16, dot_f16, dot_q4, dot_q8};
-use crate::tensor::quant::{quantize_activation, GROUP};
+use crate::tensor::quant::{quantize_activation, quantize_activation_i16, GROUP};
 use crate::tensor::{QMatrix, Quant, TensorData};
 
 /// Rows of weights one kernel call reads together.
@@ -23,8 +23,8 @@ pub enum Rows<'a> {
 
 /// The activation vector, prepared once per product for the weight format's kernel.
 pub struct Activation<'a> {
-    /// What the one-row kernels multiply: `x` itself, or for Q4 the int8-rounded activation
-    /// (`tensor::quant::quantize_activation`).
+    /// What the one-row kernels multiply: `x` itself, or for quantized rows the rounded
+    /// activation (`tensor::quant`).
     x: std::borrow::Cow<'a, [f32]>,
     /// `x` reordered for the bf16 unpack kernel (empty when unused).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -32,7 +32,17 @@ pub struct Activation<'a> {
     /// The int8 activation laid out for the Q4 VNNI kernel (on CPUs with AVX-512 VNNI).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     int8: Option<Int8Activation>,
+    /// The int16 activation for the Q8 kernel (on CPUs with AVX-512BW).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    int16: Option<Int16Activation>,
     wide: bool,
+}
+
+/// An int16 activation for the Q8 integer-dot kernel: the ints [n] and a scale per group.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct Int16Activation {
+    q: Vec<i16>,
+    scales: Vec<f32>,
 }
 
 /// An int8 activation for the Q4 integer-dot kernel, covering the first `128·⌊n/128⌋`
@@ -52,16 +62,17 @@ struct Int8Activation {
 impl<'a> Activation<'a> {
     /// Prepares `x` [in] for products with `rows`.
     pub fn new(x: &'a [f32], rows: &Rows) -> Activation<'a> {
-        Self::with_int8(x, rows, true)
+        Self::with_integer(x, rows, true)
     }
 
-    /// As [`Activation::new`]; `allow_int8: false` keeps the f32 kernel for Q4 rows (so tests
-    /// can compare both).
-    fn with_int8(x: &'a [f32], rows: &Rows, allow_int8: bool) -> Activation<'a> {
+    /// As [`Activation::new`]; `allow_integer: false` keeps the f32 kernels for quantized
+    /// rows (so tests can compare both).
+    fn with_integer(x: &'a [f32], rows: &Rows, allow_integer: bool) -> Activation<'a> {
         let mut a = Activation {
             x: std::borrow::Cow::Borrowed(x),
             permuted: Vec::new(),
             int8: None,
+            int16: None,
             wide: false,
         };
         #[cfg(target_arch = "x86_64")]
@@ -76,8 +87,16 @@ impl<'a> Activation<'a> {
                 quantize_activation(x, &mut ints, &mut scales, &mut x_hat);
                 a.x = std::borrow::Cow::Owned(x_hat);
                 #[cfg(target_arch = "x86_64")]
-                if allow_int8 && super::simd::has_avx512vnni() {
+                if allow_integer && super::simd::has_avx512vnni() {
                     a.int8 = Some(Int8Activation::new(&ints, &scales));
+                }
+            }
+            Rows::Quantized(_) => {
+                let (mut ints, mut scales, mut x_hat) = (Vec::new(), Vec::new(), Vec::with_capacity(x.len()));
+                quantize_activation_i16(x, &mut ints, &mut scales, &mut x_hat);
+                a.x = std::borrow::Cow::Owned(x_hat);
+                if allow_integer && a.wide {
+                    a.int16 = Some(Int16Activation { q: ints, scales });
                 }
             }
             _ => {}
@@ -127,8 +146,8 @@ pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
         for (k, o) in out.chunks_exact_mut(ROWS).enumerate() {
             let r = first + k * ROWS;
             // SAFETY: `wide` means AVX-512F/BW (and F16C, which AVX-512F implies) are present,
-            // an int8 activation exists only with AVX-512 VNNI; each kernel checks the
-            // lengths of the slices it is given.
+            // an int16 activation exists only when `wide`, an int8 one only with AVX-512 VNNI;
+            // each kernel checks the lengths of the slices it is given.
             let v = unsafe {
                 match rows {
                     Rows::Dense(TensorData::BF16(s)) => {
@@ -140,10 +159,12 @@ pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
                     Rows::Dense(TensorData::F32(s)) => wide::f32(&s[r * n..(r + ROWS) * n], n, xs),
                     Rows::Quantized(q) if r + ROWS <= q.rows_len() && r.is_multiple_of(ROWS) => {
                         let (scales, values) = q.tile(r);
-                        match (q.quant(), &x.int8) {
-                            (Quant::Q8, _) => wide::q8(scales, bytemuck::cast_slice(values), n, xs),
-                            (Quant::Q4, Some(a)) => wide::q4_vnni(scales, values, n, a, xs),
-                            (Quant::Q4, None) => wide::q4(scales, values, n, xs),
+                        let values8 = bytemuck::cast_slice(values);
+                        match (q.quant(), &x.int8, &x.int16) {
+                            (Quant::Q8, _, Some(a)) => wide::q8_int16(scales, values8, n, a, xs),
+                            (Quant::Q8, _, None) => wide::q8(scales, values8, n, xs),
+                            (Quant::Q4, Some(a), _) => wide::q4_vnni(scales, values, n, a, xs),
+                            (Quant::Q4, None, _) => wide::q4(scales, values, n, xs),
                         }
                     }
                     // A block not aligned to the scale tiles: one row at a time below.
@@ -180,7 +201,7 @@ pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
 mod wide {
     use std::arch::x86_64::*;
 
-    use super::{Int8Activation, GROUP, ROWS};
+    use super::{Int16Activation, Int8Activation, GROUP, ROWS};
     use crate::tensor::quant::{tile_value_offset, BLOCK_BYTES};
 
     /// Sum of the eight lanes-vectors, one per row.
@@ -281,13 +302,29 @@ mod wide {
         out
     }
 
-    /// Q8 tile: scales `[⌈n/32⌉][8]`, values [8·n] interleaved in 64-byte blocks
+    /// The eight rows' f16 scales of one group (at `p`), widened.
+    #[inline(always)]
+    unsafe fn group_scales(p: *const u16) -> [f32; ROWS] {
+        let mut out = [0f32; ROWS];
+        _mm256_storeu_ps(
+            out.as_mut_ptr(),
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+        );
+        out
+    }
+
+    /// An f16 scale (raw bits) as f32, for the scalar tails.
+    fn scale_f32(bits: u16) -> f32 {
+        half::f16::from_bits(bits).to_f32()
+    }
+
+    /// Q8 tile: scales `[⌈n/32⌉][8]` (f16 bits), values [8·n] interleaved in 64-byte blocks
     /// (`tensor::quant::tile_value_offset`).
     ///
     /// # Safety
     /// AVX-512F must be present.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn q8(scales: &[f32], q: &[i8], n: usize, x: &[f32]) -> [f32; ROWS] {
+    pub unsafe fn q8(scales: &[u16], q: &[i8], n: usize, x: &[f32]) -> [f32; ROWS] {
         let gpr = n.div_ceil(GROUP);
         assert!(scales.len() == ROWS * gpr && q.len() == ROWS * n && x.len() == n);
         let (qp, sp, xptr) = (q.as_ptr(), scales.as_ptr(), x.as_ptr());
@@ -300,31 +337,92 @@ mod wide {
             let i = g * GROUP;
             let x0 = _mm512_loadu_ps(xptr.add(i));
             let x1 = _mm512_loadu_ps(xptr.add(i + 16));
+            let ws = group_scales(sp.add(g * ROWS));
             for (r, a) in acc.iter_mut().enumerate() {
                 let at = (g / 2 * ROWS + r) * BLOCK_BYTES + g % 2 * GROUP;
                 let raw = _mm256_loadu_si256(qp.add(at) as *const __m256i);
                 let q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(raw)));
                 let q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(raw, 1)));
                 let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*sp.add(g * ROWS + r)), s, *a);
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(ws[r]), s, *a);
             }
         }
         let mut out = reduce(acc);
         for (r, o) in out.iter_mut().enumerate() {
             *o += (blocks * BLOCK_BYTES..n)
-                .map(|j| scales[j / GROUP * ROWS + r] * q[tile_value_offset(n, r, j)] as f32 * x[j])
+                .map(|j| {
+                    scale_f32(scales[j / GROUP * ROWS + r]) * q[tile_value_offset(n, r, j)] as f32 * x[j]
+                })
                 .sum::<f32>();
         }
         out
     }
 
-    /// Q4 tile: scales `[⌈n/32⌉][8]`, values [8·16·⌈n/32⌉] interleaved in 64-byte blocks
-    /// (four groups; `tensor::quant::tile_value_offset`).
+    /// Q8 tile (as [`q8`]) against the int16 activation: per group of 32 and row, the 32
+    /// weights widen to int16 in one instruction and `vpmaddwd` sums their products with the
+    /// activation in 16 i32 lanes, scaled once by weight scale × activation scale. Exact in
+    /// the integers; `x_hat` (the dequantized activation) serves the tail columns.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX-512BW must be present.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn q8_int16(
+        scales: &[u16],
+        q: &[i8],
+        n: usize,
+        a: &Int16Activation,
+        x_hat: &[f32],
+    ) -> [f32; ROWS] {
+        let gpr = n.div_ceil(GROUP);
+        assert!(scales.len() == ROWS * gpr && q.len() == ROWS * n && x_hat.len() == n);
+        assert!(a.q.len() == n && a.scales.len() == gpr);
+        let (qp, sp, ap) = (q.as_ptr(), scales.as_ptr(), a.q.as_ptr());
+        let blocks = n / BLOCK_BYTES;
+        let mut acc = [_mm512_setzero_ps(); ROWS];
+        // Weight scale × activation scale for a chunk of groups, computed eight rows at a
+        // time before the chunk's products so that those read them with broadcast loads
+        // (register shuffles would compete with the int8 widening for the same ports).
+        const CHUNK: usize = 64;
+        let mut both = [0f32; CHUNK * ROWS];
+        let groups = 2 * blocks;
+        for first in (0..groups).step_by(CHUNK) {
+            let count = CHUNK.min(groups - first);
+            for k in 0..count {
+                let g = first + k;
+                let ws = _mm256_cvtph_ps(_mm_loadu_si128(sp.add(g * ROWS) as *const __m128i));
+                let c = _mm256_mul_ps(ws, _mm256_set1_ps(a.scales[g]));
+                _mm256_storeu_ps(both.as_mut_ptr().add(k * ROWS), c);
+            }
+            // SAFETY (loads): as in `q8`; activation ints 32g .. 32g + 32 <= n.
+            for k in 0..count {
+                let g = first + k;
+                let xq = _mm512_loadu_si512(ap.add(g * GROUP) as *const __m512i);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let at = (g / 2 * ROWS + r) * BLOCK_BYTES + g % 2 * GROUP;
+                    let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(qp.add(at) as *const __m256i));
+                    let dots = _mm512_cvtepi32_ps(_mm512_madd_epi16(w, xq));
+                    *acc = _mm512_fmadd_ps(dots, _mm512_set1_ps(both[k * ROWS + r]), *acc);
+                }
+            }
+        }
+        let mut out = reduce(acc);
+        for (r, o) in out.iter_mut().enumerate() {
+            *o += (blocks * BLOCK_BYTES..n)
+                .map(|j| {
+                    scale_f32(scales[j / GROUP * ROWS + r]) * q[tile_value_offset(n, r, j)] as f32 * x_hat[j]
+                })
+                .sum::<f32>();
+        }
+        out
+    }
+
+    /// Q4 tile: scales `[⌈n/32⌉][8]` (f16 bits), values [8·16·⌈n/32⌉] interleaved in 64-byte
+    /// blocks (four groups; `tensor::quant::tile_value_offset`).
     ///
     /// # Safety
     /// AVX-512F must be present.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn q4(scales: &[f32], values: &[u8], n: usize, x: &[f32]) -> [f32; ROWS] {
+    pub unsafe fn q4(scales: &[u16], values: &[u8], n: usize, x: &[f32]) -> [f32; ROWS] {
         let gpr = n.div_ceil(GROUP);
         let vpr = gpr * GROUP / 2;
         assert!(scales.len() == ROWS * gpr && values.len() == ROWS * vpr && x.len() == n);
@@ -340,6 +438,7 @@ mod wide {
             let i = g * GROUP;
             let x0 = _mm512_loadu_ps(xptr.add(i));
             let x1 = _mm512_loadu_ps(xptr.add(i + 16));
+            let ws = group_scales(sp.add(g * ROWS));
             for (r, a) in acc.iter_mut().enumerate() {
                 let at = (g / 4 * ROWS + r) * BLOCK_BYTES + g % 4 * 16;
                 let b = _mm_loadu_si128(vp.add(at) as *const __m128i);
@@ -352,7 +451,7 @@ mod wide {
                     eight,
                 );
                 let s = _mm512_fmadd_ps(q1, x1, _mm512_mul_ps(q0, x0));
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(*sp.add(g * ROWS + r)), s, *a);
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(ws[r]), s, *a);
             }
         }
         let mut out = reduce(acc);
@@ -363,27 +462,27 @@ mod wide {
     }
 
     /// Σ over columns `from..n` of row `r` of a Q4 tile (`from` a multiple of 32), in f32.
-    fn q4_tail(scales: &[f32], r: usize, values: &[u8], vpr: usize, from: usize, x: &[f32]) -> f32 {
+    fn q4_tail(scales: &[u16], r: usize, values: &[u8], vpr: usize, from: usize, x: &[f32]) -> f32 {
         (from..x.len())
             .map(|j| {
                 let (g, k) = (j / GROUP, j % GROUP);
                 let b = values[tile_value_offset(vpr, r, 16 * g + k % 16)];
                 let nib = if k < 16 { b & 0x0F } else { b >> 4 };
-                scales[g * ROWS + r] * (nib as f32 - 8.0) * x[j]
+                scale_f32(scales[g * ROWS + r]) * (nib as f32 - 8.0) * x[j]
             })
             .sum()
     }
 
     /// Q4 rows with the int8 activation: per 128 columns and row, one 64-byte load split into
     /// low and high nibbles (already unsigned: q + 8), two `vpdpbusd` and one scaled FMA.
-    /// Tile scales `[⌈n/32⌉][8]`, `values` [8, 16·⌈n/32⌉]; `x_hat` is the dequantized
-    /// activation for the tail columns.
+    /// Tile scales `[⌈n/32⌉][8]` (f16 bits), `values` [8, 16·⌈n/32⌉]; `x_hat` is the
+    /// dequantized activation for the tail columns.
     ///
     /// # Safety
     /// AVX-512F, AVX-512BW and AVX-512 VNNI must be present.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn q4_vnni(
-        scales: &[f32],
+        scales: &[u16],
         values: &[u8],
         n: usize,
         a: &Int8Activation,
@@ -419,8 +518,8 @@ mod wide {
             let xs = _mm512_loadu_ps(lp.add(16 * b));
             let start = _mm512_loadu_si512(op.add(16 * b) as *const __m512i);
             let (s01, s23) = (
-                _mm512_loadu_ps(sp.add(32 * b)),
-                _mm512_loadu_ps(sp.add(32 * b + 16)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32 * b) as *const __m256i)),
+                _mm512_cvtph_ps(_mm256_loadu_si256(sp.add(32 * b + 16) as *const __m256i)),
             );
             for (r, acc) in acc.iter_mut().enumerate() {
                 let raw = _mm512_loadu_si512(vp.add((b * ROWS + r) * BLOCK_BYTES) as *const __m512i);
@@ -473,9 +572,8 @@ mod tests {
                 Matrix::new(Tensor::from_f32(&wv, vec![n_out, n_in]), Some(Quant::Q4)),
             ];
             for m in &mats {
-                // Q4 products see the int8-rounded activation (tensor::quant docs).
-                let (mut ints, mut scales, mut x_hat) = (Vec::new(), Vec::new(), Vec::new());
-                quantize_activation(&x, &mut ints, &mut scales, &mut x_hat);
+                // Quantized products see the rounded activation (tensor::quant docs).
+                let mut x_hat = Vec::new();
                 let mut want = vec![0f32; n_out];
                 let mut row = vec![0f32; n_in];
                 for (r, w) in want.iter_mut().enumerate() {
@@ -486,8 +584,8 @@ mod tests {
                         }
                         Matrix::Quantized(q) => {
                             q.row_to_f32(r, &mut row);
-                            let x = if q.quant() == Quant::Q4 { &x_hat } else { &x };
-                            *w = dot_scalar(&row, x);
+                            q.quant().rounded_activation(&x, &mut x_hat);
+                            *w = dot_scalar(&row, &x_hat);
                         }
                     }
                 }
@@ -495,15 +593,15 @@ mod tests {
                     Matrix::Dense(t) => Rows::Dense(t.data()),
                     Matrix::Quantized(q) => Rows::Quantized(q),
                 };
-                for allow_int8 in [true, false] {
-                    let act = Activation::with_int8(&x, &rows, allow_int8);
+                for allow_integer in [true, false] {
+                    let act = Activation::with_integer(&x, &rows, allow_integer);
                     for first in [0, 1, n_out / 2] {
                         let mut got = vec![0f32; n_out - first];
                         rows_times(&rows, &act, first, &mut got);
                         for (j, (g, e)) in got.iter().zip(&want[first..]).enumerate() {
                             assert!(
                                 (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
-                                "{m:?} {n_out}x{n_in} int8 {allow_int8} row {}: {g} vs {e}",
+                                "{m:?} {n_out}x{n_in} integer {allow_integer} row {}: {g} vs {e}",
                                 first + j
                             );
                         }

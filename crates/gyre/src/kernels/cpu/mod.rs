@@ -17,8 +17,7 @@ use rayon::prelude::*;
 
 use gemv::Rows;
 
-use crate::tensor::quant::quantize_activation;
-use crate::tensor::{Matrix, Quant, Tensor, TensorData};
+use crate::tensor::{Matrix, Tensor, TensorData};
 
 /// Matrices with fewer elements than this decode on one thread (a fork-join costs more).
 const SMALL_MATRIX: usize = 1 << 16;
@@ -37,39 +36,22 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
     if n_rows == 0 {
         return;
     }
-    let data = match w {
-        Matrix::Dense(t) => Rows::Dense(t.data()),
-        Matrix::Quantized(q) => Rows::Quantized(q),
-    };
     if n_rows == 1 {
-        // Decode: stream each weight row once, widening in registers. A few large contiguous
-        // blocks per thread (whole groups of eight rows) keep each core's prefetcher on long
-        // streams; a matrix too small to repay a fork-join runs as one block.
-        let block = if n_out * n_in < SMALL_MATRIX {
-            n_out
-        } else {
-            n_out
-                .div_ceil(rayon::current_num_threads() * 4)
-                .next_multiple_of(gemv::ROWS)
-                .max(ROW_BLOCK)
-        };
-        let act = gemv::Activation::new(x, &data);
-        out.par_chunks_mut(block)
-            .enumerate()
-            .for_each(|(b, chunk)| gemv::rows_times(&data, &act, b * block, chunk));
+        linear_group(1, &mut [(x, w, out)]);
         return;
     }
+    let data = rows_of(w);
     // Several rows of activations: widen a block of weight rows once, then 4×4 tiles of
     // (weight row, activation row) dot products. The result is built transposed,
     // [out, n_rows], so each task owns a contiguous block of it.
-    // Q4 matrices multiply the int8-rounded activation, as in decode (tensor::quant).
+    // Quantized matrices multiply the rounded activation, as in decode (tensor::quant).
     let x_hat;
     let x = match &data {
-        Rows::Quantized(q) if q.quant() == Quant::Q4 => {
-            let (mut ints, mut scales, mut row_hat) = (Vec::new(), Vec::new(), Vec::new());
+        Rows::Quantized(q) => {
+            let mut row_hat = Vec::new();
             let mut all = Vec::with_capacity(x.len());
             for row in x.chunks_exact(n_in) {
-                quantize_activation(row, &mut ints, &mut scales, &mut row_hat);
+                q.quant().rounded_activation(row, &mut row_hat);
                 all.extend_from_slice(&row_hat);
             }
             x_hat = all;
@@ -126,6 +108,64 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
         for (t, &v) in col.iter().enumerate() {
             out[t * n_out + o] = v;
         }
+    }
+}
+
+/// `out = x · wᵀ` for every `(x, w, out)` of `products` (shapes as [`linear`], `n_rows` rows
+/// each). In decode the whole group is one fork-join: projections that depend on nothing but
+/// their inputs (q/k/v, gate/up, the RG-LRU gates of every head) share one wake-up and one
+/// join, and the pool balances their row blocks together.
+pub fn linear_group(n_rows: usize, products: &mut [(&[f32], &Matrix, &mut [f32])]) {
+    if n_rows != 1 {
+        for (x, w, out) in products.iter_mut() {
+            linear(x, n_rows, w, out);
+        }
+        return;
+    }
+    for (x, w, out) in products.iter() {
+        assert_eq!(x.len(), w.cols(), "linear: activation length");
+        assert_eq!(out.len(), w.rows(), "linear: output length");
+    }
+    // Decode: stream each weight row once, widening in registers. A few large contiguous
+    // blocks per thread and matrix (whole groups of eight rows) keep each core's prefetcher
+    // on long streams; a matrix too small to repay splitting runs as one block.
+    let data: Vec<Rows> = products.iter().map(|(_, w, _)| rows_of(w)).collect();
+    let acts: Vec<gemv::Activation> = products
+        .iter()
+        .zip(&data)
+        .map(|((x, _, _), rows)| gemv::Activation::new(x, rows))
+        .collect();
+    let threads = rayon::current_num_threads();
+    let elements: usize = products.iter().map(|(x, _, out)| x.len() * out.len()).sum();
+    let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
+    for (i, (_, w, out)) in products.iter_mut().enumerate() {
+        let n_out = w.rows();
+        let block = if n_out * w.cols() < SMALL_MATRIX {
+            n_out
+        } else {
+            n_out
+                .div_ceil(threads * 4)
+                .next_multiple_of(gemv::ROWS)
+                .max(ROW_BLOCK)
+        };
+        for (b, chunk) in out.chunks_mut(block.max(1)).enumerate() {
+            tasks.push((i, b * block, chunk));
+        }
+    }
+    let run =
+        |(i, first, chunk): (usize, usize, &mut [f32])| gemv::rows_times(&data[i], &acts[i], first, chunk);
+    if elements < SMALL_MATRIX {
+        tasks.into_iter().for_each(run);
+    } else {
+        tasks.into_par_iter().for_each(run);
+    }
+}
+
+/// A matrix's rows as the kernels read them.
+fn rows_of(w: &Matrix) -> Rows<'_> {
+    match w {
+        Matrix::Dense(t) => Rows::Dense(t.data()),
+        Matrix::Quantized(q) => Rows::Quantized(q),
     }
 }
 
@@ -191,6 +231,47 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_product_group_equals_its_products_one_by_one() {
+        // Mixed formats and sizes: below and above the fork threshold, a partial row block.
+        let shapes = [(24, 40), (300, 256), (8, 16), (130, 512)];
+        let mats: Vec<Matrix> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, &(o, n))| {
+                let t = Tensor::from_f32_as_bf16(&pseudo(o * n, 13 + i as u32), vec![o, n]);
+                Matrix::new(
+                    t,
+                    [
+                        None,
+                        Some(crate::tensor::Quant::Q8),
+                        Some(crate::tensor::Quant::Q4),
+                        None,
+                    ][i],
+                )
+            })
+            .collect();
+        for rows in [1, 3] {
+            let xs: Vec<Vec<f32>> = shapes
+                .iter()
+                .map(|&(_, n)| pseudo(rows * n, 29 + n as u32))
+                .collect();
+            let mut want: Vec<Vec<f32>> = shapes.iter().map(|&(o, _)| vec![0f32; rows * o]).collect();
+            for ((x, m), w) in xs.iter().zip(&mats).zip(want.iter_mut()) {
+                linear(x, rows, m, w);
+            }
+            let mut got: Vec<Vec<f32>> = shapes.iter().map(|&(o, _)| vec![0f32; rows * o]).collect();
+            let mut group: Vec<(&[f32], &Matrix, &mut [f32])> = xs
+                .iter()
+                .zip(&mats)
+                .zip(got.iter_mut())
+                .map(|((x, m), g)| (&x[..], m, &mut g[..]))
+                .collect();
+            linear_group(rows, &mut group);
+            assert_eq!(got, want, "{rows} rows");
         }
     }
 }
