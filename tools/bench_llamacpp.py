@@ -2,8 +2,8 @@
 """gyre vs llama.cpp on a Llama-shaped random model, side by side.
 
 usage: python3 tools/bench_llamacpp.py [--shape tiny-llama] [--types f16,q8_0] [--prompt 16]
-                                        [--gen 16] [--threads N] [--gguf-dir DIR] [--keep]
-                                        [--gyre PATH] [--json]
+                                        [--gen 16] [--rounds 3] [--threads N] [--gguf-dir DIR]
+                                        [--keep] [--gyre PATH] [--json]
 
 For each GGUF type it writes a random-weight GGUF of the shape (with the `gguf` PyPI package),
 times llama.cpp through `llama-cpp-python` (PyPI) with the same protocol as gyre's bench, and,
@@ -15,6 +15,10 @@ Protocol (both engines): prefill the prompt tokens (i*7919+13) % vocab in one ca
 single-token decode steps; decode speed is the median step. llama.cpp gets one untimed warm-up
 round first (it reads its weights from the memory-mapped GGUF: the first touch page-faults).
 gyre's synthetic weights are not the GGUF's random ones; speed does not depend on the values.
+
+The machine's read bandwidth moves between levels from minute to minute (BENCHMARKS.md), so
+the two engines alternate for `--rounds` rounds (llama.cpp, gyre, llama.cpp, gyre, ...) and
+each figure is the median over the rounds; the per-round ratios are printed too.
 
 Needs: pip install gguf llama-cpp-python (the latter builds llama.cpp from source: minutes).
 """
@@ -178,6 +182,15 @@ def time_llamacpp(path, vocab, prompt_len, gen, threads):
     return res
 
 
+def median_of(runs):
+    """The first run with every numeric field replaced by its median over `runs`."""
+    out = dict(runs[0])
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(r[key] for r in runs if key in r)
+    return out
+
+
 def run_gyre(gyre, shape, ftype, prompt_len, gen, threads):
     cmd = [gyre, "bench", "--synthetic", shape, "--prompt", str(prompt_len), "--gen", str(gen), "--json"]
     cmd += ["--dtype", "f16"] if ftype == "f16" else ["--dtype", "bf16", "--quant", "q8"]
@@ -198,6 +211,7 @@ def main():
     ap.add_argument("--types", default="f16,q8_0", help="GGUF types to test: f16, q8_0")
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--gen", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per engine")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--gguf-dir", default=None, help="where to write the GGUFs (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUFs (reused if present)")
@@ -219,16 +233,23 @@ def main():
         if not (a.keep and os.path.exists(path)):
             nb, s = write_gguf(path, a.shape, t)
             print(f"wrote {path}: {nb / 1e9:.3f} GB of matrices in {s:.1f}s", file=sys.stderr)
-        print(f"llama.cpp {t}: timing...", file=sys.stderr)
-        lc = time_llamacpp(path, vocab, a.prompt, a.gen, a.threads)
-        lc["weight_bytes_per_token"] = bytes_per_token(a.shape, t)
+        lcs, gys = [], []
+        for k in range(max(1, a.rounds)):
+            print(f"round {k + 1}: llama.cpp {t}: timing...", file=sys.stderr)
+            lcs.append(time_llamacpp(path, vocab, a.prompt, a.gen, a.threads))
+            if have_gyre:
+                print(f"round {k + 1}: gyre ({'f16' if t == 'f16' else 'bf16 --quant q8'}): timing...",
+                      file=sys.stderr)
+                gys.append(run_gyre(a.gyre, a.shape, t, a.prompt, a.gen, a.threads))
         if not a.keep:
             os.remove(path)
-        gy = None
-        if have_gyre:
-            print(f"gyre ({'f16' if t == 'f16' else 'bf16 --quant q8'}): timing...", file=sys.stderr)
-            gy = run_gyre(a.gyre, a.shape, t, a.prompt, a.gen, a.threads)
-        results.append({"type": t, "llamacpp": lc, "gyre": gy})
+        lc = median_of(lcs)
+        lc["weight_bytes_per_token"] = bytes_per_token(a.shape, t)
+        good = [g for g in gys if "decode_tok_s" in g]
+        gy = median_of(good) if good else (gys[0] if gys else None)
+        per_round = [(g["decode_tok_s"] / l["decode_tok_s"]) for g, l in zip(gys, lcs) if "decode_tok_s" in g]
+        results.append({"type": t, "llamacpp": lc, "gyre": gy, "rounds": len(lcs),
+                        "decode_ratio_per_round": per_round})
     if not a.keep and not a.gguf_dir:
         os.rmdir(gdir)
 
@@ -255,6 +276,9 @@ def main():
             lbw = lc["weight_bytes_per_token"] * lc["decode_tok_s"] / 1e9 / gy["machine_read_gbs"]
             print(f"{'  of read bandwidth':<42} {gy['bandwidth_ratio'] * 100:>9.1f}% {lbw * 100:>9.1f}%"
                   f"   (machine {gy['machine_read_gbs']:.1f} GB/s, measured by gyre)")
+        if r["decode_ratio_per_round"]:
+            rounds = ", ".join(f"{x:.2f}x" for x in r["decode_ratio_per_round"])
+            print(f"{'  decode ratio per round':<42} {rounds}   (medians of {r['rounds']} rounds above)")
         if gy and "error" in gy:
             print(f"  gyre failed: {gy['error']}")
     if a.json:

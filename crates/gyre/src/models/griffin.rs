@@ -27,7 +27,7 @@ use half::bf16;
 
 use super::layers::{self, AttnDims, Segment};
 use super::{check_tokens, Arch, LoadOptions, Logits, Model, ModelInfo, SeqInput};
-use crate::kernels::cpu::{self as k, linear};
+use crate::kernels::cpu as k;
 use crate::loader::config::{BlockKind, GriffinConfig};
 use crate::loader::Checkpoint;
 use crate::state::{GriffinState, KvCache, State};
@@ -311,11 +311,14 @@ impl Griffin {
         out: &mut [f32],
     ) -> Result<()> {
         let lru = self.lru;
-        let mut y = vec![0f32; rows * lru];
-        layers::linear_bias(normed, rows, &rec.linear_y, Some(&rec.linear_y_b), &mut y);
+        let (mut y, mut xb) = (vec![0f32; rows * lru], vec![0f32; rows * lru]);
+        k::linear_group(
+            rows,
+            &mut [(normed, &rec.linear_y, &mut y), (normed, &rec.linear_x, &mut xb)],
+        );
+        layers::add_bias(&mut y, &rec.linear_y_b);
         y.iter_mut().for_each(|v| *v = k::gelu_tanh(*v));
-        let mut xb = vec![0f32; rows * lru];
-        layers::linear_bias(normed, rows, &rec.linear_x, Some(&rec.linear_x_b), &mut xb);
+        layers::add_bias(&mut xb, &rec.linear_x_b);
 
         // Causal depthwise conv1d, carrying the last width−1 inputs in the state.
         let w = self.conv_width;
@@ -357,25 +360,36 @@ impl Griffin {
 
         // RG-LRU gates: block-diagonal linear maps, one block per head.
         let (heads, bw) = (self.heads, lru / self.heads);
+        // Each head's input block [rows, bw]; both gates of every head as one product group.
+        let block_in: Vec<Vec<f32>> = (0..heads)
+            .map(|h| {
+                (0..rows)
+                    .flat_map(|r| &conv[r * lru + h * bw..r * lru + (h + 1) * bw])
+                    .copied()
+                    .collect()
+            })
+            .collect();
+        let mut block_out = vec![vec![0f32; rows * bw]; 2 * heads];
+        let mut products: Vec<(&[f32], &Matrix, &mut [f32])> = block_out
+            .iter_mut()
+            .enumerate()
+            .map(|(i, out)| {
+                let (h, gates) = (i / 2, [&rec.input_gate, &rec.a_gate][i % 2]);
+                (&block_in[h][..], &gates[h], &mut out[..])
+            })
+            .collect();
+        k::linear_group(rows, &mut products);
         let mut gx = vec![0f32; rows * lru];
         let mut ga = vec![0f32; rows * lru];
-        let mut block_in = vec![0f32; rows * bw];
-        let mut block_out = vec![0f32; rows * bw];
-        for h in 0..heads {
+        for (i, out) in block_out.iter().enumerate() {
+            let (h, (bias, dst)) = match i % 2 {
+                0 => (i / 2, (&rec.input_gate_b, &mut gx)),
+                _ => (i / 2, (&rec.a_gate_b, &mut ga)),
+            };
             for r in 0..rows {
-                block_in[r * bw..(r + 1) * bw]
-                    .copy_from_slice(&conv[r * lru + h * bw..r * lru + (h + 1) * bw]);
-            }
-            for (gates, bias, dst) in [
-                (&rec.input_gate, &rec.input_gate_b, &mut gx),
-                (&rec.a_gate, &rec.a_gate_b, &mut ga),
-            ] {
-                linear(&block_in, rows, &gates[h], &mut block_out);
-                for r in 0..rows {
-                    for j in 0..bw {
-                        let pre = block_out[r * bw + j] + bias[h * bw + j];
-                        dst[r * lru + h * bw + j] = 1.0 / (1.0 + (-pre).exp());
-                    }
+                for j in 0..bw {
+                    let pre = out[r * bw + j] + bias[h * bw + j];
+                    dst[r * lru + h * bw + j] = 1.0 / (1.0 + (-pre).exp());
                 }
             }
         }
@@ -494,8 +508,12 @@ impl Model for Griffin {
                 k::rmsnorm_gemma(&x, &layer.channel_norm, self.eps, &mut normed);
                 let f = layer.gate.rows();
                 let (mut gate, mut up) = (vec![0f32; rows * f], vec![0f32; rows * f]);
-                layers::linear_bias(&normed, rows, &layer.gate, Some(&layer.gate_b), &mut gate);
-                layers::linear_bias(&normed, rows, &layer.up, Some(&layer.up_b), &mut up);
+                k::linear_group(
+                    rows,
+                    &mut [(&normed, &layer.gate, &mut gate), (&normed, &layer.up, &mut up)],
+                );
+                layers::add_bias(&mut gate, &layer.gate_b);
+                layers::add_bias(&mut up, &layer.up_b);
                 for (g, &u) in gate.iter_mut().zip(&up) {
                     *g = k::gelu_tanh(*g) * u;
                 }

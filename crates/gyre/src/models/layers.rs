@@ -161,9 +161,14 @@ pub fn split_logits(logits: Vec<f32>, v: usize, segs: &[Segment], which: Logits)
 pub fn linear_bias(x: &[f32], rows: usize, w: &Matrix, b: Option<&[f32]>, out: &mut [f32]) {
     k::linear(x, rows, w, out);
     if let Some(b) = b {
-        for row in out.chunks_exact_mut(b.len()) {
-            k::add_assign(row, b);
-        }
+        add_bias(out, b);
+    }
+}
+
+/// Adds the bias `b` [n] to every row of `out` [rows, n].
+pub fn add_bias(out: &mut [f32], b: &[f32]) {
+    for row in out.chunks_exact_mut(b.len()) {
+        k::add_assign(row, b);
     }
 }
 
@@ -199,9 +204,14 @@ pub fn rope_attention(
         vec![0f32; rows * kvd],
         vec![0f32; rows * kvd],
     );
-    k::linear(normed, rows, w.q, &mut q);
-    k::linear(normed, rows, w.k, &mut kk);
-    k::linear(normed, rows, w.v, &mut vv);
+    k::linear_group(
+        rows,
+        &mut [
+            (normed, w.q, &mut q),
+            (normed, w.k, &mut kk),
+            (normed, w.v, &mut vv),
+        ],
+    );
     for seg in segs {
         for i in 0..seg.len {
             let r = seg.row + i;

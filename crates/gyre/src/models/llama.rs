@@ -197,8 +197,10 @@ impl Model for Llama {
                 k::add_assign(&mut x, &proj);
 
                 k::rmsnorm(&x, &layer.mlp_norm, self.eps, &mut normed);
-                linear(&normed, rows, &layer.gate, &mut gate);
-                linear(&normed, rows, &layer.up, &mut up);
+                k::linear_group(
+                    rows,
+                    &mut [(&normed, &layer.gate, &mut gate), (&normed, &layer.up, &mut up)],
+                );
                 k::swiglu(&mut gate, &up);
                 linear(&gate, rows, &layer.down, &mut proj);
                 k::add_assign(&mut x, &proj);

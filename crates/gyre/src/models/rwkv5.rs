@@ -357,10 +357,15 @@ impl Model for Rwkv5 {
                     );
                     shift.copy_from_slice(&xx[span.end - c..span.end]);
                 }
-                linear(&mr, rows, &b.wr, &mut r);
-                linear(&mk, rows, &b.wk, &mut kk);
-                linear(&mv, rows, &b.wv, &mut vv);
-                linear(&mg, rows, &b.wg, &mut g);
+                k::linear_group(
+                    rows,
+                    &mut [
+                        (&mr, &b.wr, &mut r),
+                        (&mk, &b.wk, &mut kk),
+                        (&mv, &b.wv, &mut vv),
+                        (&mg, &b.wg, &mut g),
+                    ],
+                );
                 g.iter_mut().for_each(|v| *v = k::silu(*v));
                 for (seg, seq) in segs.iter().zip(batch.iter_mut()) {
                     let st = self.rwkv_state(seq.state)?;
@@ -410,13 +415,12 @@ impl Model for Rwkv5 {
                     );
                     shift.copy_from_slice(&xx[span.end - c..span.end]);
                 }
-                linear(&mk, rows, &b.ffn_k, &mut fk);
+                k::linear_group(rows, &mut [(&mk, &b.ffn_k, &mut fk), (&mr, &b.ffn_r, &mut mv)]);
                 fk.iter_mut().for_each(|v| {
                     let relu = v.max(0.0);
                     *v = relu * relu;
                 });
                 linear(&fk, rows, &b.ffn_v, &mut out);
-                linear(&mr, rows, &b.ffn_r, &mut mv);
                 for ((xv, &o), &rv) in x.iter_mut().zip(&out).zip(&mv) {
                     *xv += o / (1.0 + (-rv).exp());
                 }
