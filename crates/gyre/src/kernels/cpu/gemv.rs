@@ -65,6 +65,16 @@ impl<'a> Activation<'a> {
         Self::with_integer(x, rows, true)
     }
 
+    /// True when one activation prepared for `a` serves products with `b` as well.
+    pub fn shared_by(a: &Rows, b: &Rows) -> bool {
+        let kind = |r: &Rows| match r {
+            Rows::Dense(TensorData::BF16(_)) => 0,
+            Rows::Dense(_) => 1,
+            Rows::Quantized(q) => 2 + q.quant() as u8,
+        };
+        kind(a) == kind(b)
+    }
+
     /// As [`Activation::new`]; `allow_integer: false` keeps the f32 kernels for quantized
     /// rows (so tests can compare both).
     fn with_integer(x: &'a [f32], rows: &Rows, allow_integer: bool) -> Activation<'a> {

@@ -130,11 +130,22 @@ pub fn linear_group(n_rows: usize, products: &mut [(&[f32], &Matrix, &mut [f32])
     // blocks per thread and matrix (whole groups of eight rows) keep each core's prefetcher
     // on long streams; a matrix too small to repay splitting runs as one block.
     let data: Vec<Rows> = products.iter().map(|(_, w, _)| rows_of(w)).collect();
-    let acts: Vec<gemv::Activation> = products
-        .iter()
-        .zip(&data)
-        .map(|((x, _, _), rows)| gemv::Activation::new(x, rows))
-        .collect();
+    // One prepared activation per distinct (input, weight format): q/k/v share one.
+    let mut acts: Vec<gemv::Activation> = Vec::new();
+    let mut act_of = Vec::with_capacity(products.len());
+    for (i, ((x, _, _), rows)) in products.iter().zip(&data).enumerate() {
+        let same = |j: &usize| {
+            let (xj, ..) = &products[*j];
+            std::ptr::eq(*xj, *x) && gemv::Activation::shared_by(&data[*j], rows)
+        };
+        match (0..i).find(same) {
+            Some(j) => act_of.push(act_of[j]),
+            None => {
+                act_of.push(acts.len());
+                acts.push(gemv::Activation::new(x, rows));
+            }
+        }
+    }
     let threads = rayon::current_num_threads();
     let elements: usize = products.iter().map(|(x, _, out)| x.len() * out.len()).sum();
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
@@ -152,8 +163,9 @@ pub fn linear_group(n_rows: usize, products: &mut [(&[f32], &Matrix, &mut [f32])
             tasks.push((i, b * block, chunk));
         }
     }
-    let run =
-        |(i, first, chunk): (usize, usize, &mut [f32])| gemv::rows_times(&data[i], &acts[i], first, chunk);
+    let run = |(i, first, chunk): (usize, usize, &mut [f32])| {
+        gemv::rows_times(&data[i], &acts[act_of[i]], first, chunk)
+    };
     if elements < SMALL_MATRIX {
         tasks.into_iter().for_each(run);
     } else {
@@ -195,6 +207,7 @@ pub fn linear_scalar(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::Quant;
 
     /// Deterministic values in [−1, 1) (xorshift), shared by the kernel tests.
     pub(super) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
@@ -236,39 +249,44 @@ mod tests {
 
     #[test]
     fn a_product_group_equals_its_products_one_by_one() {
-        // Mixed formats and sizes: below and above the fork threshold, a partial row block.
-        let shapes = [(24, 40), (300, 256), (8, 16), (130, 512)];
+        // Mixed formats and sizes: below and above the fork threshold, a partial row block;
+        // products 4 and 5 share product 1's input (one with its format, one with another).
+        let shapes = [(24, 40), (300, 256), (8, 16), (130, 512), (40, 256), (64, 256)];
+        let formats = [
+            None,
+            Some(Quant::Q8),
+            Some(Quant::Q4),
+            None,
+            Some(Quant::Q8),
+            None,
+        ];
+        let input_of = [0, 1, 2, 3, 1, 1];
         let mats: Vec<Matrix> = shapes
             .iter()
+            .zip(formats)
             .enumerate()
-            .map(|(i, &(o, n))| {
-                let t = Tensor::from_f32_as_bf16(&pseudo(o * n, 13 + i as u32), vec![o, n]);
+            .map(|(i, (&(o, n), f))| {
                 Matrix::new(
-                    t,
-                    [
-                        None,
-                        Some(crate::tensor::Quant::Q8),
-                        Some(crate::tensor::Quant::Q4),
-                        None,
-                    ][i],
+                    Tensor::from_f32_as_bf16(&pseudo(o * n, 13 + i as u32), vec![o, n]),
+                    f,
                 )
             })
             .collect();
         for rows in [1, 3] {
-            let xs: Vec<Vec<f32>> = shapes
+            let xs: Vec<Vec<f32>> = shapes[..4]
                 .iter()
                 .map(|&(_, n)| pseudo(rows * n, 29 + n as u32))
                 .collect();
             let mut want: Vec<Vec<f32>> = shapes.iter().map(|&(o, _)| vec![0f32; rows * o]).collect();
-            for ((x, m), w) in xs.iter().zip(&mats).zip(want.iter_mut()) {
-                linear(x, rows, m, w);
+            for (i, (m, w)) in mats.iter().zip(want.iter_mut()).enumerate() {
+                linear(&xs[input_of[i]], rows, m, w);
             }
             let mut got: Vec<Vec<f32>> = shapes.iter().map(|&(o, _)| vec![0f32; rows * o]).collect();
-            let mut group: Vec<(&[f32], &Matrix, &mut [f32])> = xs
+            let mut group: Vec<(&[f32], &Matrix, &mut [f32])> = mats
                 .iter()
-                .zip(&mats)
                 .zip(got.iter_mut())
-                .map(|((x, m), g)| (&x[..], m, &mut g[..]))
+                .enumerate()
+                .map(|(i, (m, g))| (&xs[input_of[i]][..], m, &mut g[..]))
                 .collect();
             linear_group(rows, &mut group);
             assert_eq!(got, want, "{rows} rows");
