@@ -9,6 +9,7 @@ mod gemv;
 pub mod ops;
 #[cfg(target_arch = "x86_64")]
 mod simd;
+mod spin;
 
 pub use dot::{dot, dot_4x4, dot_bf16, dot_f16, dot_q4, dot_q8, dot_scalar};
 pub use ops::*;
@@ -112,9 +113,12 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
 }
 
 /// `out = x · wᵀ` for every `(x, w, out)` of `products` (shapes as [`linear`], `n_rows` rows
-/// each). In decode the whole group is one fork-join: projections that depend on nothing but
-/// their inputs (q/k/v, gate/up, the RG-LRU gates of every head) share one wake-up and one
-/// join, and the pool balances their row blocks together.
+/// each). In decode the whole group is one job of the spinning pool (`spin.rs`): projections
+/// that depend on nothing but their inputs (q/k/v, gate/up, the RG-LRU gates of every head)
+/// share one hand-off and one join, and the pool balances their row blocks together. Its
+/// helpers spin between the products of a step where rayon's workers would sleep: measured
+/// 85–88% of the read bandwidth against rayon's 62–86% on TinyLlama q8 (four alternating
+/// pairs of `gyre bench --synthetic tinyllama-1.1b --quant q8 --gen 32`).
 pub fn linear_group(n_rows: usize, products: &mut [(&[f32], &Matrix, &mut [f32])]) {
     if n_rows != 1 {
         for (x, w, out) in products.iter_mut() {
@@ -146,7 +150,7 @@ pub fn linear_group(n_rows: usize, products: &mut [(&[f32], &Matrix, &mut [f32])
             }
         }
     }
-    let threads = rayon::current_num_threads();
+    let threads = spin::SpinPool::global().threads();
     let elements: usize = products.iter().map(|(x, _, out)| x.len() * out.len()).sum();
     let mut tasks: Vec<(usize, usize, &mut [f32])> = Vec::new();
     for (i, (_, w, out)) in products.iter_mut().enumerate() {
@@ -169,7 +173,16 @@ pub fn linear_group(n_rows: usize, products: &mut [(&[f32], &Matrix, &mut [f32])
     if elements < SMALL_MATRIX {
         tasks.into_iter().for_each(run);
     } else {
-        tasks.into_par_iter().for_each(run);
+        // Each task is taken by exactly one thread; the lock is never contended.
+        let tasks: Vec<std::sync::Mutex<Option<_>>> = tasks
+            .into_iter()
+            .map(|t| std::sync::Mutex::new(Some(t)))
+            .collect();
+        spin::SpinPool::global().run(tasks.len(), &|i| {
+            if let Some(task) = tasks[i].lock().unwrap_or_else(|e| e.into_inner()).take() {
+                run(task);
+            }
+        });
     }
 }
 
