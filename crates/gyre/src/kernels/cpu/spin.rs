@@ -3,14 +3,15 @@
 //! sleeping helper costs a futex wake-up per group (rayon's idle workers sleep).
 //!
 //! `run(n, f)` calls `f(0..n)` once each, spread over the caller and the helpers, and returns
-//! when all calls have returned. Helpers spin for [`SPIN`] checks after their last job, then
-//! park until the next one.
+//! when all calls have returned. Helpers spin for [`SPIN_FOR`] after their last job, then
+//! park until the next one, so an idle process uses no CPU.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
-/// Checks of the job counter a helper makes before parking (tens of microseconds).
-const SPIN: usize = 1 << 14;
+/// How long a helper spins after its last job before parking (a decode step's products are
+/// microseconds apart; a step is tens of milliseconds).
+const SPIN_FOR: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// One job: `n` calls of `task`, claimed through `next`, counted in `done`.
 struct Job {
@@ -67,10 +68,11 @@ impl SpinPool {
     /// The process-wide pool, with one helper fewer than rayon's threads.
     pub fn global() -> &'static SpinPool {
         static POOL: OnceLock<SpinPool> = OnceLock::new();
-        POOL.get_or_init(|| SpinPool::new(rayon::current_num_threads().saturating_sub(1)))
+        POOL.get_or_init(|| SpinPool::new(rayon::current_num_threads().saturating_sub(1), "gyre-spin"))
     }
 
-    fn new(helpers: usize) -> SpinPool {
+    /// A pool of `helpers` threads named `name-0`, `name-1`, ...
+    fn new(helpers: usize, name: &str) -> SpinPool {
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
             job: Mutex::new(None),
@@ -80,7 +82,7 @@ impl SpinPool {
         for k in 0..helpers {
             let shared = shared.clone();
             std::thread::Builder::new()
-                .name(format!("gyre-spin-{k}"))
+                .name(format!("{name}-{k}"))
                 .spawn(move || helper(&shared))
                 .expect("spawning a kernel thread");
         }
@@ -130,16 +132,16 @@ impl SpinPool {
 fn helper(shared: &Shared) {
     let mut seen = 0;
     loop {
-        let mut spins = 0;
+        let (start, mut spins) = (std::time::Instant::now(), 0u32);
         while shared.epoch.load(Ordering::Acquire) == seen {
-            spins += 1;
-            if spins % 64 == 0 {
-                // Let a runnable thread (another pool's worker) have the core.
-                std::thread::yield_now();
-            } else {
+            spins = spins.wrapping_add(1);
+            if !spins.is_multiple_of(64) {
                 std::hint::spin_loop();
+                continue;
             }
-            if spins >= SPIN {
+            // Let a runnable thread (another pool's worker) have the core.
+            std::thread::yield_now();
+            if start.elapsed() >= SPIN_FOR {
                 let mut slot = shared.job.lock().unwrap_or_else(|e| e.into_inner());
                 shared.parked.fetch_add(1, Ordering::Relaxed);
                 while shared.epoch.load(Ordering::Acquire) == seen {
@@ -163,7 +165,7 @@ mod tests {
 
     #[test]
     fn every_call_runs_once_across_many_jobs() {
-        let pool = SpinPool::new(3);
+        let pool = SpinPool::new(3, "spin-test-a");
         for n in [0, 1, 2, 7, 64, 1000] {
             for _ in 0..50 {
                 let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
@@ -184,7 +186,7 @@ mod tests {
 
     #[test]
     fn a_panicking_call_fails_the_job_after_every_call_returned() {
-        let pool = SpinPool::new(1);
+        let pool = SpinPool::new(1, "spin-test-b");
         let done = AtomicUsize::new(0);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             pool.run(32, &|i| {
@@ -200,5 +202,34 @@ mod tests {
             n.fetch_add(1, Ordering::Relaxed);
         });
         assert_eq!(n.load(Ordering::Relaxed), 10);
+    }
+
+    /// CPU ticks (user + system) of this process's threads whose name starts with `prefix`.
+    #[cfg(target_os = "linux")]
+    fn cpu_ticks(prefix: &str) -> u64 {
+        let mut total = 0;
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if !comm.starts_with(prefix) {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+            let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            total += fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        }
+        total
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn idle_helpers_park_and_use_no_cpu() {
+        let pool = SpinPool::new(2, "spin-test-c");
+        pool.run(8, &|_| {});
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let before = cpu_ticks("spin-test-c");
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        // Two spinning helpers would use about 140 ticks (of 10 ms) here.
+        assert!(cpu_ticks("spin-test-c") - before <= 5, "idle helpers use CPU");
     }
 }
