@@ -92,22 +92,26 @@ impl<'a> Activation<'a> {
         match rows {
             #[cfg(target_arch = "x86_64")]
             Rows::Dense(TensorData::BF16(_)) if a.wide => super::simd::permute_for_unpack(x, &mut a.permuted),
-            Rows::Quantized(q) if q.quant() == Quant::Q4 => {
-                let (mut ints, mut scales, mut x_hat) = (Vec::new(), Vec::new(), Vec::with_capacity(x.len()));
-                quantize_activation(x, &mut ints, &mut scales, &mut x_hat);
-                a.x = std::borrow::Cow::Owned(x_hat);
-                #[cfg(target_arch = "x86_64")]
-                if allow_integer && super::simd::has_avx512vnni() {
-                    a.int8 = Some(Int8Activation::new(&ints, &scales));
+            Rows::Quantized(q) => {
+                let (mut scales, mut x_hat) = (Vec::new(), Vec::with_capacity(x.len()));
+                match q.quant() {
+                    Quant::Q4 => {
+                        let mut ints = Vec::new();
+                        quantize_activation(x, &mut ints, &mut scales, &mut x_hat);
+                        #[cfg(target_arch = "x86_64")]
+                        if allow_integer && super::simd::has_avx512vnni() {
+                            a.int8 = Some(Int8Activation::new(&ints, &scales));
+                        }
+                    }
+                    Quant::Q8 => {
+                        let mut ints = Vec::new();
+                        quantize_activation_i16(x, &mut ints, &mut scales, &mut x_hat);
+                        if allow_integer && a.wide {
+                            a.int16 = Some(Int16Activation { q: ints, scales });
+                        }
+                    }
                 }
-            }
-            Rows::Quantized(_) => {
-                let (mut ints, mut scales, mut x_hat) = (Vec::new(), Vec::new(), Vec::with_capacity(x.len()));
-                quantize_activation_i16(x, &mut ints, &mut scales, &mut x_hat);
                 a.x = std::borrow::Cow::Owned(x_hat);
-                if allow_integer && a.wide {
-                    a.int16 = Some(Int16Activation { q: ints, scales });
-                }
             }
             _ => {}
         }
@@ -359,13 +363,18 @@ mod wide {
         }
         let mut out = reduce(acc);
         for (r, o) in out.iter_mut().enumerate() {
-            *o += (blocks * BLOCK_BYTES..n)
-                .map(|j| {
-                    scale_f32(scales[j / GROUP * ROWS + r]) * q[tile_value_offset(n, r, j)] as f32 * x[j]
-                })
-                .sum::<f32>();
+            *o += q8_tail(scales, r, q, blocks * BLOCK_BYTES, x);
         }
         out
+    }
+
+    /// Σ over columns `from..n` of row `r` of a Q8 tile (the bytes past its whole blocks), in
+    /// f32.
+    fn q8_tail(scales: &[u16], r: usize, q: &[i8], from: usize, x: &[f32]) -> f32 {
+        let n = x.len();
+        (from..n)
+            .map(|j| scale_f32(scales[j / GROUP * ROWS + r]) * q[tile_value_offset(n, r, j)] as f32 * x[j])
+            .sum()
     }
 
     /// Q8 tile (as [`q8`]) against the int16 activation: per group of 32 and row, the 32
@@ -417,11 +426,7 @@ mod wide {
         }
         let mut out = reduce(acc);
         for (r, o) in out.iter_mut().enumerate() {
-            *o += (blocks * BLOCK_BYTES..n)
-                .map(|j| {
-                    scale_f32(scales[j / GROUP * ROWS + r]) * q[tile_value_offset(n, r, j)] as f32 * x_hat[j]
-                })
-                .sum::<f32>();
+            *o += q8_tail(scales, r, q, blocks * BLOCK_BYTES, x_hat);
         }
         out
     }
