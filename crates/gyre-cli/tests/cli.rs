@@ -43,6 +43,53 @@ fn generate_greedy_equals_transformers() {
     }
 }
 
+/// `--device cuda` end to end on the CPU emulator (GYRE_CUDA_EMULATOR=1): greedy text equal
+/// to transformers', and the logits of a recurrent model of each family within the CUDA
+/// parity bound of the references.
+#[test]
+fn model_commands_run_on_the_cuda_emulator() {
+    let emu = [("GYRE_CUDA_EMULATOR", "1")];
+    let case = &expected()["generate"][0];
+    let prompt = case["prompt"].as_str().unwrap();
+    let out = ok(&gyre_env(
+        &[
+            "generate",
+            "--model",
+            s(&tiny()),
+            "--device",
+            "cuda",
+            "--prompt",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+        ],
+        b"",
+        &emu,
+    ));
+    assert_eq!(out, format!("{}\n", case["text"].as_str().unwrap()));
+    for (family, case, weights, key) in [
+        ("griffin", "griffin_small", "", "logits_long"),
+        ("rwkv5", "rwkv5_tiny_f32", "model.pth", "logits"),
+    ] {
+        let dir = gyre_fixture(family, case);
+        let (tokens, exp) = read_expected(&dir.join("expected.safetensors"));
+        let model = dir.join(weights);
+        for step in [false, true] {
+            let mut args = vec!["logits", "--model", s(&model), "--device", "cuda"];
+            let t = ids_arg(&tokens);
+            args.extend(["--tokens", &t]);
+            if step {
+                args.push("--step");
+            }
+            let rows = logits_rows(&ok(&gyre_env(&args, b"", &emu)));
+            let d = max_diff(&rows, &exp[key]);
+            assert!(d <= 1e-3, "{case} (step {step}): max |Δlogit| {d}");
+        }
+    }
+}
+
 #[test]
 fn generate_reads_the_prompt_from_stdin() {
     let case = &expected()["generate"][0];

@@ -30,7 +30,12 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, args: &[&str]) -> Server {
+        Server::start_env(model, args, &[])
+    }
+
+    fn start_env(model: &Path, args: &[&str], env: &[(&str, &str)]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gyre"))
+            .envs(env.iter().copied())
             .arg("serve")
             .arg("--model")
             .arg(model)
@@ -472,6 +477,34 @@ fn run_openai_suite(srv: &Server, extra: &[&str]) -> String {
 #[test]
 fn openai_client_works_unchanged_against_llama() {
     let srv = Server::start(&tiny(), &["--api-key", "sk-py"]);
+    let expected = fixtures().join("expected.json");
+    let out = run_openai_suite(
+        &srv,
+        &[
+            "--api-key",
+            "sk-py",
+            "--expected",
+            expected.to_str().unwrap(),
+            "--history-words",
+            "100",
+        ],
+    );
+    assert!(
+        out.contains("32 concurrent streaming clients equal their single runs"),
+        "{out}"
+    );
+    assert!(out.contains("all checks passed"), "{out}");
+}
+
+/// The same suite with the model on the CUDA backend, run by the CPU emulator
+/// (GYRE_CUDA_EMULATOR=1): batched device decoding behind the server, end to end.
+#[test]
+fn openai_client_works_unchanged_on_the_cuda_emulator() {
+    let srv = Server::start_env(
+        &tiny(),
+        &["--api-key", "sk-py", "--device", "cuda"],
+        &[("GYRE_CUDA_EMULATOR", "1")],
+    );
     let expected = fixtures().join("expected.json");
     let out = run_openai_suite(
         &srv,

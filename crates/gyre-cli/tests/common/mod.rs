@@ -16,8 +16,14 @@ pub fn tiny() -> PathBuf {
 }
 
 pub fn gyre(args: &[&str], stdin: &[u8]) -> Output {
+    gyre_env(args, stdin, &[])
+}
+
+/// `gyre` with extra environment variables.
+pub fn gyre_env(args: &[&str], stdin: &[u8], env: &[(&str, &str)]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gyre"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

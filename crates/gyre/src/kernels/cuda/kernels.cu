@@ -12,6 +12,11 @@ typedef unsigned long long u64;
 
 #define GYRE_INF __int_as_float(0x7f800000)
 
+// The CPU emulator (emulator.cpp) replaces the few PTX-specific pieces below.
+#ifndef GYRE_DYNAMIC_SHARED
+#define GYRE_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 #define DT_F32 0
 #define DT_F16 1
 #define DT_BF16 2
@@ -19,9 +24,13 @@ typedef unsigned long long u64;
 __device__ __forceinline__ float bf16_to_f32(u16 h) { return __uint_as_float(((u32)h) << 16); }
 
 __device__ __forceinline__ float f16_to_f32(u16 h) {
+#ifdef GYRE_EMULATOR
+    return gyre_emu_f16_to_f32(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 // Round to nearest even (NaN stays NaN), as half::bf16::from_f32.
@@ -33,9 +42,13 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 }
 
 __device__ __forceinline__ u16 f32_to_f16(float f) {
+#ifdef GYRE_EMULATOR
+    return gyre_emu_f32_to_f16(f);
+#else
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 
 __device__ __forceinline__ float load_elem(const void* p, size_t i, int dtype) {
@@ -83,11 +96,15 @@ __device__ __forceinline__ float gelu_tanh(float x) {
 
 // Streaming 16-byte load: weights are read once per step, keep them out of L1.
 __device__ __forceinline__ uint4 ld_stream(const uint4* p) {
+#ifdef GYRE_EMULATOR
+    return *p;
+#else
     uint4 r;
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
                  : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
                  : "l"(p));
     return r;
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -689,7 +706,7 @@ extern "C" __global__ void shift_keep(const float* xx, int c, long long shift_of
 extern "C" __global__ void wkv5(const float* rkv, const float* decay, const float* bonus, float* y,
                                 int n, int c_att, long long wkv_off, const int* meta,
                                 const u64* states, int rows, int seqs) {
-    extern __shared__ float sh[];
+    GYRE_DYNAMIC_SHARED(float, sh);
     float* S = sh;              // [n, n]
     float* rs = sh + n * n;     // [n]
     float* ks = rs + n;         // [n]

@@ -3,7 +3,10 @@
 //!
 //! CUDA is loaded at run time (`cudarc` with dynamic loading): the binary builds and runs
 //! without it, and [`Gpu::open`] says clearly which library is missing. Kernels never know
-//! models: launchers take device pointers, shapes and strides.
+//! models: launchers take device pointers, shapes and strides. With `GYRE_CUDA_EMULATOR=1`
+//! the device is the CPU emulator ([`emulator`]): the same launchers, run on the host.
+
+mod emulator;
 
 use std::ffi::c_void;
 use std::fmt;
@@ -13,6 +16,7 @@ use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::sys as blas_sys;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{result as drv, sys, CudaContext, CudaEvent, CudaFunction, CudaGraph, CudaStream};
+use emulator::{EmuGraph, Emulator};
 
 use crate::tensor::DType;
 
@@ -105,13 +109,11 @@ impl Drop for DevBuf {
             return;
         }
         // Errors cannot propagate from drop; a failed free only leaks.
-        let _ = self.gpu.ctx.bind_to_thread();
-        // SAFETY: `ptr` came from cuMemAlloc in `Gpu::alloc` and is freed once, here; work
-        // queued on the stream that uses it is finished first.
-        unsafe {
-            let _ = self.gpu.stream.synchronize();
-            let _ = drv::free_sync(self.ptr.0);
-        }
+        let _stream = self.gpu.exclusive();
+        let _ = self.gpu.sync();
+        // SAFETY: `ptr` came from `Gpu::raw_alloc` with these bytes and is freed once, here;
+        // work queued that uses it is finished (above).
+        unsafe { self.gpu.raw_free(self.ptr, self.bytes) };
     }
 }
 
@@ -269,8 +271,14 @@ pub struct BatchMeta {
 }
 
 struct Kernel {
-    f: CudaFunction,
+    f: KernelFn,
     name: &'static str,
+}
+
+enum KernelFn {
+    Cuda(CudaFunction),
+    /// Index in the emulator's kernel table.
+    Emulated(i32),
 }
 
 struct Kernels {
@@ -300,106 +308,11 @@ struct Kernels {
     read_sum: Kernel,
 }
 
-/// One CUDA device with its stream, kernels and cuBLAS handle.
-pub struct Gpu {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
-    k: Kernels,
-    name: String,
-    /// Scratch of cuBLAS products: [0] activations rounded to bf16/f16, [1] bare products.
-    scratch: Mutex<[Option<(DevPtr, usize)>; 2]>,
-    /// Bumped whenever scratch moves: captured graphs of older generations are stale.
-    generation: std::sync::atomic::AtomicU64,
-    /// Launch timings (GYRE_CUDA_PROFILE=1).
-    profile: Option<Mutex<Vec<Timing>>>,
-}
-
-/// One timed launch: kernel name, events before and after.
-type Timing = (&'static str, CudaEvent, CudaEvent);
-
-/// A captured sequence of launches (a decode step), replayed with one call.
-pub struct Graph(CudaGraph);
-
-// SAFETY: a graph's executable handle may be launched from any thread once the context is
-// bound (Gpu::replay binds it); the models keep graphs behind a mutex.
-unsafe impl Send for Graph {}
-unsafe impl Sync for Graph {}
-
-// SAFETY: the CUDA driver API is thread-safe; every call binds the context to the calling
-// thread first, and the one stream orders all work. The cuBLAS handle is only used on that
-// stream, from calls serialised by the models' forward lock.
-unsafe impl Send for Gpu {}
-unsafe impl Sync for Gpu {}
-
-impl fmt::Debug for Gpu {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Gpu({})", self.name)
-    }
-}
-
-impl Gpu {
-    /// Opens device `ordinal` (process-wide, once): loads the driver, NVRTC and cuBLAS,
-    /// compiles the kernels for the device's architecture.
-    pub fn open(ordinal: usize) -> Result<Arc<Gpu>> {
-        type Opened = Mutex<Vec<(usize, Arc<Gpu>)>>;
-        static OPENED: OnceLock<Opened> = OnceLock::new();
-        let opened = OPENED.get_or_init(|| Mutex::new(Vec::new()));
-        let mut opened = opened
-            .lock()
-            .map_err(|_| anyhow!("CUDA device registry poisoned"))?;
-        if let Some((_, g)) = opened.iter().find(|(o, _)| *o == ordinal) {
-            return Ok(g.clone());
-        }
-        let gpu = Arc::new(Self::open_new(ordinal)?);
-        opened.push((ordinal, gpu.clone()));
-        Ok(gpu)
-    }
-
-    fn open_new(ordinal: usize) -> Result<Gpu> {
-        // SAFETY: each probe only tries to dlopen a library by its known names.
-        let (driver, nvrtc, cublas) = unsafe {
-            (
-                sys::is_culib_present(),
-                cudarc::nvrtc::sys::is_culib_present(),
-                blas_sys::is_culib_present(),
-            )
-        };
-        if !driver {
-            bail!(
-                "--device cuda: no CUDA driver found (libcuda.so could not be loaded); install the \
-                 NVIDIA driver or run with --device cpu"
-            );
-        }
-        for (present, lib) in [(nvrtc, "libnvrtc.so"), (cublas, "libcublas.so")] {
-            if !present {
-                bail!(
-                    "--device cuda: {lib} (CUDA 12 or 13) could not be loaded; install the CUDA \
-                     toolkit or its pip wheels and add their lib directory to LD_LIBRARY_PATH"
-                );
-            }
-        }
-        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA: {e:?}"))?;
-        if ordinal as i32 >= count {
-            bail!("--device cuda:{ordinal}: this machine has {count} CUDA device(s)");
-        }
-        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA: creating a context: {e:?}"))?;
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| anyhow!("CUDA: creating a stream: {e:?}"))?;
-        let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("CUDA: {e:?}"))?;
-        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        let ptx = compile(major, minor)?;
-        let module = ctx
-            .load_module(ptx)
-            .map_err(|e| anyhow!("CUDA: loading gyre's kernels: {e:?}"))?;
-        let f = |name: &'static str| {
-            module
-                .load_function(name)
-                .map(|f| Kernel { f, name })
-                .map_err(|e| anyhow!("CUDA: kernel {name} missing: {e:?}"))
-        };
-        let k = Kernels {
+impl Kernels {
+    /// Every kernel, found by name.
+    fn load(find: impl Fn(&'static str) -> Result<KernelFn>) -> Result<Kernels> {
+        let f = |name: &'static str| find(name).map(|f| Kernel { f, name });
+        Ok(Kernels {
             gemv: [
                 [
                     f("gemv_f32_1")?,
@@ -442,22 +355,170 @@ impl Gpu {
             wkv5: f("wkv5")?,
             group_norm_gate: f("group_norm_gate")?,
             read_sum: f("read_sum")?,
-        };
-        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
-        Ok(Gpu {
-            ctx,
-            stream,
-            blas,
-            k,
-            name: format!("{name} (sm_{major}{minor})"),
-            scratch: Mutex::new([None, None]),
-            generation: std::sync::atomic::AtomicU64::new(0),
-            profile: std::env::var_os("GYRE_CUDA_PROFILE")
-                .is_some_and(|v| v == "1")
-                .then(|| Mutex::new(Vec::new())),
         })
     }
+}
 
+/// One CUDA device with its stream, kernels and cuBLAS handle (or the CPU emulator).
+pub struct Gpu {
+    dev: Backend,
+    k: Kernels,
+    name: String,
+    /// Scratch of cuBLAS products: [0] activations rounded to bf16/f16, [1] bare products.
+    scratch: Mutex<[Option<(DevPtr, usize)>; 2]>,
+    /// Bumped whenever scratch moves: captured graphs of older generations are stale.
+    generation: std::sync::atomic::AtomicU64,
+    /// Launch timings (GYRE_CUDA_PROFILE=1).
+    profile: Option<Mutex<Vec<Timing>>>,
+    /// The thread using the stream (see [`Gpu::exclusive`]), and a wake-up for waiters.
+    owner: Mutex<Option<std::thread::ThreadId>>,
+    released: std::sync::Condvar,
+}
+
+enum Backend {
+    Cuda {
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        blas: CudaBlas,
+    },
+    Emulated(Emulator),
+}
+
+/// One timed launch: kernel name, events before and after.
+type Timing = (&'static str, CudaEvent, CudaEvent);
+
+/// A captured sequence of launches (a decode step), replayed with one call.
+pub enum Graph {
+    Cuda(CudaGraph),
+    Emulated(EmuGraph),
+}
+
+// SAFETY: a graph's executable handle may be launched from any thread once the context is
+// bound (Gpu::replay binds it); the models keep graphs behind a mutex.
+unsafe impl Send for Graph {}
+unsafe impl Sync for Graph {}
+
+// SAFETY: the CUDA driver API is thread-safe; every call binds the context to the calling
+// thread first, and the one stream orders all work. The stream, and the cuBLAS handle on
+// it, are used by one thread at a time (`Gpu::exclusive`). The emulator is Send + Sync.
+unsafe impl Send for Gpu {}
+unsafe impl Sync for Gpu {}
+
+/// The stream held by one thread (see [`Gpu::exclusive`]).
+pub struct Exclusive<'a>(Option<&'a Gpu>);
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        if let Some(gpu) = self.0 {
+            if let Ok(mut owner) = gpu.owner.lock() {
+                *owner = None;
+            }
+            gpu.released.notify_one();
+        }
+    }
+}
+
+impl fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Gpu({})", self.name)
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` (process-wide, once): loads the driver, NVRTC and cuBLAS,
+    /// compiles the kernels for the device's architecture.
+    pub fn open(ordinal: usize) -> Result<Arc<Gpu>> {
+        type Opened = Mutex<Vec<(usize, Arc<Gpu>)>>;
+        static OPENED: OnceLock<Opened> = OnceLock::new();
+        let opened = OPENED.get_or_init(|| Mutex::new(Vec::new()));
+        let mut opened = opened
+            .lock()
+            .map_err(|_| anyhow!("CUDA device registry poisoned"))?;
+        if let Some((_, g)) = opened.iter().find(|(o, _)| *o == ordinal) {
+            return Ok(g.clone());
+        }
+        let gpu = Arc::new(Self::open_new(ordinal)?);
+        opened.push((ordinal, gpu.clone()));
+        Ok(gpu)
+    }
+
+    fn open_new(ordinal: usize) -> Result<Gpu> {
+        if emulator::requested() {
+            if ordinal != 0 {
+                bail!("--device cuda:{ordinal}: the CUDA emulator (GYRE_CUDA_EMULATOR=1) is device 0 only");
+            }
+            let emu = Emulator::load(SOURCE)?;
+            let k = Kernels::load(|name| Ok(KernelFn::Emulated(emu.kernel(name)?)))?;
+            return Ok(Gpu::with(
+                Backend::Emulated(emu),
+                k,
+                "CPU emulator (GYRE_CUDA_EMULATOR=1)".into(),
+            ));
+        }
+        // SAFETY: each probe only tries to dlopen a library by its known names.
+        let (driver, nvrtc, cublas) = unsafe {
+            (
+                sys::is_culib_present(),
+                cudarc::nvrtc::sys::is_culib_present(),
+                blas_sys::is_culib_present(),
+            )
+        };
+        if !driver {
+            bail!(
+                "--device cuda: no CUDA driver found (libcuda.so could not be loaded); install the \
+                 NVIDIA driver or run with --device cpu"
+            );
+        }
+        for (present, lib) in [(nvrtc, "libnvrtc.so"), (cublas, "libcublas.so")] {
+            if !present {
+                bail!(
+                    "--device cuda: {lib} (CUDA 12 or 13) could not be loaded; install the CUDA \
+                     toolkit or its pip wheels and add their lib directory to LD_LIBRARY_PATH"
+                );
+            }
+        }
+        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        if ordinal as i32 >= count {
+            bail!("--device cuda:{ordinal}: this machine has {count} CUDA device(s)");
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("CUDA: creating a context: {e:?}"))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| anyhow!("CUDA: creating a stream: {e:?}"))?;
+        let (major, minor) = ctx.compute_capability().map_err(|e| anyhow!("CUDA: {e:?}"))?;
+        let name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
+        let ptx = compile(major, minor)?;
+        let module = ctx
+            .load_module(ptx)
+            .map_err(|e| anyhow!("CUDA: loading gyre's kernels: {e:?}"))?;
+        let k = Kernels::load(|name| {
+            module
+                .load_function(name)
+                .map(KernelFn::Cuda)
+                .map_err(|e| anyhow!("CUDA: kernel {name} missing: {e:?}"))
+        })?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
+        Ok(Gpu::with(
+            Backend::Cuda { ctx, stream, blas },
+            k,
+            format!("{name} (sm_{major}{minor})"),
+        ))
+    }
+
+    fn with(dev: Backend, k: Kernels, name: String) -> Gpu {
+        let cuda = matches!(dev, Backend::Cuda { .. });
+        Gpu {
+            dev,
+            k,
+            name,
+            scratch: Mutex::new([None, None]),
+            generation: std::sync::atomic::AtomicU64::new(0),
+            profile: (cuda && std::env::var_os("GYRE_CUDA_PROFILE").is_some_and(|v| v == "1"))
+                .then(|| Mutex::new(Vec::new())),
+            owner: Mutex::new(None),
+            released: std::sync::Condvar::new(),
+        }
+    }
     /// The device's name and architecture.
     pub fn name(&self) -> &str {
         &self.name
@@ -465,35 +526,107 @@ impl Gpu {
 
     /// Makes this device current on the calling thread (every entry point calls it).
     pub fn bind(&self) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| anyhow!("CUDA: {e:?}"))
+        match &self.dev {
+            Backend::Cuda { ctx, .. } => ctx.bind_to_thread().map_err(|e| anyhow!("CUDA: {e:?}")),
+            Backend::Emulated(_) => Ok(()),
+        }
     }
 
-    /// Free and total device memory in bytes.
+    /// Whether this is the CPU emulator (GYRE_CUDA_EMULATOR=1).
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.dev, Backend::Emulated(_))
+    }
+
+    /// The stream for this thread alone until the guard drops (re-entrant: a thread that
+    /// holds it gets an empty guard). Every stream operation takes it, and a forward pass
+    /// holds it throughout: passes of different models share the stream, the product
+    /// scratch and, while a step is captured, the recording.
+    pub fn exclusive(&self) -> Result<Exclusive<'_>> {
+        let me = std::thread::current().id();
+        let poisoned = |_| anyhow!("CUDA device lock poisoned");
+        let mut owner = self.owner.lock().map_err(poisoned)?;
+        if *owner == Some(me) {
+            return Ok(Exclusive(None));
+        }
+        while owner.is_some() {
+            owner = self.released.wait(owner).map_err(poisoned)?;
+        }
+        *owner = Some(me);
+        Ok(Exclusive(Some(self)))
+    }
+
+    /// Free and total device memory in bytes (the emulator: the host's available memory).
     pub fn memory(&self) -> Result<(usize, usize)> {
         self.bind()?;
-        self.ctx.mem_get_info().map_err(|e| anyhow!("CUDA: {e:?}"))
+        match &self.dev {
+            Backend::Cuda { ctx, .. } => ctx.mem_get_info().map_err(|e| anyhow!("CUDA: {e:?}")),
+            Backend::Emulated(_) => {
+                let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+                let kib = |key: &str| -> usize {
+                    info.lines()
+                        .find_map(|l| l.strip_prefix(key))
+                        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                        .unwrap_or(0)
+                };
+                Ok((kib("MemAvailable:") << 10, kib("MemTotal:") << 10))
+            }
+        }
     }
 
     /// Uninitialised device memory (`bytes` may be 0).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<DevBuf> {
-        self.bind()?;
         let ptr = if bytes == 0 {
-            0
+            DevPtr::NULL
         } else {
-            // SAFETY: plain allocation; the returned address is owned by the DevBuf.
-            unsafe { drv::malloc_sync(bytes) }.map_err(|e| {
+            self.raw_alloc(bytes)?
+        };
+        Ok(DevBuf {
+            gpu: self.clone(),
+            ptr,
+            bytes,
+        })
+    }
+
+    /// `bytes` (> 0) of device memory, 256-byte aligned, freed by [`Gpu::raw_free`].
+    fn raw_alloc(&self, bytes: usize) -> Result<DevPtr> {
+        self.bind()?;
+        match &self.dev {
+            // SAFETY: plain allocation; the returned address is owned by the caller.
+            Backend::Cuda { .. } => unsafe { drv::malloc_sync(bytes) }.map(DevPtr).map_err(|e| {
                 let free = self.memory().map(|m| m.0 >> 20).unwrap_or(0);
                 anyhow!(
                     "CUDA: allocating {} MiB failed ({e:?}; {free} MiB free)",
                     bytes >> 20
                 )
-            })?
-        };
-        Ok(DevBuf {
-            gpu: self.clone(),
-            ptr: DevPtr(ptr),
-            bytes,
-        })
+            }),
+            Backend::Emulated(_) => {
+                let layout = std::alloc::Layout::from_size_align(bytes, 256)?;
+                // SAFETY: `layout` has a non-zero size (callers never ask for 0 bytes).
+                let p = unsafe { std::alloc::alloc(layout) };
+                if p.is_null() {
+                    bail!("CUDA emulator: allocating {} MiB failed", bytes >> 20);
+                }
+                Ok(DevPtr(p as u64))
+            }
+        }
+    }
+
+    /// Frees memory from [`Gpu::raw_alloc`]; errors only leak.
+    ///
+    /// # Safety
+    /// `ptr` came from `raw_alloc(bytes)` and no queued work uses it any more.
+    unsafe fn raw_free(&self, ptr: DevPtr, bytes: usize) {
+        match &self.dev {
+            Backend::Cuda { ctx, .. } => {
+                let _ = ctx.bind_to_thread();
+                let _ = drv::free_sync(ptr.0);
+            }
+            Backend::Emulated(_) => {
+                if let Ok(layout) = std::alloc::Layout::from_size_align(bytes, 256) {
+                    std::alloc::dealloc(ptr.0 as *mut u8, layout);
+                }
+            }
+        }
     }
 
     /// Zeroed device memory.
@@ -507,9 +640,16 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: the caller owns `bytes` bytes at `ptr`.
-        unsafe { drv::memset_d8_async(ptr.0, 0, bytes, self.stream.cu_stream()) }
-            .map_err(|e| anyhow!("CUDA memset: {e:?}"))
+        let _stream = self.exclusive()?;
+        match &self.dev {
+            // SAFETY: the caller owns `bytes` bytes at `ptr`.
+            Backend::Cuda { stream, .. } => {
+                unsafe { drv::memset_d8_async(ptr.0, 0, bytes, stream.cu_stream()) }
+                    .map_err(|e| anyhow!("CUDA memset: {e:?}"))
+            }
+            // SAFETY: as above (emulated device memory is host memory).
+            Backend::Emulated(emu) => unsafe { emu.memset_zero(ptr.0, bytes) },
+        }
     }
 
     /// A device copy of `data`.
@@ -525,14 +665,27 @@ impl Gpu {
         if data.is_empty() {
             return Ok(());
         }
+        let _stream = self.exclusive()?;
         self.bind()?;
-        // SAFETY: `dst` holds at least size_of_val(data) bytes (caller's contract); the
-        // synchronisation below keeps `data` alive until the copy is done.
-        unsafe {
-            drv::memcpy_htod_async(dst.0, data, self.stream.cu_stream())
-                .map_err(|e| anyhow!("CUDA host-to-device copy: {e:?}"))?;
+        match &self.dev {
+            Backend::Cuda { stream, .. } => {
+                // SAFETY: `dst` holds at least size_of_val(data) bytes (caller's contract);
+                // the synchronisation below keeps `data` alive until the copy is done.
+                unsafe { drv::memcpy_htod_async(dst.0, data, stream.cu_stream()) }
+                    .map_err(|e| anyhow!("CUDA host-to-device copy: {e:?}"))?;
+                self.sync()
+            }
+            // SAFETY: as above; the emulator's launches have all run (it is synchronous),
+            // and `dst` is host memory owned by the caller.
+            Backend::Emulated(_) => unsafe {
+                std::ptr::copy_nonoverlapping(
+                    data.as_ptr() as *const u8,
+                    dst.0 as *mut u8,
+                    std::mem::size_of_val(data),
+                );
+                Ok(())
+            },
         }
-        self.sync()
     }
 
     /// Reads `out.len()` values from `src` after all queued work.
@@ -540,14 +693,27 @@ impl Gpu {
         if out.is_empty() {
             return Ok(());
         }
+        let _stream = self.exclusive()?;
         self.bind()?;
-        // SAFETY: `src` holds at least size_of_val(out) bytes (caller's contract); the copy
-        // completes before `out` is released by the synchronisation below.
-        unsafe {
-            drv::memcpy_dtoh_async(out, src.0, self.stream.cu_stream())
-                .map_err(|e| anyhow!("CUDA device-to-host copy: {e:?}"))?;
+        match &self.dev {
+            Backend::Cuda { stream, .. } => {
+                // SAFETY: `src` holds at least size_of_val(out) bytes (caller's contract);
+                // the copy completes before `out` is released by the synchronisation below.
+                unsafe { drv::memcpy_dtoh_async(out, src.0, stream.cu_stream()) }
+                    .map_err(|e| anyhow!("CUDA device-to-host copy: {e:?}"))?;
+                self.sync()
+            }
+            // SAFETY: as above, in host memory; T is Copy, so any bytes the device wrote
+            // there are a value of it (the kernels write f32, i32 and u32 only).
+            Backend::Emulated(_) => unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.0 as *const u8,
+                    out.as_mut_ptr() as *mut u8,
+                    std::mem::size_of_val(out),
+                );
+                Ok(())
+            },
         }
-        self.sync()
     }
 
     /// Device-to-device copy, queued on the stream.
@@ -555,16 +721,29 @@ impl Gpu {
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: both ranges are owned device memory of at least `bytes` (caller's contract).
-        unsafe { drv::memcpy_dtod_async(dst.0, src.0, bytes, self.stream.cu_stream()) }
-            .map_err(|e| anyhow!("CUDA device-to-device copy: {e:?}"))
+        let _stream = self.exclusive()?;
+        match &self.dev {
+            // SAFETY: both ranges are owned device memory of at least `bytes` (caller's
+            // contract).
+            Backend::Cuda { stream, .. } => {
+                unsafe { drv::memcpy_dtod_async(dst.0, src.0, bytes, stream.cu_stream()) }
+                    .map_err(|e| anyhow!("CUDA device-to-device copy: {e:?}"))
+            }
+            // SAFETY: as above.
+            Backend::Emulated(emu) => unsafe { emu.copy(dst.0, src.0, bytes) },
+        }
     }
 
     /// Waits for all queued work; reports errors of earlier launches.
     pub fn sync(&self) -> Result<()> {
-        self.stream
-            .synchronize()
-            .map_err(|e| anyhow!("CUDA: a kernel failed: {e:?}"))
+        let _stream = self.exclusive()?;
+        match &self.dev {
+            Backend::Cuda { stream, .. } => stream
+                .synchronize()
+                .map_err(|e| anyhow!("CUDA: a kernel failed: {e:?}")),
+            // Emulated work runs when queued; its errors were returned then.
+            Backend::Emulated(_) => Ok(()),
+        }
     }
 
     /// Changes whenever device scratch moves (graphs captured before then are stale).
@@ -575,24 +754,42 @@ impl Gpu {
     /// Records the launches `body` queues (which must not synchronise, copy from the host or
     /// allocate) into a graph without running them.
     pub fn capture(&self, body: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        let _stream = self.exclusive()?;
         self.bind()?;
-        self.stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| anyhow!("CUDA graph capture: {e:?}"))?;
-        let run = body();
-        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags_enum(0));
-        run?;
-        match graph {
-            Ok(Some(g)) => Ok(Graph(g)),
-            Ok(None) => bail!("CUDA graph capture recorded nothing"),
-            Err(e) => bail!("CUDA graph capture: {e:?}"),
+        match &self.dev {
+            Backend::Cuda { stream, .. } => {
+                stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(|e| anyhow!("CUDA graph capture: {e:?}"))?;
+                let run = body();
+                let graph = stream.end_capture(sys::CUgraphInstantiate_flags_enum(0));
+                run?;
+                match graph {
+                    Ok(Some(g)) => Ok(Graph::Cuda(g)),
+                    Ok(None) => bail!("CUDA graph capture recorded nothing"),
+                    Err(e) => bail!("CUDA graph capture: {e:?}"),
+                }
+            }
+            Backend::Emulated(emu) => {
+                emu.begin_capture();
+                let run = body();
+                let graph = emu.end_capture();
+                run.map(|()| Graph::Emulated(graph))
+            }
         }
     }
 
     /// Queues a captured graph.
     pub fn replay(&self, g: &Graph) -> Result<()> {
+        let _stream = self.exclusive()?;
         self.bind()?;
-        g.0.launch().map_err(|e| anyhow!("CUDA graph launch: {e:?}"))
+        match (&self.dev, g) {
+            (Backend::Cuda { .. }, Graph::Cuda(g)) => {
+                g.launch().map_err(|e| anyhow!("CUDA graph launch: {e:?}"))
+            }
+            (Backend::Emulated(emu), Graph::Emulated(g)) => emu.replay(g),
+            _ => bail!("internal: a graph replayed on another device than it was captured on"),
+        }
     }
 
     fn launch(
@@ -603,36 +800,44 @@ impl Gpu {
         smem: u32,
         params: &mut [*mut c_void],
     ) -> Result<()> {
+        let _stream = self.exclusive()?;
         let timing = self.profile_start()?;
-        // SAFETY: every launcher below passes exactly its kernel's parameter list, in
-        // kernels.cu order, as pointers to values of the matching C types (i32 = int,
-        // i64 = long long, f32 = float, DevPtr = a pointer, AttnArgs = struct Attn, both
-        // #[repr(C)]/transparent); cuLaunchKernel copies them before returning. Device
+        // SAFETY (both arms): every launcher below passes exactly its kernel's parameter
+        // list, in kernels.cu order, as pointers to values of the matching C types (i32 =
+        // int, i64 = long long, f32 = float, DevPtr = a pointer, AttnArgs = struct Attn,
+        // both #[repr(C)]/transparent); the launch copies them before returning. Device
         // addresses come from live DevBufs sized by the models for the shapes passed.
-        unsafe {
-            drv::launch_kernel(
-                k.f.cu_function(),
-                grid,
-                (block, 1, 1),
-                smem,
-                self.stream.cu_stream(),
-                params,
-            )
+        match (&self.dev, &k.f) {
+            (Backend::Cuda { stream, .. }, KernelFn::Cuda(f)) => unsafe {
+                drv::launch_kernel(
+                    f.cu_function(),
+                    grid,
+                    (block, 1, 1),
+                    smem,
+                    stream.cu_stream(),
+                    params,
+                )
+            }
+            .map_err(|e| anyhow!("CUDA kernel {} failed to launch: {e:?}", k.name))?,
+            (Backend::Emulated(emu), KernelFn::Emulated(i)) => unsafe {
+                emu.launch(*i, k.name, grid, block, smem, params)?
+            },
+            _ => bail!("internal: kernel {} belongs to another device", k.name),
         }
-        .map_err(|e| anyhow!("CUDA kernel {} failed to launch: {e:?}", k.name))?;
         self.profile_end(k.name, timing)
     }
-
     /// With `GYRE_CUDA_PROFILE=1`: an event before a launch.
     fn profile_start(&self) -> Result<Option<CudaEvent>> {
         if self.profile.is_none() {
             return Ok(None);
         }
-        let e = self
-            .ctx
+        let Backend::Cuda { ctx, stream, .. } = &self.dev else {
+            return Ok(None);
+        };
+        let e = ctx
             .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
             .map_err(|e| anyhow!("CUDA event: {e:?}"))?;
-        e.record(&self.stream).map_err(|e| anyhow!("CUDA event: {e:?}"))?;
+        e.record(stream).map_err(|e| anyhow!("CUDA event: {e:?}"))?;
         Ok(Some(e))
     }
 
@@ -789,6 +994,8 @@ impl Gpu {
     /// cuBLAS product for many rows (prefill, large batches): activations rounded to the
     /// weights' 16-bit dtype, f32 accumulation and output; bias and activation after.
     fn gemm(&self, w: &DevMatrix, p: Product) -> Result<()> {
+        // Held across the scratch, the rounding launch and the product.
+        let _stream = self.exclusive()?;
         let groups = w.groups;
         let (n_out, n_in) = (w.rows / groups, w.cols);
         let full_in = n_in * groups;
@@ -821,42 +1028,60 @@ impl Gpu {
         let alpha = 1.0f32;
         let timing = self.profile_start()?;
         let t = blas_type(w.dtype);
-        // SAFETY: A is W [groups][n_out, n_in] (column-major n_in × n_out, lda n_in, op T),
-        // B the activations (column-major full_in × rows, ldb), C the output (n_out × rows,
-        // ldc y_stride) in f32; all live device buffers of those extents, on our stream.
-        unsafe {
-            cudarc::cublas::result::gemm_strided_batched_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n_out as i32,
-                p.rows as i32,
-                n_in as i32,
-                &alpha as *const f32 as *const c_void,
-                w.buf.ptr.0 as *const c_void,
-                t,
-                n_in as i32,
-                (n_out * n_in) as i64,
-                b_ptr.0 as *const c_void,
-                t,
-                ldb as i32,
-                n_in as i64,
-                &beta as *const f32 as *const c_void,
-                c_ptr.0 as *mut c_void,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                ldc as i32,
-                n_out as i64,
-                groups as i32,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
-        }
-        .map_err(|e| {
+        let failed = |e: &dyn fmt::Debug| {
             anyhow!(
                 "cuBLAS product [{}×{n_in}]·[{n_out}×{n_in}]ᵀ failed: {e:?}",
                 p.rows
             )
-        })?;
+        };
+        match &self.dev {
+            // SAFETY: A is W [groups][n_out, n_in] (column-major n_in × n_out, lda n_in, op
+            // T), B the activations (column-major full_in × rows, ldb), C the output (n_out ×
+            // rows, ldc y_stride) in f32; all live device buffers of those extents, on our
+            // stream.
+            Backend::Cuda { blas, .. } => unsafe {
+                cudarc::cublas::result::gemm_strided_batched_ex(
+                    *blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    n_out as i32,
+                    p.rows as i32,
+                    n_in as i32,
+                    &alpha as *const f32 as *const c_void,
+                    w.buf.ptr.0 as *const c_void,
+                    t,
+                    n_in as i32,
+                    (n_out * n_in) as i64,
+                    b_ptr.0 as *const c_void,
+                    t,
+                    ldb as i32,
+                    n_in as i64,
+                    &beta as *const f32 as *const c_void,
+                    c_ptr.0 as *mut c_void,
+                    blas_sys::cudaDataType::CUDA_R_32F,
+                    ldc as i32,
+                    n_out as i64,
+                    groups as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| failed(&e))?,
+            // SAFETY: the same product and extents, in host memory.
+            Backend::Emulated(emu) => unsafe {
+                let t = t as i32;
+                emu.gemm(
+                    (n_out as i32, p.rows as i32, n_in as i32),
+                    alpha,
+                    (w.buf.ptr.0, t, n_in as i32, (n_out * n_in) as i64),
+                    (b_ptr.0, t, ldb as i32, n_in as i64),
+                    beta,
+                    (c_ptr.0, ldc as i32, n_out as i64),
+                    groups as i32,
+                )
+                .map_err(|e| failed(&e))?
+            },
+        }
         self.profile_end("cublas_gemm", timing)?;
         let needs_pass = p.bias.is_some() || !matches!(p.epilogue, Epilogue::Store | Epilogue::Accumulate);
         if needs_pass {
@@ -889,19 +1114,16 @@ impl Gpu {
                 return Ok(p);
             }
             self.sync()?;
-            // SAFETY: allocated below by malloc_sync and only referenced through this slot;
-            // the stream is idle, so no queued product still reads it.
-            unsafe { drv::free_sync(p.0) }.map_err(|e| anyhow!("CUDA free: {e:?}"))?;
+            // SAFETY: allocated below by raw_alloc(cap) and only referenced through this
+            // slot; the stream is idle, so no queued product still reads it.
+            unsafe { self.raw_free(p, cap) };
             *s = None;
         }
         let cap = bytes.next_power_of_two().max(1 << 20);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.bind()?;
-        // SAFETY: plain allocation, owned by this slot for the process's lifetime.
-        let p =
-            unsafe { drv::malloc_sync(cap) }.map_err(|e| anyhow!("CUDA: scratch of {cap} bytes: {e:?}"))?;
-        *s = Some((DevPtr(p), cap));
-        Ok(DevPtr(p))
+        let p = self.raw_alloc(cap)?;
+        *s = Some((p, cap));
+        Ok(p)
     }
 
     /// RMSNorm of `rows` rows of `c` (Gemma's `1 + w` when `w_offset` is 1).

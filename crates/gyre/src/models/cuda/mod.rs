@@ -317,6 +317,7 @@ impl Runner {
         body: impl Fn(&DeviceBatch, [DevPtr; N], DevPtr) -> Result<()>,
     ) -> Result<Vec<Vec<f32>>> {
         let g = &*self.gpu;
+        let _stream = g.exclusive()?;
         g.bind()?;
         let mut b = prepare_batch(&self.layout, vocab, batch, which, span)?;
         let lens = sizes(&b);

@@ -1,0 +1,423 @@
+// The CUDA emulator: runs gyre's kernels.cu on the CPU, for developing and testing the CUDA
+// backend on machines without a GPU (GYRE_CUDA_EMULATOR=1; kernels/cuda/emulator.rs builds
+// this file with the host's C++ compiler and loads it).
+//
+// Model: launches run synchronously on the calling thread, one block after another. The
+// threads of a block are fibers on that thread (made once with makecontext, then switched
+// with _setjmp/_longjmp, which unlike swapcontext make no system call), switched only at
+// the CUDA sync points: __syncthreads() releases when every live thread of the block has reached it (as
+// on Volta and later, exited threads do not hold a barrier back), __shfl_xor_sync() when
+// every live lane of the warp has. A block whose threads wait on different sync points is
+// a deadlock and fails the launch. `__shared__` variables are thread_local statics (one
+// block runs at a time per host thread). Stream order is program order; a captured graph
+// records launches, copies and products and replays them.
+//
+// What it cannot tell: timing, memory coalescing, races between blocks (blocks run in
+// order), out-of-bounds reads that stay inside the host's mapped memory.
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include <setjmp.h>
+#include <ucontext.h>
+
+// ---------------------------------------------------------------------------------------
+// CUDA's built-ins, as kernels.cu uses them.
+
+#define GYRE_EMULATOR 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__ __restrict
+#define __shared__ static thread_local
+
+struct uint3 {
+    unsigned x, y, z;
+};
+struct uint4 {
+    unsigned x, y, z, w;
+};
+struct float4 {
+    float x, y, z, w;
+};
+
+namespace emu {
+thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
+thread_local std::vector<unsigned char> dynamic_shared;
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+#define GYRE_DYNAMIC_SHARED(T, name) T* name = reinterpret_cast<T*>(emu::dynamic_shared.data())
+
+inline float __uint_as_float(unsigned u) {
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+inline float __int_as_float(int i) {
+    float f;
+    std::memcpy(&f, &i, 4);
+    return f;
+}
+inline unsigned __float_as_uint(float f) {
+    unsigned u;
+    std::memcpy(&u, &f, 4);
+    return u;
+}
+inline int max(int a, int b) { return a > b ? a : b; }
+inline int min(int a, int b) { return a < b ? a : b; }
+
+// IEEE half precision, round to nearest even (cvt.rn.f16.f32 / cvt.f32.f16).
+inline float gyre_emu_f16_to_f32(unsigned short h) {
+    unsigned sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+    unsigned bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {
+        float f = std::ldexp((float)man, -24);
+        return sign ? -f : f;
+    }
+    return __uint_as_float(bits);
+}
+
+inline unsigned short gyre_emu_f32_to_f16(float f) {
+    unsigned u = __float_as_uint(f);
+    unsigned short sign = (unsigned short)((u >> 16) & 0x8000u);
+    unsigned abs = u & 0x7fffffffu;
+    if (abs > 0x7f800000u) return sign | 0x7e00u;  // NaN
+    if (abs >= 0x477ff000u) return sign | 0x7c00u;  // rounds to or beyond 65520: infinity
+    if (abs < 0x38800000u) {                        // below 2^-14: subnormal or zero
+        float a = __uint_as_float(abs);
+        float scaled = a * 16777216.0f;  // units of 2^-24, exact
+        return sign | (unsigned short)std::nearbyint(scaled);
+    }
+    unsigned r = abs - 0x38000000u;  // rebias 127 → 15 (in the exponent field, << 23)
+    r += 0xfffu + ((r >> 13) & 1u);
+    return sign | (unsigned short)(r >> 13);
+}
+
+namespace emu {
+
+enum : int { RUNNING = 0, AT_BARRIER = 1, AT_SHUFFLE = 2, DONE = 3 };
+
+struct Fiber {
+    ucontext_t ctx;  // only to start the fiber
+    jmp_buf jb;      // where it waits
+    int state;
+    uint3 idx;
+    uint64_t shfl_in, shfl_out;
+    int shfl_src;
+};
+
+// One host thread's fibers (each runs one device thread of a block at a time, and is kept
+// for later blocks and launches) and the scheduler's place.
+struct Block {
+    static const size_t STACK = 64 * 1024;
+    std::vector<Fiber*> fibers;
+    std::vector<char*> stacks;
+    ucontext_t creator;
+    jmp_buf scheduler;
+    Fiber* current = nullptr;
+    const std::function<void()>* body = nullptr;
+
+    ~Block() {
+        for (Fiber* f : fibers) delete f;
+        for (char* s : stacks) std::free(s);
+    }
+};
+
+thread_local Block block;
+
+inline void wait(int state) {
+    Fiber* me = block.current;
+    me->state = state;
+    if (_setjmp(me->jb) == 0) _longjmp(block.scheduler, 1);
+}
+
+inline unsigned linear_thread() {
+    return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+}
+
+// A fiber's whole life: park at once (back to its creator), then run a device thread each
+// time the scheduler resumes it.
+void fiber_main() {
+    Fiber* me = block.current;
+    if (_setjmp(me->jb) == 0) swapcontext(&me->ctx, &block.creator);
+    for (;;) {
+        (*block.body)();
+        me->state = DONE;
+        if (_setjmp(me->jb) == 0) _longjmp(block.scheduler, 1);
+    }
+}
+
+// Grows this host thread's fibers to `n`; false if memory ran out.
+bool ensure_fibers(unsigned n) {
+    Block& b = block;
+    while (b.fibers.size() < n) {
+        char* stack = static_cast<char*>(std::malloc(Block::STACK));
+        if (!stack) return false;
+        Fiber* f = new Fiber();
+        b.stacks.push_back(stack);
+        b.fibers.push_back(f);
+        getcontext(&f->ctx);
+        f->ctx.uc_stack.ss_sp = stack;
+        f->ctx.uc_stack.ss_size = Block::STACK;
+        f->ctx.uc_link = nullptr;
+        makecontext(&f->ctx, fiber_main, 0);
+        b.current = f;
+        swapcontext(&b.creator, &f->ctx);
+    }
+    return true;
+}
+
+// Runs one block of `body` to the end; false (with `err` set) on a deadlock.
+bool run_block(const std::function<void()>& body, uint3 bdim, std::string& err) {
+    unsigned n = bdim.x * bdim.y * bdim.z;
+    Block& b = block;
+    if (!ensure_fibers(n)) {
+        err = "out of host memory for the emulated threads' stacks";
+        return false;
+    }
+    b.body = &body;
+    for (unsigned i = 0; i < n; i++) {
+        Fiber& f = *b.fibers[i];
+        f.state = RUNNING;
+        f.idx = uint3{i % bdim.x, (i / bdim.x) % bdim.y, i / (bdim.x * bdim.y)};
+    }
+    unsigned live = n;
+    while (live > 0) {
+        for (unsigned i = 0; i < n; i++) {
+            Fiber& f = *b.fibers[i];
+            if (f.state != RUNNING) continue;
+            b.current = &f;
+            thread_idx = f.idx;
+            if (_setjmp(b.scheduler) == 0) _longjmp(f.jb, 1);
+            if (f.state == DONE) live--;
+        }
+        if (live == 0) break;
+        // Every live thread now waits. Release warps whose live lanes all wait on a shuffle;
+        // failing that, the block if all its live threads wait on the barrier.
+        bool released = false;
+        for (unsigned w0 = 0; w0 < n; w0 += 32) {
+            unsigned w1 = w0 + 32 < n ? w0 + 32 : n, waiting = 0, alive = 0;
+            for (unsigned i = w0; i < w1; i++) {
+                alive += b.fibers[i]->state != DONE;
+                waiting += b.fibers[i]->state == AT_SHUFFLE;
+            }
+            if (waiting == 0 || waiting != alive) continue;
+            for (unsigned i = w0; i < w1; i++) {
+                Fiber& f = *b.fibers[i];
+                if (f.state != AT_SHUFFLE) continue;
+                unsigned src = w0 + (unsigned)f.shfl_src;
+                bool valid = f.shfl_src >= 0 && f.shfl_src < 32 && src < w1 &&
+                             b.fibers[src]->state == AT_SHUFFLE;
+                f.shfl_out = valid ? b.fibers[src]->shfl_in : f.shfl_in;
+            }
+            for (unsigned i = w0; i < w1; i++)
+                if (b.fibers[i]->state == AT_SHUFFLE) b.fibers[i]->state = RUNNING;
+            released = true;
+        }
+        if (released) continue;
+        unsigned at_barrier = 0;
+        for (unsigned i = 0; i < n; i++) at_barrier += b.fibers[i]->state == AT_BARRIER;
+        if (at_barrier != live) {
+            err = "threads of one block wait on different sync points (__syncthreads in "
+                  "divergent code, or a shuffle in a warp whose lanes diverged)";
+            return false;
+        }
+        for (unsigned i = 0; i < n; i++)
+            if (b.fibers[i]->state == AT_BARRIER) b.fibers[i]->state = RUNNING;
+    }
+    return true;
+}
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::wait(emu::AT_BARRIER); }
+
+template <class T>
+inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
+    static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+    emu::Fiber* me = emu::block.current;
+    me->shfl_in = 0;
+    std::memcpy(&me->shfl_in, &v, sizeof(T));
+    me->shfl_src = (int)((emu::linear_thread() & 31) ^ (unsigned)lane_mask);
+    emu::wait(emu::AT_SHUFFLE);
+    T out;
+    std::memcpy(&out, &me->shfl_out, sizeof(T));
+    return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// The kernels themselves.
+
+#include "kernels.cu"
+
+// ---------------------------------------------------------------------------------------
+// Launches, stream-ordered operations and graphs.
+
+namespace emu {
+
+typedef std::function<bool(std::string&)> Op;
+
+template <class... A, size_t... I>
+std::function<void()> bind_args(void (*k)(A...), void** params, std::index_sequence<I...>) {
+    std::tuple<std::decay_t<A>...> args(*static_cast<std::decay_t<A>*>(params[I])...);
+    return [k, args]() { std::apply(k, args); };
+}
+
+// A kernel with its arguments copied out of a cuLaunchKernel-style parameter list.
+template <class... A>
+std::function<void()> bind(void (*k)(A...), void** params) {
+    return bind_args(k, params, std::index_sequence_for<A...>{});
+}
+
+struct Entry {
+    const char* name;
+    std::function<void()> (*bind)(void** params);
+};
+
+#define GYRE_EMU_KERNEL(name) {#name, [](void** p) { return bind(&name, p); }},
+const Entry KERNELS[] = {
+#include "kernel_list.inc"
+};
+#undef GYRE_EMU_KERNEL
+
+struct Graph {
+    std::vector<Op> ops;
+};
+
+thread_local Graph* capturing = nullptr;
+thread_local std::string last_error;
+
+int submit(Op op) {
+    if (capturing) {
+        capturing->ops.push_back(std::move(op));
+        return 0;
+    }
+    std::string err;
+    if (!op(err)) {
+        last_error = err;
+        return 1;
+    }
+    return 0;
+}
+
+float load(const void* p, size_t i, int type) {
+    // cudaDataType: CUDA_R_32F 0, CUDA_R_16F 2, CUDA_R_16BF 14.
+    if (type == 14) return __uint_as_float(((unsigned)((const unsigned short*)p)[i]) << 16);
+    if (type == 2) return gyre_emu_f16_to_f32(((const unsigned short*)p)[i]);
+    return ((const float*)p)[i];
+}
+
+}  // namespace emu
+
+extern "C" {
+
+int gyre_emu_kernel(const char* name) {
+    for (size_t i = 0; i < sizeof(emu::KERNELS) / sizeof(emu::KERNELS[0]); i++)
+        if (std::strcmp(emu::KERNELS[i].name, name) == 0) return (int)i;
+    return -1;
+}
+
+// cuLaunchKernel: `params` points at each argument's value, in the kernel's order.
+int gyre_emu_launch(int kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                    unsigned bz, unsigned smem, void** params) {
+    if (bx * by * bz == 0 || bx * by * bz > 1024) {
+        emu::last_error = "block of " + std::to_string(bx * by * bz) + " threads (1 to 1024)";
+        return 1;
+    }
+    const emu::Entry& e = emu::KERNELS[kernel];
+    std::function<void()> body = e.bind(params);
+    const char* name = e.name;
+    return emu::submit([=](std::string& err) {
+        emu::grid_dim = uint3{gx, gy, gz};
+        emu::block_dim = uint3{bx, by, bz};
+        emu::dynamic_shared.assign(smem, 0xa5);
+        for (unsigned z = 0; z < gz; z++)
+            for (unsigned y = 0; y < gy; y++)
+                for (unsigned x = 0; x < gx; x++) {
+                    emu::block_idx = uint3{x, y, z};
+                    if (!emu::run_block(body, emu::block_dim, err)) {
+                        err = std::string("kernel ") + name + ": " + err;
+                        return false;
+                    }
+                }
+        return true;
+    });
+}
+
+int gyre_emu_memset_zero(void* p, size_t n) {
+    return emu::submit([=](std::string&) {
+        std::memset(p, 0, n);
+        return true;
+    });
+}
+
+int gyre_emu_copy(void* dst, const void* src, size_t n) {
+    return emu::submit([=](std::string&) {
+        std::memmove(dst, src, n);
+        return true;
+    });
+}
+
+// cublasGemmStridedBatchedEx for the one form gyre uses: C = α·op(A)·B + β·C with A
+// transposed, B not, C f32, f32 accumulation (column-major, as cuBLAS).
+int gyre_emu_gemm(int m, int n, int k, float alpha, const void* a, int a_type, int lda,
+                  long long stride_a, const void* b, int b_type, int ldb, long long stride_b,
+                  float beta, float* c, int ldc, long long stride_c, int batch) {
+    return emu::submit([=](std::string&) {
+        for (int g = 0; g < batch; g++)
+            for (int j = 0; j < n; j++)
+                for (int i = 0; i < m; i++) {
+                    float s = 0.0f;
+                    for (int l = 0; l < k; l++)
+                        s += emu::load(a, (size_t)g * stride_a + (size_t)i * lda + l, a_type) *
+                             emu::load(b, (size_t)g * stride_b + (size_t)j * ldb + l, b_type);
+                    float* out = c + (size_t)g * stride_c + (size_t)j * ldc + i;
+                    *out = alpha * s + (beta == 0.0f ? 0.0f : beta * *out);
+                }
+        return true;
+    });
+}
+
+void gyre_emu_begin_capture() { emu::capturing = new emu::Graph(); }
+
+void* gyre_emu_end_capture() {
+    emu::Graph* g = emu::capturing;
+    emu::capturing = nullptr;
+    return g;
+}
+
+int gyre_emu_replay(void* graph) {
+    std::string err;
+    for (const emu::Op& op : static_cast<emu::Graph*>(graph)->ops) {
+        if (!op(err)) {
+            emu::last_error = err;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+void gyre_emu_graph_free(void* graph) { delete static_cast<emu::Graph*>(graph); }
+
+const char* gyre_emu_last_error() { return emu::last_error.c_str(); }
+
+}  // extern "C"
