@@ -304,12 +304,11 @@ extern "C" __global__ void rmsnorm(const float* x, const float* w, float* out, i
     }
 }
 
-// kernels/cpu/ops.rs layernorm (biased variance, two passes over the registers).
-extern "C" __global__ void layernorm(const float* x, const float* w, const float* b, float* out,
-                                     int c, float eps) {
-    const float* xr = x + (size_t)blockIdx.x * c;
-    float* yr = out + (size_t)blockIdx.x * c;
-    float v[NORM_PER_THREAD];
+// kernels/cpu/ops.rs layernorm (biased variance, two passes over the registers) of row xr
+// into registers: v[k] holds element threadIdx.x + k·blockDim.x (0 past c). Every thread of
+// the block must call it.
+__device__ void layernorm_row(const float* xr, const float* w, const float* b, int c, float eps,
+                              float* v) {
     float s = 0.0f;
 #pragma unroll
     for (int k = 0; k < NORM_PER_THREAD; k++) {
@@ -328,7 +327,19 @@ extern "C" __global__ void layernorm(const float* x, const float* w, const float
 #pragma unroll
     for (int k = 0; k < NORM_PER_THREAD; k++) {
         int i = threadIdx.x + k * blockDim.x;
-        if (i < c) yr[i] = (v[k] - mean) * inv * w[i] + b[i];
+        v[k] = i < c ? (v[k] - mean) * inv * w[i] + b[i] : 0.0f;
+    }
+}
+
+extern "C" __global__ void layernorm(const float* x, const float* w, const float* b, float* out,
+                                     int c, float eps) {
+    float v[NORM_PER_THREAD];
+    layernorm_row(x + (size_t)blockIdx.x * c, w, b, c, eps, v);
+    float* yr = out + (size_t)blockIdx.x * c;
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < c) yr[i] = v[k];
     }
 }
 
@@ -672,40 +683,61 @@ extern "C" __global__ void rglru_scan(const float* conv, const float* gates, con
 // ---------------------------------------------------------------------------------------
 // RWKV-5.2 (models/rwkv5.rs).
 
-// Token shift: out[m][r] = xx[r]·mix[m] + prev·(1 − mix[m]) with prev = xx[r − 1], or the
-// state's saved row at the chunk start; out [n_mix, rows, c], mixes [n_mix, c].
-extern "C" __global__ void shift_mix(const float* xx, float* out, const float* mixes, int n_mix,
-                                     int c, long long shift_off, const int* meta,
-                                     const u64* states, int rows, int seqs) {
-    int r = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= c) return;
+// RWKV's LayerNorm and token shift, one block per row r (blockDim NORM_THREADS):
+// xx = layernorm(x[r]), prev = the sequence's shift state at its segment's first row, else
+// layernorm(x[r − 1]); out[r, m·c + ch] = xx·mix_m + prev·(1 − mix_m) for the n_mix mixes
+// (models/rwkv5.rs). The block of a segment's first row, the only one reading the shift
+// state, also stores layernorm(x[last row]) there as the next token's shift.
+extern "C" __global__ void ln_shift_mix(const float* x, const float* w, const float* bias,
+                                        float eps, float* out, const float* mixes, int n_mix,
+                                        int c, long long shift_off, const int* meta,
+                                        const u64* states, int rows, int seqs) {
+    int r = blockIdx.x;
     Batch b = batch_of(meta, states, rows, seqs);
     int s = b.row_seq[r];
-    float cur = xx[(size_t)r * c + ch];
-    float prev = r == b.seg_row[s] ? ((const float*)b.states[s])[shift_off + ch]
-                                   : xx[(size_t)(r - 1) * c + ch];
-    for (int m = 0; m < n_mix; m++) {
-        float mix = mixes[(size_t)m * c + ch];
-        out[((size_t)m * rows + r) * c + ch] = cur * mix + prev * (1.0f - mix);
+    bool first = r == b.seg_row[s];
+    float* shift = (float*)b.states[s] + shift_off;
+    float cur[NORM_PER_THREAD], prev[NORM_PER_THREAD];
+    layernorm_row(x + (size_t)r * c, w, bias, c, eps, cur);
+    if (first) {
+#pragma unroll
+        for (int k = 0; k < NORM_PER_THREAD; k++) {
+            int i = threadIdx.x + k * blockDim.x;
+            prev[k] = i < c ? shift[i] : 0.0f;
+        }
+    } else {
+        layernorm_row(x + (size_t)(r - 1) * c, w, bias, c, eps, prev);
+    }
+    float* o = out + (size_t)r * n_mix * c;
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i >= c) continue;
+        for (int m = 0; m < n_mix; m++) {
+            float mix = mixes[(size_t)m * c + i];
+            o[(size_t)m * c + i] = cur[k] * mix + prev[k] * (1.0f - mix);
+        }
+    }
+    if (!first) return;
+    int last = b.seg_row[s] + b.seg_len[s] - 1;
+    // Each thread stores only the elements it read above.
+    if (last != r) layernorm_row(x + (size_t)last * c, w, bias, c, eps, cur);
+#pragma unroll
+    for (int k = 0; k < NORM_PER_THREAD; k++) {
+        int i = threadIdx.x + k * blockDim.x;
+        if (i < c) shift[i] = cur[k];
     }
 }
 
-// Saves each sequence's last row of xx as its next token shift.
-extern "C" __global__ void shift_keep(const float* xx, int c, long long shift_off, const int* meta,
-                                      const u64* states, int rows, int seqs) {
-    int s = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
-    if (ch >= c) return;
-    Batch b = batch_of(meta, states, rows, seqs);
-    int last = b.seg_row[s] + b.seg_len[s] - 1;
-    ((float*)b.states[s])[shift_off + ch] = xx[(size_t)last * c + ch];
-}
-
 // WKV recurrence, one block per (head, sequence), thread j owning value column j of the
-// head's state S [N (key i), N (value j)] (kept in shared memory). rkv: r, k, v as
-// [3, rows, c_att]; decay w and bonus u [H·N]; y [rows, c_att].
-extern "C" __global__ void wkv5(const float* rkv, const float* decay, const float* bonus, float* y,
-                                int n, int c_att, long long wkv_off, const int* meta,
-                                const u64* states, int rows, int seqs) {
+// head's state S [N (key i), N (value j)] (kept in shared memory), then RWKV's ln_x
+// GroupNorm of the head's output and the gate: y = (gn(wkv) · ln_w + ln_b) · silu(g)
+// (models/rwkv5.rs). rkvg: r, k, v, g side by side, [rows, 4·c_att]; decay w and bonus u
+// [H·N]; y [rows, c_att]. N is a multiple of 32 (the reductions are whole warps).
+extern "C" __global__ void wkv5(const float* rkvg, const float* decay, const float* bonus,
+                                const float* ln_w, const float* ln_b, float eps, float* y, int n,
+                                int c_att, long long wkv_off, const int* meta, const u64* states,
+                                int rows, int seqs) {
     GYRE_DYNAMIC_SHARED(float, sh);
     float* S = sh;              // [n, n]
     float* rs = sh + n * n;     // [n]
@@ -717,15 +749,16 @@ extern "C" __global__ void wkv5(const float* rkv, const float* decay, const floa
     for (int i = 0; i < n; i++) S[i * n + j] = st[i * n + j];
     const float* w = decay + h * n;
     const float* u = bonus + h * n;
-    size_t plane = (size_t)rows * c_att;
+    int col = h * n + j;
     for (int t = 0; t < b.seg_len[s]; t++) {
-        size_t base = (size_t)(b.seg_row[s] + t) * c_att + h * n;
+        int row = b.seg_row[s] + t;
+        const float* in = rkvg + (size_t)row * 4 * c_att;
         __syncthreads();
-        rs[j] = rkv[base + j];
-        ks[j] = rkv[plane + base + j];
+        rs[j] = in[col];
+        ks[j] = in[c_att + col];
         ru[j] = rs[j] * u[j] * ks[j];
         __syncthreads();
-        float vj = rkv[2 * plane + base + j];
+        float vj = in[2 * c_att + col];
         float bon = 0.0f;
         for (int i = 0; i < n; i++) bon += ru[i];
         float acc = bon * vj;
@@ -734,32 +767,13 @@ extern "C" __global__ void wkv5(const float* rkv, const float* decay, const floa
             acc += rs[i] * sij;
             S[i * n + j] = ks[i] * vj + w[i] * sij;
         }
-        y[base + j] = acc;
+        float mean = block_sum(acc) / n;
+        float d = acc - mean;
+        float inv = 1.0f / sqrtf(block_sum(d * d) / n + eps);
+        float g = in[3 * c_att + col];
+        y[(size_t)row * c_att + col] = (d * inv * ln_w[col] + ln_b[col]) * (g / (1.0f + expf(-g)));
     }
     for (int i = 0; i < n; i++) st[i * n + j] = S[i * n + j];
-}
-
-// GroupNorm per head (eps given) with weight/bias [c_att], then × silu(g): y, g [rows, c_att].
-// One warp per (row, head).
-extern "C" __global__ void group_norm_gate(float* y, const float* g, const float* w,
-                                           const float* bias, int n, int c_att, int rows,
-                                           float eps) {
-    int heads = c_att / n;
-    int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (item >= rows * heads) return;
-    int r = item / heads, h = item % heads;
-    float* v = y + (size_t)r * c_att + h * n;
-    const float* gv = g + (size_t)r * c_att + h * n;
-    float s = 0.0f;
-    for (int i = lane; i < n; i += 32) s += v[i];
-    float mean = warp_sum(s) / n;
-    float q = 0.0f;
-    for (int i = lane; i < n; i += 32) q += (v[i] - mean) * (v[i] - mean);
-    float inv = 1.0f / sqrtf(warp_sum(q) / n + eps);
-    for (int i = lane; i < n; i += 32) {
-        float gi = gv[i];
-        v[i] = ((v[i] - mean) * inv * w[h * n + i] + bias[h * n + i]) * (gi / (1.0f + expf(-gi)));
-    }
 }
 
 // ---------------------------------------------------------------------------------------

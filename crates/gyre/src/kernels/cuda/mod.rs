@@ -301,10 +301,8 @@ struct Kernels {
     conv1d: Kernel,
     conv1d_keep: Kernel,
     rglru_scan: Kernel,
-    shift_mix: Kernel,
-    shift_keep: Kernel,
+    ln_shift_mix: Kernel,
     wkv5: Kernel,
-    group_norm_gate: Kernel,
     read_sum: Kernel,
 }
 
@@ -350,10 +348,8 @@ impl Kernels {
             conv1d: f("conv1d")?,
             conv1d_keep: f("conv1d_keep")?,
             rglru_scan: f("rglru_scan")?,
-            shift_mix: f("shift_mix")?,
-            shift_keep: f("shift_keep")?,
+            ln_shift_mix: f("ln_shift_mix")?,
             wkv5: f("wkv5")?,
-            group_norm_gate: f("group_norm_gate")?,
             read_sum: f("read_sum")?,
         })
     }
@@ -1387,12 +1383,14 @@ impl Gpu {
         )
     }
 
-    /// RWKV token shift: `n_mix` mixes of `xx` into `out` [n_mix, rows, c], then the state's
-    /// shift row updated.
+    /// RWKV's LayerNorm (`w`, `bias`) then token shift: `n_mix` mixes of every row into
+    /// `out` [rows, n_mix·c]; each sequence's shift state (at `shift_off`) is read for its
+    /// first row and replaced by its last row's norm.
     #[allow(clippy::too_many_arguments)]
-    pub fn shift_mix(
+    pub fn ln_shift_mix(
         &self,
-        xx: DevPtr,
+        x: DevPtr,
+        (w, bias, eps): (DevPtr, DevPtr, f32),
         out: DevPtr,
         mixes: DevPtr,
         n_mix: usize,
@@ -1400,38 +1398,34 @@ impl Gpu {
         shift_off: usize,
         b: BatchMeta,
     ) -> Result<()> {
+        check_norm_width(c)?;
         let (nm, c_i, so) = (n_mix as i32, c as i32, shift_off as i64);
         self.launch(
-            &self.k.shift_mix,
-            (blocks(c, 256), b.rows as u32, 1),
-            THREADS,
+            &self.k.ln_shift_mix,
+            (b.rows as u32, 1, 1),
+            NORM_THREADS,
             0,
-            params!(xx, out, mixes, nm, c_i, so, b.meta, b.states, b.rows, b.seqs),
-        )?;
-        self.launch(
-            &self.k.shift_keep,
-            (blocks(c, 256), b.seqs as u32, 1),
-            THREADS,
-            0,
-            params!(xx, c_i, so, b.meta, b.states, b.rows, b.seqs),
+            params!(x, w, bias, eps, out, mixes, nm, c_i, so, b.meta, b.states, b.rows, b.seqs),
         )
     }
 
-    /// The WKV recurrence over each sequence's rows; `rkv` is [3, rows, c_att].
+    /// The WKV recurrence over each sequence's rows, then the ln_x GroupNorm (`ln`: weight,
+    /// bias, eps) and the gate; `rkvg` is [rows, 4·c_att] (r | k | v | g), `y` [rows, c_att].
     #[allow(clippy::too_many_arguments)]
     pub fn wkv5(
         &self,
-        rkv: DevPtr,
+        rkvg: DevPtr,
         decay: DevPtr,
         bonus: DevPtr,
+        (ln_w, ln_b, eps): (DevPtr, DevPtr, f32),
         y: DevPtr,
         heads: usize,
         n: usize,
         wkv_off: usize,
         b: BatchMeta,
     ) -> Result<()> {
-        if n > 1024 {
-            bail!("RWKV head size {n} is above the CUDA kernel's 1024");
+        if n > 1024 || !n.is_multiple_of(32) {
+            bail!("RWKV head size {n} is not one the CUDA kernel takes (a multiple of 32, at most 1024)");
         }
         let (n_i, c_att, wo) = (n as i32, (heads * n) as i32, wkv_off as i64);
         let smem = ((n * n + 3 * n) * 4) as u32;
@@ -1443,31 +1437,7 @@ impl Gpu {
             (heads as u32, b.seqs as u32, 1),
             n as u32,
             smem,
-            params!(rkv, decay, bonus, y, n_i, c_att, wo, b.meta, b.states, b.rows, b.seqs),
-        )
-    }
-
-    /// RWKV's ln_x GroupNorm per head, then × silu(g).
-    #[allow(clippy::too_many_arguments)]
-    pub fn group_norm_gate(
-        &self,
-        y: DevPtr,
-        g: DevPtr,
-        w: DevPtr,
-        bias: DevPtr,
-        n: usize,
-        c_att: usize,
-        rows: usize,
-        eps: f32,
-    ) -> Result<()> {
-        let items = rows * (c_att / n);
-        let (n_i, ca, rows_i) = (n as i32, c_att as i32, rows as i32);
-        self.launch(
-            &self.k.group_norm_gate,
-            (blocks(items, 8), 1, 1),
-            THREADS,
-            0,
-            params!(y, g, w, bias, n_i, ca, rows_i, eps),
+            params!(rkvg, decay, bonus, ln_w, ln_b, eps, y, n_i, c_att, wo, b.meta, b.states, b.rows, b.seqs),
         )
     }
 }

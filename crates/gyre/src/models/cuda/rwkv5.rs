@@ -1,11 +1,13 @@
-//! RWKV-5.2 on a CUDA device: the math of `models/rwkv5.rs`; token shift, WKV and the
-//! gated GroupNorm are one kernel each.
+//! RWKV-5.2 on a CUDA device: the math of `models/rwkv5.rs`. A layer is eight launches:
+//! LayerNorm with the token shift, the r/k/v/g products as one grouped product, WKV with the
+//! gated GroupNorm, the output product; LayerNorm with the shift, and the three channel-mix
+//! products (relu² and the sigmoid gate in their epilogues).
 
 use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::{upload, DeviceBatch, Runner, StateLayout};
+use super::{upload, upload_fused, DeviceBatch, Runner, StateLayout};
 use crate::kernels::cuda::{DevBuf, DevMatrix, Epilogue, Gpu, Product};
 use crate::models::rwkv5::{Rwkv5, GN_EPS, LN_EPS};
 use crate::models::{Logits, Model, ModelInfo, SeqInput};
@@ -19,10 +21,9 @@ struct Block {
     att_mix: DevBuf,
     decay: DevBuf,
     bonus: DevBuf,
-    wr: DevMatrix,
-    wk: DevMatrix,
-    wv: DevMatrix,
-    wg: DevMatrix,
+    /// receptance, key, value and gate as 4 groups of [c_att, C]: one grouped product of
+    /// the four mixes side by side
+    w_rkvg: DevMatrix,
     wo: DevMatrix,
     ln_x: (DevBuf, DevBuf),
     /// channel-mix coefficients [2, C]: k, r
@@ -64,10 +65,15 @@ impl CudaRwkv5 {
                 att_mix: gpu.upload(&cat(&[&b.mix_r, &b.mix_k, &b.mix_v, &b.mix_g]))?,
                 decay: gpu.upload(&b.decay)?,
                 bonus: gpu.upload(&b.bonus)?,
-                wr: upload(gpu, &b.wr, &what("att.receptance.weight"))?,
-                wk: upload(gpu, &b.wk, &what("att.key.weight"))?,
-                wv: upload(gpu, &b.wv, &what("att.value.weight"))?,
-                wg: upload(gpu, &b.wg, &what("att.gate.weight"))?,
+                w_rkvg: {
+                    let mut m = upload_fused(
+                        gpu,
+                        &[&b.wr, &b.wk, &b.wv, &b.wg],
+                        &what("att.receptance/key/value/gate.weight"),
+                    )?;
+                    m.groups = 4;
+                    m
+                },
                 wo: upload(gpu, &b.wo, &what("att.output.weight"))?,
                 ln_x: pair(gpu, &b.ln_x)?,
                 ffn_mix: gpu.upload(&cat(&[&b.ffn_mix_k, &b.ffn_mix_r]))?,
@@ -137,7 +143,7 @@ impl Model for CudaRwkv5 {
                 4 * rows * c,
                 4 * rows * c_att,
                 rows * c_att.max(c),
-                rows * f.max(2 * c),
+                rows * f,
                 np * c,
                 np * c,
             ]
@@ -157,32 +163,35 @@ impl Model for CudaRwkv5 {
                     g.round_in_place(x, rows * c, self.emb_dtype)?;
                 }
                 let prod = |x, x_stride, y, y_stride| Product::new(x, x_stride, rows, y, y_stride);
-                let plane = rows * c;
-                let att_plane = rows * c_att;
                 let per_layer = 2 * c + h * n * n;
                 for (li, bl) in self.blocks.iter().enumerate() {
                     let shift_off = li * per_layer;
-                    // Time mixing.
-                    g.layernorm(x, bl.ln1.0.ptr(), bl.ln1.1.ptr(), xx, rows, c, LN_EPS)?;
-                    g.shift_mix(xx, mixes, bl.att_mix.ptr(), 4, c, shift_off, b.meta)?;
-                    for (k, w) in [&bl.wr, &bl.wk, &bl.wv, &bl.wg].into_iter().enumerate() {
-                        g.linear(
-                            w,
-                            prod(mixes.f32_at(k * plane), c, rkvg.f32_at(k * att_plane), c_att),
-                        )?;
-                    }
                     let wkv_off = shift_off + c;
-                    g.wkv5(rkvg, bl.decay.ptr(), bl.bonus.ptr(), y, h, n, wkv_off, b.meta)?;
-                    let gate = rkvg.f32_at(3 * att_plane);
-                    g.group_norm_gate(y, gate, bl.ln_x.0.ptr(), bl.ln_x.1.ptr(), n, c_att, rows, GN_EPS)?;
+                    // Time mixing: mixes [rows, 4·C] (r | k | v | g inputs), rkvg [rows, 4·c_att].
+                    let ln1 = (bl.ln1.0.ptr(), bl.ln1.1.ptr(), LN_EPS);
+                    g.ln_shift_mix(x, ln1, mixes, bl.att_mix.ptr(), 4, c, shift_off, b.meta)?;
+                    g.linear(&bl.w_rkvg, prod(mixes, 4 * c, rkvg, 4 * c_att))?;
+                    let ln_x = (bl.ln_x.0.ptr(), bl.ln_x.1.ptr(), GN_EPS);
+                    g.wkv5(
+                        rkvg,
+                        bl.decay.ptr(),
+                        bl.bonus.ptr(),
+                        ln_x,
+                        y,
+                        h,
+                        n,
+                        wkv_off,
+                        b.meta,
+                    )?;
                     g.linear(&bl.wo, prod(y, c_att, x, c).accumulating())?;
 
-                    // Channel mixing.
-                    g.layernorm(x, bl.ln2.0.ptr(), bl.ln2.1.ptr(), xx, rows, c, LN_EPS)?;
-                    g.shift_mix(xx, mixes, bl.ffn_mix.ptr(), 2, c, wkv_off + h * n * n, b.meta)?;
-                    // x += sigmoid(r) · (relu(k)² · Wv), r and relu² in the products' epilogues
-                    g.linear(&bl.ffn_r, prod(mixes.f32_at(plane), c, xx, c))?;
-                    g.linear(&bl.ffn_k, prod(mixes, c, fk, f).then(Epilogue::ReluSquare))?;
+                    // Channel mixing: mixes [rows, 2·C] (k | r inputs);
+                    // x += sigmoid(r) · (relu(k)² · Wv), r and relu² in the products' epilogues.
+                    let ln2 = (bl.ln2.0.ptr(), bl.ln2.1.ptr(), LN_EPS);
+                    let ffn_shift = wkv_off + h * n * n;
+                    g.ln_shift_mix(x, ln2, mixes, bl.ffn_mix.ptr(), 2, c, ffn_shift, b.meta)?;
+                    g.linear(&bl.ffn_r, prod(mixes.f32_at(c), 2 * c, xx, c))?;
+                    g.linear(&bl.ffn_k, prod(mixes, 2 * c, fk, f).then(Epilogue::ReluSquare))?;
                     g.linear(&bl.ffn_v, prod(fk, f, x, c).then(Epilogue::AccumulateGated(xx)))?;
                 }
                 g.gather_rows(x, b.picked, px, np, c)?;
