@@ -162,38 +162,55 @@ struct WF32 {
 // reach the memory's bandwidth. Epilogues (`mode`): 0 y = s, 1 y += s, 2 y = relu(s)²,
 // 3 y += s · sigmoid(aux[r, o]) (aux row stride y_stride), where s = Σ_i W[o, i]·x[r, i]
 // (+ bias[o]).
+//
+// GATED: W is [gate; up], [2·n_out, n_in] (one group); the warp of feature o reads both
+// row o and row n_out + o against the same activations and stores the gated MLP's
+// y = act(s_gate) · s_up, act SiLU (mode 4) or GELU-tanh (mode 5), biases bias[o] and
+// bias[n_out + o] added first.
 #define GEMV_DEPTH 4
 
-template <class W, int R>
+__device__ __forceinline__ float gated_act(int mode, float gate, float up) {
+    return (mode == 4 ? gate / (1.0f + expf(-gate)) : gelu_tanh(gate)) * up;
+}
+
+template <class W, int R, bool GATED>
 __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restrict__ y,
                      const float* __restrict__ bias, int n_in, int n_out, int rows, int x_stride,
                      int y_stride, int mode, long long w_group, int x_group, int y_group,
                      int vec_ok, const float* __restrict__ aux) {
     typedef typename W::T T;
     const int VEC = W::VEC;
+    const int P = GATED ? 2 : 1;  // weight rows per warp
     int g = blockIdx.y;
     int lane = threadIdx.x & 31;
     int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (o >= n_out) return;
-    const T* row = (const T*)w_ + (size_t)g * w_group + (size_t)o * n_in;
+    const T* row[P];
+#pragma unroll
+    for (int p = 0; p < P; p++)
+        row[p] = (const T*)w_ + (size_t)g * w_group + (size_t)(o + p * n_out) * n_in;
     x += (size_t)g * x_group;
     y += (size_t)g * y_group;
-    float acc[R];
+    float acc[P][R];
 #pragma unroll
-    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+    for (int p = 0; p < P; p++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[p][r] = 0.0f;
     int nvec = vec_ok ? n_in / VEC : 0;
-    const uint4* row4 = (const uint4*)row;
     for (int v0 = lane; v0 < nvec; v0 += 32 * GEMV_DEPTH) {
-        uint4 q[GEMV_DEPTH];
+        uint4 q[P][GEMV_DEPTH];
 #pragma unroll
-        for (int u = 0; u < GEMV_DEPTH; u++)
-            if (v0 + 32 * u < nvec) q[u] = ld_stream(row4 + v0 + 32 * u);
+        for (int p = 0; p < P; p++)
+#pragma unroll
+            for (int u = 0; u < GEMV_DEPTH; u++)
+                if (v0 + 32 * u < nvec) q[p][u] = ld_stream((const uint4*)row[p] + v0 + 32 * u);
 #pragma unroll
         for (int u = 0; u < GEMV_DEPTH; u++) {
             int v = v0 + 32 * u;
             if (v < nvec) {
-                float wf[VEC];
-                W::widen(q[u], wf);
+                float wf[P][VEC];
+#pragma unroll
+                for (int p = 0; p < P; p++) W::widen(q[p][u], wf[p]);
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     if (r < rows) {
@@ -201,8 +218,10 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
 #pragma unroll
                         for (int c = 0; c < VEC / 4; c++) {
                             float4 a = xr[c];
-                            acc[r] += wf[4 * c] * a.x + wf[4 * c + 1] * a.y + wf[4 * c + 2] * a.z +
-                                      wf[4 * c + 3] * a.w;
+#pragma unroll
+                            for (int p = 0; p < P; p++)
+                                acc[p][r] += wf[p][4 * c] * a.x + wf[p][4 * c + 1] * a.y +
+                                             wf[p][4 * c + 2] * a.z + wf[p][4 * c + 3] * a.w;
                         }
                     }
                 }
@@ -210,19 +229,25 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
         }
     }
     for (int i = nvec * VEC + lane; i < n_in; i += 32) {
-        float wv = W::one(row, i);
 #pragma unroll
-        for (int r = 0; r < R; r++)
-            if (r < rows) acc[r] += wv * x[(size_t)r * x_stride + i];
+        for (int p = 0; p < P; p++) {
+            float wv = W::one(row[p], i);
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                if (r < rows) acc[p][r] += wv * x[(size_t)r * x_stride + i];
+        }
     }
     float b = bias ? bias[(size_t)g * n_out + o] : 0.0f;
+    float b_up = GATED && bias ? bias[n_out + o] : 0.0f;
 #pragma unroll
     for (int r = 0; r < R; r++) {
         if (r < rows) {
-            float s = warp_sum(acc[r]) + b;
+            float s = warp_sum(acc[0][r]) + b;
+            float up = GATED ? warp_sum(acc[P - 1][r]) + b_up : 0.0f;
             if (lane == 0) {
                 float* dst = y + (size_t)r * y_stride + o;
-                if (mode == 0) *dst = s;
+                if (GATED) *dst = gated_act(mode, s, up);
+                else if (mode == 0) *dst = s;
                 else if (mode == 1) *dst += s;
                 else if (mode == 2) { float t = fmaxf(s, 0.0f); *dst = t * t; }
                 else *dst += s / (1.0f + expf(-aux[(size_t)r * y_stride + o]));
@@ -231,34 +256,53 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
     }
 }
 
-#define GEMV_ENTRY(name, W, R)                                                                  \
+#define GEMV_ENTRY(name, W, R, GATED)                                                           \
     extern "C" __global__ void name(const void* w, const float* x, float* y, const float* bias, \
                                     int n_in, int n_out, int rows, int x_stride, int y_stride,  \
                                     int mode, long long w_group, int x_group, int y_group,      \
                                     int vec_ok, const float* aux) {                             \
-        gemv<W, R>(w, x, y, bias, n_in, n_out, rows, x_stride, y_stride, mode, w_group,         \
-                   x_group, y_group, vec_ok, aux);                                              \
+        gemv<W, R, GATED>(w, x, y, bias, n_in, n_out, rows, x_stride, y_stride, mode, w_group,  \
+                          x_group, y_group, vec_ok, aux);                                       \
     }
-GEMV_ENTRY(gemv_bf16_1, WBf16, 1)
-GEMV_ENTRY(gemv_bf16_2, WBf16, 2)
-GEMV_ENTRY(gemv_bf16_4, WBf16, 4)
-GEMV_ENTRY(gemv_bf16_8, WBf16, 8)
-GEMV_ENTRY(gemv_f16_1, WF16, 1)
-GEMV_ENTRY(gemv_f16_2, WF16, 2)
-GEMV_ENTRY(gemv_f16_4, WF16, 4)
-GEMV_ENTRY(gemv_f16_8, WF16, 8)
-GEMV_ENTRY(gemv_f32_1, WF32, 1)
-GEMV_ENTRY(gemv_f32_2, WF32, 2)
-GEMV_ENTRY(gemv_f32_4, WF32, 4)
-GEMV_ENTRY(gemv_f32_8, WF32, 8)
+GEMV_ENTRY(gemv_bf16_1, WBf16, 1, false)
+GEMV_ENTRY(gemv_bf16_2, WBf16, 2, false)
+GEMV_ENTRY(gemv_bf16_4, WBf16, 4, false)
+GEMV_ENTRY(gemv_bf16_8, WBf16, 8, false)
+GEMV_ENTRY(gemv_f16_1, WF16, 1, false)
+GEMV_ENTRY(gemv_f16_2, WF16, 2, false)
+GEMV_ENTRY(gemv_f16_4, WF16, 4, false)
+GEMV_ENTRY(gemv_f16_8, WF16, 8, false)
+GEMV_ENTRY(gemv_f32_1, WF32, 1, false)
+GEMV_ENTRY(gemv_f32_2, WF32, 2, false)
+GEMV_ENTRY(gemv_f32_4, WF32, 4, false)
+GEMV_ENTRY(gemv_f32_8, WF32, 8, false)
+GEMV_ENTRY(gemv_gated_bf16_1, WBf16, 1, true)
+GEMV_ENTRY(gemv_gated_bf16_2, WBf16, 2, true)
+GEMV_ENTRY(gemv_gated_bf16_4, WBf16, 4, true)
+GEMV_ENTRY(gemv_gated_bf16_8, WBf16, 8, true)
+GEMV_ENTRY(gemv_gated_f16_1, WF16, 1, true)
+GEMV_ENTRY(gemv_gated_f16_2, WF16, 2, true)
+GEMV_ENTRY(gemv_gated_f16_4, WF16, 4, true)
+GEMV_ENTRY(gemv_gated_f16_8, WF16, 8, true)
+GEMV_ENTRY(gemv_gated_f32_1, WF32, 1, true)
+GEMV_ENTRY(gemv_gated_f32_2, WF32, 2, true)
+GEMV_ENTRY(gemv_gated_f32_4, WF32, 4, true)
+GEMV_ENTRY(gemv_gated_f32_8, WF32, 8, true)
 
 // Epilogues of a cuBLAS product (mode as for the GEMV): y[r, j] (+)= f(y[r, j] + b[j]) over
 // [rows, n], row stride y_stride; for modes 1 and 3 the product was written to `tmp` first.
+// Gated modes 4 and 5: tmp is [rows, 2n] (gate | up), y[r, j] = act(gate + b[j]) ·
+// (up + b[n + j]).
 extern "C" __global__ void epilogue(float* y, const float* tmp, const float* b, const float* aux,
                                     int rows, int n, int y_stride, int mode) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)rows * n) return;
     size_t r = i / n, j = i % n, at = r * y_stride + j;
+    if (mode >= 4) {
+        const float* t = tmp + r * 2 * n;
+        y[at] = gated_act(mode, t[j] + (b ? b[j] : 0.0f), t[n + j] + (b ? b[n + j] : 0.0f));
+        return;
+    }
     float s = (mode == 1 || mode == 3 ? tmp[i] : y[at]) + (b ? b[j] : 0.0f);
     if (mode == 0) y[at] = s;
     else if (mode == 1) y[at] += s;
@@ -371,23 +415,6 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
 
 // ---------------------------------------------------------------------------------------
 // Elementwise.
-
-// Llama MLP: out[r, j] = silu(gu[r, j]) · gu[r, f + j], gu [rows, 2f] (gate | up).
-extern "C" __global__ void silu_mul(const float* gu, float* out, int rows, int f) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)rows * f) return;
-    size_t r = i / f, j = i % f;
-    float g = gu[r * 2 * f + j];
-    out[i] = g / (1.0f + expf(-g)) * gu[r * 2 * f + f + j];
-}
-
-// Griffin MLP: out[r, j] = gelu_tanh(gu[r, j]) · gu[r, f + j].
-extern "C" __global__ void gelu_mul(const float* gu, float* out, int rows, int f) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (size_t)rows * f) return;
-    size_t r = i / f, j = i % f;
-    out[i] = gelu_tanh(gu[r * 2 * f + j]) * gu[r * 2 * f + f + j];
-}
 
 // Griffin's final logits: cap · tanh(l / cap).
 extern "C" __global__ void soft_cap(float* x, size_t n, float cap) {

@@ -191,6 +191,9 @@ pub enum Epilogue {
     ReluSquare,
     /// `y += s · sigmoid(gate)`, `gate` laid out like `y` (RWKV channel mix)
     AccumulateGated(DevPtr),
+    /// The gated MLP over a [gate; up] matrix ([2F, C], biases [2F]): `y = act(s_gate) ·
+    /// s_up`, y [rows, F]; act GELU-tanh (`gelu`) or SiLU.
+    GatedMlp { gelu: bool },
 }
 
 impl Epilogue {
@@ -200,6 +203,15 @@ impl Epilogue {
             Epilogue::Accumulate => 1,
             Epilogue::ReluSquare => 2,
             Epilogue::AccumulateGated(_) => 3,
+            Epilogue::GatedMlp { gelu } => 4 + gelu as i32,
+        }
+    }
+
+    /// Weight rows per output feature.
+    fn rows_per_output(self) -> usize {
+        match self {
+            Epilogue::GatedMlp { .. } => 2,
+            _ => 1,
         }
     }
 
@@ -282,8 +294,8 @@ enum KernelFn {
 }
 
 struct Kernels {
-    /// [f32, f16, bf16][1, 2, 4, 8 rows]
-    gemv: [[Kernel; 4]; 3],
+    /// [plain, gated MLP][f32, f16, bf16][1, 2, 4, 8 rows]
+    gemv: [[[Kernel; 4]; 3]; 2],
     epilogue: Kernel,
     round_rows: Kernel,
     rmsnorm: Kernel,
@@ -291,8 +303,6 @@ struct Kernels {
     embed: Kernel,
     round_in_place: Kernel,
     gather_rows: Kernel,
-    silu_mul: Kernel,
-    gelu_mul: Kernel,
     soft_cap: Kernel,
     rope: Kernel,
     attention_split: Kernel,
@@ -313,22 +323,44 @@ impl Kernels {
         Ok(Kernels {
             gemv: [
                 [
-                    f("gemv_f32_1")?,
-                    f("gemv_f32_2")?,
-                    f("gemv_f32_4")?,
-                    f("gemv_f32_8")?,
+                    [
+                        f("gemv_f32_1")?,
+                        f("gemv_f32_2")?,
+                        f("gemv_f32_4")?,
+                        f("gemv_f32_8")?,
+                    ],
+                    [
+                        f("gemv_f16_1")?,
+                        f("gemv_f16_2")?,
+                        f("gemv_f16_4")?,
+                        f("gemv_f16_8")?,
+                    ],
+                    [
+                        f("gemv_bf16_1")?,
+                        f("gemv_bf16_2")?,
+                        f("gemv_bf16_4")?,
+                        f("gemv_bf16_8")?,
+                    ],
                 ],
                 [
-                    f("gemv_f16_1")?,
-                    f("gemv_f16_2")?,
-                    f("gemv_f16_4")?,
-                    f("gemv_f16_8")?,
-                ],
-                [
-                    f("gemv_bf16_1")?,
-                    f("gemv_bf16_2")?,
-                    f("gemv_bf16_4")?,
-                    f("gemv_bf16_8")?,
+                    [
+                        f("gemv_gated_f32_1")?,
+                        f("gemv_gated_f32_2")?,
+                        f("gemv_gated_f32_4")?,
+                        f("gemv_gated_f32_8")?,
+                    ],
+                    [
+                        f("gemv_gated_f16_1")?,
+                        f("gemv_gated_f16_2")?,
+                        f("gemv_gated_f16_4")?,
+                        f("gemv_gated_f16_8")?,
+                    ],
+                    [
+                        f("gemv_gated_bf16_1")?,
+                        f("gemv_gated_bf16_2")?,
+                        f("gemv_gated_bf16_4")?,
+                        f("gemv_gated_bf16_8")?,
+                    ],
                 ],
             ],
             epilogue: f("epilogue")?,
@@ -338,8 +370,6 @@ impl Kernels {
             embed: f("embed")?,
             round_in_place: f("round_in_place")?,
             gather_rows: f("gather_rows")?,
-            silu_mul: f("silu_mul")?,
-            gelu_mul: f("gelu_mul")?,
             soft_cap: f("soft_cap")?,
             rope: f("rope")?,
             attention_split: f("attention_split")?,
@@ -950,11 +980,19 @@ impl Gpu {
     /// `y ⊕= x·Wᵀ (+ b)` for every row (⊕ per [`Epilogue`]): the GEMV kernel up to
     /// [`GEMV_ROWS`] rows, cuBLAS above.
     pub fn linear(&self, w: &DevMatrix, p: Product) -> Result<()> {
+        let paired = p.epilogue.rows_per_output();
+        if paired > 1 && (w.groups != 1 || !w.rows.is_multiple_of(paired)) {
+            bail!(
+                "internal: a gated MLP product needs one [gate; up] matrix, not {} rows in {} groups",
+                w.rows,
+                w.groups
+            );
+        }
         if p.rows > GEMV_ROWS {
             return self.gemm(w, p);
         }
         let groups = w.groups;
-        let (n_out, n_in) = (w.rows / groups, w.cols);
+        let (n_out, n_in) = (w.rows / groups / paired, w.cols);
         let variant = match p.rows {
             0 => return Ok(()),
             1 => 0,
@@ -962,7 +1000,7 @@ impl Gpu {
             3 | 4 => 2,
             _ => 3,
         };
-        let k = &self.k.gemv[dtype_code(w.dtype) as usize][variant];
+        let k = &self.k.gemv[(paired > 1) as usize][dtype_code(w.dtype) as usize][variant];
         let vec = 16 / w.dtype.size();
         let vec_ok =
             (n_in.is_multiple_of(vec) && p.x_stride.is_multiple_of(4) && n_in.is_multiple_of(4)) as i32;
@@ -1017,7 +1055,9 @@ impl Gpu {
         };
         // Gated accumulation needs the bare product apart; the others land in y directly.
         let (c_ptr, ldc, beta) = match p.epilogue {
-            Epilogue::AccumulateGated(_) => (self.scratch(1, p.rows * full_out * 4)?, full_out, 0.0f32),
+            Epilogue::AccumulateGated(_) | Epilogue::GatedMlp { .. } => {
+                (self.scratch(1, p.rows * full_out * 4)?, full_out, 0.0f32)
+            }
             Epilogue::Accumulate => (p.y, p.y_stride, 1.0),
             Epilogue::Store | Epilogue::ReluSquare => (p.y, p.y_stride, 0.0),
         };
@@ -1087,10 +1127,11 @@ impl Gpu {
                 e => e.mode(),
             };
             let bias = p.bias.unwrap_or(DevPtr::NULL);
-            let (rows_i, n_i, ys) = (p.rows as i32, full_out as i32, p.y_stride as i32);
+            let n = full_out / p.epilogue.rows_per_output();
+            let (rows_i, n_i, ys) = (p.rows as i32, n as i32, p.y_stride as i32);
             self.launch(
                 &self.k.epilogue,
-                (blocks(p.rows * full_out, THREADS as usize), 1, 1),
+                (blocks(p.rows * n, THREADS as usize), 1, 1),
                 THREADS,
                 0,
                 params!(p.y, c_ptr, bias, p.epilogue.aux(), rows_i, n_i, ys, mode),
@@ -1211,19 +1252,6 @@ impl Gpu {
             THREADS,
             0,
             params!(x, rows, out, c_i),
-        )
-    }
-
-    /// `out[r, j] = act(gu[r, j]) · gu[r, f + j]`, act SiLU (`gelu` false) or GELU-tanh.
-    pub fn gated(&self, gu: DevPtr, out: DevPtr, rows: usize, f: usize, gelu: bool) -> Result<()> {
-        let k = if gelu { &self.k.gelu_mul } else { &self.k.silu_mul };
-        let (rows_i, f_i) = (rows as i32, f as i32);
-        self.launch(
-            k,
-            (blocks(rows * f, 256), 1, 1),
-            THREADS,
-            0,
-            params!(gu, out, rows_i, f_i),
         )
     }
 

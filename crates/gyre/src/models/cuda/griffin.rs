@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use super::{upload, upload_fused, DeviceBatch, Runner, StateLayout};
-use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Gpu, Product};
+use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Epilogue, Gpu, Product};
 use crate::models::griffin::{Griffin, Temporal};
 use crate::models::{Logits, Model, ModelInfo, SeqInput};
 use crate::state::{GriffinState, KvCache, State};
@@ -220,7 +220,7 @@ impl Model for CudaGriffin {
         let (qd, kvd) = (h * hd, kvh * hd);
         let qkvd = qd + 2 * kvd;
         let f = self.layers.first().map_or(0, |l| l.gate_up.rows / 2);
-        let wide = (2 * lru).max(qkvd).max(2 * f);
+        let wide = (2 * lru).max(qkvd);
         let sizes = |b: &DeviceBatch| {
             let (rows, np) = (b.rows, b.n_picked);
             [
@@ -286,11 +286,9 @@ impl Model for CudaGriffin {
                         }
                     }
                     g.rmsnorm(x, l.channel_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
-                    g.linear(
-                        &l.gate_up,
-                        prod(normed, c, xy, 2 * f).with_bias(l.gate_up_b.ptr()),
-                    )?;
-                    g.gated(xy, tmp, rows, f, true)?;
+                    let gelu = Epilogue::GatedMlp { gelu: true };
+                    let gate_up = prod(normed, c, tmp, f).with_bias(l.gate_up_b.ptr()).then(gelu);
+                    g.linear(&l.gate_up, gate_up)?;
                     g.linear(
                         &l.down,
                         prod(tmp, f, x, c).with_bias(l.down_b.ptr()).accumulating(),

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 
 use super::{upload, upload_fused, DeviceBatch, Runner, StateLayout};
-use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Gpu, Product};
+use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Epilogue, Gpu, Product};
 use crate::models::llama::Llama;
 use crate::models::{Logits, Model, ModelInfo, SeqInput};
 use crate::state::{KvCache, State};
@@ -123,7 +123,6 @@ impl Model for CudaLlama {
                 rows * c,
                 rows * qkvd,
                 rows * qd,
-                rows * 2 * f,
                 rows * f,
                 Gpu::attention_scratch(rows, h, hd, b.max_keys),
                 np * c,
@@ -136,7 +135,7 @@ impl Model for CudaLlama {
             which,
             self.window.unwrap_or(0),
             sizes,
-            |b, [x, normed, qkv, attn, gu, act, part, px, pn], logits| {
+            |b, [x, normed, qkv, attn, act, part, px, pn], logits| {
                 let (rows, np) = (b.rows, b.n_picked);
                 let embed = self.embed.as_ref().map_or(self.lm_head.buf.ptr(), |e| e.ptr());
                 g.embed(embed, self.embed_dtype, b.tokens, x, rows, c, 1.0)?;
@@ -152,8 +151,8 @@ impl Model for CudaLlama {
                     g.linear(&l.o, prod(attn, qd, x, c).accumulating())?;
 
                     g.rmsnorm(x, l.mlp_norm.ptr(), normed, rows, c, self.eps, 0.0)?;
-                    g.linear(&l.gate_up, prod(normed, c, gu, 2 * f))?;
-                    g.gated(gu, act, rows, f, false)?;
+                    let silu = Epilogue::GatedMlp { gelu: false };
+                    g.linear(&l.gate_up, prod(normed, c, act, f).then(silu))?;
                     g.linear(&l.down, prod(act, f, x, c).accumulating())?;
                 }
                 g.gather_rows(x, b.picked, px, np, c)?;
