@@ -43,9 +43,10 @@ pub struct BenchArgs {
     /// Decode steps (the median step is reported).
     #[arg(long, default_value_t = 16)]
     gen: usize,
-    /// Sequences decoded together in one batched forward per step.
-    #[arg(long, default_value_t = 1)]
-    batch: usize,
+    /// Sequences decoded together in one batched forward per step, or `max`: the largest
+    /// batch whose states fit in the device's free memory at prompt + gen tokens.
+    #[arg(long, default_value = "1", value_parser = parse_batch)]
+    batch: BatchSize,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -57,6 +58,22 @@ pub struct BenchArgs {
     curve: Option<usize>,
 }
 
+#[derive(Clone, Copy, Debug)]
+enum BatchSize {
+    Count(usize),
+    Max,
+}
+
+fn parse_batch(s: &str) -> Result<BatchSize, String> {
+    match s {
+        "max" => Ok(BatchSize::Max),
+        n => n
+            .parse()
+            .map(BatchSize::Count)
+            .map_err(|_| format!("expected a number of sequences or `max`, got {n:?}")),
+    }
+}
+
 /// Runs `gyre bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(n) = a.threads {
@@ -65,7 +82,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
     }
-    if a.batch == 0 || a.prompt == 0 || a.gen == 0 {
+    if matches!(a.batch, BatchSize::Count(0)) || a.prompt == 0 || a.gen == 0 {
         bail!("--batch, --prompt and --gen must be at least 1");
     }
     let dtype = match a.dtype {
@@ -110,12 +127,29 @@ pub fn run(a: BenchArgs) -> Result<()> {
         }
     };
     let bytes = bench::weight_bytes_per_token(&ckpt, quant);
+    let batch = match a.batch {
+        BatchSize::Count(n) => n,
+        BatchSize::Max => {
+            let free = match device {
+                models::Device::Cpu => gyre::kernels::cpu::host_memory().0,
+                models::Device::Cuda(n) => gyre::kernels::cuda::Gpu::open(n)?.memory()?.0,
+            };
+            let tokens = a.prompt + a.gen;
+            let (n, per_seq) = bench::max_batch(model.as_ref(), tokens, free)?;
+            println!(
+                "batch:            max = {n} ({:.1} MB per sequence at {tokens} tokens, {:.2} GB free)",
+                per_seq as f64 / 1e6,
+                free as f64 / 1e9
+            );
+            n
+        }
+    };
     if let Some(points) = a.curve {
         eprintln!(
             "running: prompt {} × batch {}, then {} decode steps, {points} points…",
-            a.prompt, a.batch, a.gen
+            a.prompt, batch, a.gen
         );
-        println!("model:            {what}, batch {}, prompt {}", a.batch, a.prompt);
+        println!("model:            {what}, batch {}, prompt {}", batch, a.prompt);
         println!("weights:          {:.2} GB", bytes as f64 / 1e9);
         println!(
             "{:>10} {:>14} {:>14} {:>12}",
@@ -130,11 +164,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 p.state_bytes as f64 / 1e9
             );
         };
-        let (prefill_s, curve) = bench::curve(model.as_ref(), a.prompt, a.gen, a.batch, points, print)?;
-        println!("prefill:          {prefill_s:.2} s");
+        let (prefill_s, curve) = bench::curve(model.as_ref(), a.prompt, a.gen, batch, points, print)?;
+        println!("prefill:          {prefill_s:.2} s (one sequence; the batch shares its state)");
         if a.json {
             let v = serde_json::json!({
-                "model": what, "batch": a.batch, "prompt": a.prompt, "weight_bytes": bytes,
+                "model": what, "batch": batch, "prompt": a.prompt, "weight_bytes": bytes,
                 "prefill_s": prefill_s, "curve": curve,
             });
             println!("{v}");
@@ -149,9 +183,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     eprintln!(
         "running: prompt {} × batch {}, then {} decode steps…",
-        a.prompt, a.batch, a.gen
+        a.prompt, batch, a.gen
     );
-    let r = bench::run(model.as_ref(), a.prompt, a.gen, a.batch, bytes, probe.as_ref())?;
+    let r = bench::run(model.as_ref(), a.prompt, a.gen, batch, bytes, probe.as_ref())?;
     if let models::Device::Cuda(n) = device {
         let gpu = gyre::kernels::cuda::Gpu::open(n)?;
         if gpu.profiling() {
@@ -177,7 +211,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         r.prefill_tok_s, r.prompt, r.batch
     );
     println!(
-        "decode:           {:.2} tok/s (median of {} steps, batch {})",
+        "decode:           {:.2} tok/s (median of {} greedy steps, batch {})",
         r.decode_tok_s, r.gen, r.batch
     );
     println!(

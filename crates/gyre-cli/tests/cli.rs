@@ -90,6 +90,59 @@ fn model_commands_run_on_the_cuda_emulator() {
     }
 }
 
+/// `gyre bench` on a checkpoint: the speed report on the CPU, and the Figure 1a curve (shared
+/// prefill, greedy steps picked on the device) on the CUDA emulator.
+#[test]
+fn bench_reports_speed_and_the_length_curve() {
+    let last_json = |out: &str| -> Value { serde_json::from_str(out.lines().last().unwrap()).unwrap() };
+    let model = tiny();
+    let args = [
+        "bench",
+        "--model",
+        s(&model),
+        "--prompt",
+        "8",
+        "--gen",
+        "4",
+        "--json",
+    ];
+    let r = last_json(&ok(&gyre(&args, b"")));
+    assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0, "{r}");
+    assert_eq!(r["batch"], 1);
+    let dir = gyre_fixture("griffin", "griffin_small");
+    let out = ok(&gyre_env(
+        &[
+            "bench",
+            "--model",
+            s(&dir),
+            "--device",
+            "cuda",
+            "--batch",
+            "3",
+            "--prompt",
+            "8",
+            "--gen",
+            "6",
+            "--curve",
+            "3",
+            "--json",
+        ],
+        b"",
+        &[("GYRE_CUDA_EMULATOR", "1")],
+    ));
+    let c = last_json(&out);
+    assert_eq!(c["batch"], 3, "{out}");
+    let generated: Vec<u64> = c["curve"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["generated"].as_u64().unwrap())
+        .collect();
+    assert_eq!(generated, [2, 4, 6], "{out}");
+    let err = fails(&["bench", "--model", s(&tiny()), "--batch", "lots"], b"");
+    assert!(err.contains("`max`"), "{err}");
+}
+
 #[test]
 fn generate_reads_the_prompt_from_stdin() {
     let case = &expected()["generate"][0];

@@ -505,7 +505,7 @@ pub fn run(
     };
     let up_front = median(&mut machine);
     let (mut steps, mut ratios) = (Vec::with_capacity(gen), Vec::with_capacity(gen));
-    let next: Vec<u32> = (0..batch as u32).map(|b| (b * 31 + 5) % v).collect();
+    let mut next: Vec<u32> = (0..batch as u32).map(|b| (b * 31 + 5) % v).collect();
     for _ in 0..gen {
         let bw = if interleave {
             let bw = probe.pass();
@@ -515,7 +515,7 @@ pub fn run(
             up_front
         };
         let t = Instant::now();
-        decode_step(model, &mut states, &next)?;
+        next = decode_step(model, &mut states, &next)?;
         let dt = t.elapsed().as_secs_f64();
         steps.push(dt);
         ratios.push(bytes_per_token as f64 / dt / 1e9 / bw);
@@ -546,8 +546,9 @@ fn prefilled(model: &dyn Model, tokens: &[u32], batch: usize) -> Result<(Vec<Sta
     Ok((states, t0.elapsed().as_secs_f64()))
 }
 
-/// One batched decode step: sequence i is fed `next[i]`.
-fn decode_step(model: &dyn Model, states: &mut [State], next: &[u32]) -> Result<()> {
+/// One batched greedy decode step (as `generate --temperature 0` decodes): sequence i is
+/// fed `next[i]`; returns the tokens each picks next.
+fn decode_step(model: &dyn Model, states: &mut [State], next: &[u32]) -> Result<Vec<u32>> {
     let mut inputs: Vec<SeqInput<'_>> = states
         .iter_mut()
         .zip(next)
@@ -556,8 +557,29 @@ fn decode_step(model: &dyn Model, states: &mut [State], next: &[u32]) -> Result<
             state,
         })
         .collect();
-    model.forward(&mut inputs, Logits::Last)?;
-    Ok(())
+    model.forward_greedy(&mut inputs)
+}
+
+/// The largest batch whose states fit in `free` bytes at `tokens` tokens each, after a
+/// reserve of 1 GiB and 10% of `free` for scratch (the prefill's, cuBLAS's, graphs). Each
+/// sequence counts its state (sized now for `tokens`, as [`curve`] reserves it) plus its
+/// logits and activations of a decode step. Returns the batch and the bytes per sequence.
+pub fn max_batch(model: &dyn Model, tokens: usize, free: usize) -> Result<(usize, usize)> {
+    let mut probe = model.new_state();
+    probe.reserve(tokens)?;
+    let info = model.info();
+    let state = probe.bytes().max(model.state_bytes(tokens));
+    let per_seq = state + 8 * info.vocab_size + 256 * info.hidden_size;
+    let room = free.saturating_sub((1 << 30) + free / 10);
+    let batch = room / per_seq;
+    if batch == 0 {
+        bail!(
+            "not even one sequence of {tokens} tokens fits: it needs {} MB, {} MB are free",
+            per_seq >> 20,
+            free >> 20
+        );
+    }
+    Ok((batch, per_seq))
 }
 
 /// One point of a throughput-against-length curve (`gyre bench --curve`).
@@ -573,9 +595,10 @@ pub struct CurvePoint {
     pub state_bytes: usize,
 }
 
-/// The RecurrentGemma paper's Figure 1a experiment: prefill `prompt` tokens into `batch`
-/// sequences, then decode `gen` steps, reporting throughput at `points` evenly spaced lengths.
-/// Returns the prefill time in seconds and the curve.
+/// The RecurrentGemma paper's Figure 1a experiment: `batch` sequences share one prefilled
+/// prompt of `prompt` tokens, then decode `gen` greedy steps together, reporting throughput at
+/// `points` evenly spaced lengths. Returns the prefill time (one sequence) in seconds and the
+/// curve.
 pub fn curve(
     model: &dyn Model,
     prompt: usize,
@@ -586,13 +609,23 @@ pub fn curve(
 ) -> Result<(f64, Vec<CurvePoint>)> {
     let v = model.info().vocab_size as u32;
     let tokens = prompt_tokens(prompt, v as usize);
-    let (mut states, prefill_s) = prefilled(model, &tokens, batch)?;
+    // Every sequence holds the same prompt: prefill it once and share the state (a device
+    // state is copied at its first decode step), sized for the whole run up front.
+    let mut first = model.new_state();
+    first.reserve(prompt + gen)?;
+    let t0 = Instant::now();
+    let mut next = model.forward_greedy(&mut [SeqInput {
+        tokens: &tokens,
+        state: &mut first,
+    }])?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut states = vec![first; batch];
+    next.resize(batch, next[0]);
     let every = (gen / points.max(1)).max(1);
-    let next: Vec<u32> = (0..batch as u32).map(|b| (b * 31 + 5) % v).collect();
     let (start, mut window) = (Instant::now(), Instant::now());
     let mut out = Vec::with_capacity(points);
     for step in 1..=gen {
-        decode_step(model, &mut states, &next)?;
+        next = decode_step(model, &mut states, &next)?;
         if step % every == 0 || step == gen {
             let since = out.last().map_or(0, |p: &CurvePoint| p.generated);
             out.push(CurvePoint {
@@ -606,4 +639,44 @@ pub fn curve(
         }
     }
     Ok((prefill_s, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_llama() -> Box<dyn Model> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama/llama_gqa_f32");
+        crate::models::load(&Checkpoint::open(&dir, |_, _| {}).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn max_batch_divides_the_free_memory_left_after_the_reserve() {
+        let m = tiny_llama();
+        let tokens = 100;
+        let per_seq = m.state_bytes(tokens) + 8 * m.info().vocab_size + 256 * m.info().hidden_size;
+        let free = 4usize << 30;
+        let (n, got) = max_batch(m.as_ref(), tokens, free).unwrap();
+        assert_eq!(got, per_seq);
+        assert_eq!(n, (free - (1 << 30) - free / 10) / per_seq);
+        // Longer sequences fit fewer; nothing fitting is an error, not a batch of 0.
+        assert!(max_batch(m.as_ref(), 10 * tokens, free).unwrap().0 < n);
+        let err = max_batch(m.as_ref(), tokens, 1 << 30).unwrap_err().to_string();
+        assert!(err.contains("not even one sequence"), "{err}");
+    }
+
+    #[test]
+    fn curve_reports_evenly_spaced_points_of_the_whole_batch() {
+        let m = tiny_llama();
+        let mut seen = Vec::new();
+        let (prefill_s, points) = curve(m.as_ref(), 8, 6, 3, 3, |p| seen.push(p.generated)).unwrap();
+        assert!(prefill_s > 0.0);
+        assert_eq!(seen, [2, 4, 6]);
+        assert_eq!(points.iter().map(|p| p.generated).collect::<Vec<_>>(), [2, 4, 6]);
+        // Three sequences of 8 + 6 tokens: the caches hold (at least) 14 positions each at
+        // the end, and never shrink.
+        assert!(points[2].state_bytes >= 3 * m.state_bytes(14));
+        assert!(points[0].state_bytes <= points[2].state_bytes);
+        assert!(points.iter().all(|p| p.window_tok_s > 0.0 && p.total_tok_s > 0.0));
+    }
 }

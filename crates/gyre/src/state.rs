@@ -279,6 +279,15 @@ impl State {
         }
     }
 
+    /// Capacity hint: a device state's growing cache is sized for `tokens` positions now,
+    /// so it will not grow (and copy) before then. Host states grow as they go.
+    pub fn reserve(&mut self, tokens: usize) -> Result<()> {
+        match self {
+            State::Device(d) => d.reserve(tokens),
+            _ => Ok(()),
+        }
+    }
+
     /// Every tensor of the state with its name and shape (the state-file layout).
     ///
     /// Llama: `kv.{l}.k`, `kv.{l}.v` [slots, kv_heads·head_dim] (ring slot `p % slots` holds

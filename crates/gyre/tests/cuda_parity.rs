@@ -143,7 +143,30 @@ fn cuda_prefill_and_decode_match_the_cpu_on_every_fixture() {
     });
 }
 
-/// Greedy generations of 64 tokens agree with the CPU's.
+/// Greedy decoding with the pick on the device ([`Model::forward_greedy`]).
+fn greedy_on_device(model: &dyn Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut state = model.new_state();
+    let mut next = model
+        .forward_greedy(&mut [SeqInput {
+            tokens: prompt,
+            state: &mut state,
+        }])
+        .unwrap()[0];
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(next);
+        next = model
+            .forward_greedy(&mut [SeqInput {
+                tokens: &[next],
+                state: &mut state,
+            }])
+            .unwrap()[0];
+    }
+    out
+}
+
+/// Greedy generations of 64 tokens agree with the CPU's, with the logits downloaded and
+/// with the pick made on the device.
 #[test]
 fn cuda_greedy_generation_matches_the_cpu_for_64_tokens() {
     each_case(|case, p| {
@@ -151,6 +174,8 @@ fn cuda_greedy_generation_matches_the_cpu_for_64_tokens() {
         let want = greedy(p.cpu.as_ref(), prompt, 64);
         let got = greedy(p.gpu.as_ref(), prompt, 64);
         assert_eq!(got, want, "{case}: greedy tokens differ");
+        let picked = greedy_on_device(p.gpu.as_ref(), prompt, 64);
+        assert_eq!(picked, want, "{case}: greedy tokens picked on the device differ");
     });
 }
 
@@ -165,6 +190,7 @@ fn cuda_batched_forward_equals_one_sequence_at_a_time() {
         prefill_from(m, &mut a, &t[..5]);
         prefill_from(m, &mut b, &t[..11]);
         let (mut a2, mut b2, mut c2) = (a.clone(), b.clone(), c.clone());
+        let (mut a3, mut b3, mut c3) = (a.clone(), b.clone(), c.clone());
         let chunks: [&[u32]; 3] = [&t[5..6], &t[11..14], &t[..9]];
         let together = m
             .forward(
@@ -185,6 +211,29 @@ fn cuda_batched_forward_equals_one_sequence_at_a_time() {
                 Logits::All,
             )
             .unwrap();
+        // The same batch, each sequence's next token picked on the device.
+        let picked = m
+            .forward_greedy(&mut [
+                SeqInput {
+                    tokens: chunks[0],
+                    state: &mut a3,
+                },
+                SeqInput {
+                    tokens: chunks[1],
+                    state: &mut b3,
+                },
+                SeqInput {
+                    tokens: chunks[2],
+                    state: &mut c3,
+                },
+            ])
+            .unwrap();
+        let v = m.info().vocab_size;
+        let want: Vec<u32> = together
+            .iter()
+            .map(|l| gyre::sampling::argmax(&l[l.len() - v..]))
+            .collect();
+        assert_eq!(picked, want, "{case}: batched greedy picks");
         for (i, (st, chunk)) in [&mut a2, &mut b2, &mut c2].into_iter().zip(chunks).enumerate() {
             let alone = prefill_from(m, st, chunk);
             assert_close(&format!("{case} batch row {i}"), &together[i], &alone, p.bound);

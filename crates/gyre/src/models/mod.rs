@@ -86,6 +86,13 @@ pub trait Model: Send + Sync {
     /// Feeds every sequence its tokens (one batched pass: each weight is read once) and
     /// returns logits per sequence. On error no state has been changed.
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>>;
+    /// [`Model::forward`], returning each sequence's greedy next token
+    /// ([`crate::sampling::argmax`] of its last logits). A device model picks it where the
+    /// logits are, and only the tokens cross to the host.
+    fn forward_greedy(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<u32>> {
+        let logits = self.forward(batch, Logits::Last)?;
+        Ok(logits.iter().map(|l| crate::sampling::argmax(l)).collect())
+    }
 }
 
 /// Checks the token ids of a batch against the vocabulary before any state changes.

@@ -26,6 +26,18 @@ const SMALL_MATRIX: usize = 1 << 16;
 /// Rows of the weight matrix handled by one parallel task.
 const ROW_BLOCK: usize = 16;
 
+/// The host's available and total memory in bytes (`/proc/meminfo`; zeros where unreadable).
+pub fn host_memory() -> (usize, usize) {
+    let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = |key: &str| -> usize {
+        info.lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (kib("MemAvailable:") << 10, kib("MemTotal:") << 10)
+}
+
 /// `out[t, o] = Σ_i x[t, i] · w[o, i]` for `t < n_rows`.
 ///
 /// Shapes: `x` [n_rows, in], `w` [out, in] (nn.Linear layout, any stored dtype or

@@ -416,6 +416,47 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
 // ---------------------------------------------------------------------------------------
 // Elementwise.
 
+// Greedy decoding on the device (sampling.rs argmax): ids[r] = the index of row r's largest
+// logit, NaN never chosen, ties to the lowest index, 0 when nothing is above -inf. One
+// block per row (blockDim a multiple of 32).
+extern "C" __global__ void argmax_rows(const float* logits, int v, u32* ids) {
+    const float* row = logits + (size_t)blockIdx.x * v;
+    float best = -GYRE_INF;
+    int at = 0x7fffffff;  // none yet
+    for (int i = threadIdx.x; i < v; i += blockDim.x) {
+        float x = row[i];
+        if (x > best) {
+            best = x;
+            at = i;
+        }
+    }
+    __shared__ float part_v[32];
+    __shared__ int part_i[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int round = 0; round < 2; round++) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            int oi = __shfl_xor_sync(0xffffffffu, at, o);
+            if (ov > best || (ov == best && oi < at)) {
+                best = ov;
+                at = oi;
+            }
+        }
+        if (round == 1) break;
+        __syncthreads();
+        if (lane == 0) {
+            part_v[warp] = best;
+            part_i[warp] = at;
+        }
+        __syncthreads();
+        bool have = lane < (int)(blockDim.x >> 5);
+        best = have ? part_v[lane] : -GYRE_INF;
+        at = have ? part_i[lane] : 0x7fffffff;
+    }
+    if (threadIdx.x == 0) ids[blockIdx.x] = at == 0x7fffffff ? 0u : (u32)at;
+}
+
 // Griffin's final logits: cap · tanh(l / cap).
 extern "C" __global__ void soft_cap(float* x, size_t n, float cap) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;

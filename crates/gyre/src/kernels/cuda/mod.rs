@@ -304,6 +304,7 @@ struct Kernels {
     round_in_place: Kernel,
     gather_rows: Kernel,
     soft_cap: Kernel,
+    argmax_rows: Kernel,
     rope: Kernel,
     attention_split: Kernel,
     attention_merge: Kernel,
@@ -371,6 +372,7 @@ impl Kernels {
             round_in_place: f("round_in_place")?,
             gather_rows: f("gather_rows")?,
             soft_cap: f("soft_cap")?,
+            argmax_rows: f("argmax_rows")?,
             rope: f("rope")?,
             attention_split: f("attention_split")?,
             attention_merge: f("attention_merge")?,
@@ -586,16 +588,7 @@ impl Gpu {
         self.bind()?;
         match &self.dev {
             Backend::Cuda { ctx, .. } => ctx.mem_get_info().map_err(|e| anyhow!("CUDA: {e:?}")),
-            Backend::Emulated(_) => {
-                let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-                let kib = |key: &str| -> usize {
-                    info.lines()
-                        .find_map(|l| l.strip_prefix(key))
-                        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                        .unwrap_or(0)
-                };
-                Ok((kib("MemAvailable:") << 10, kib("MemTotal:") << 10))
-            }
+            Backend::Emulated(_) => Ok(crate::kernels::cpu::host_memory()),
         }
     }
 
@@ -1252,6 +1245,19 @@ impl Gpu {
             THREADS,
             0,
             params!(x, rows, out, c_i),
+        )
+    }
+
+    /// `ids[r]` = the greedy token of logits row r ([`crate::sampling::argmax`]'s rule), for
+    /// `rows` rows of `v`.
+    pub fn argmax_rows(&self, logits: DevPtr, rows: usize, v: usize, ids: DevPtr) -> Result<()> {
+        let v_i = v as i32;
+        self.launch(
+            &self.k.argmax_rows,
+            (rows as u32, 1, 1),
+            1024,
+            0,
+            params!(logits, v_i, ids),
         )
     }
 

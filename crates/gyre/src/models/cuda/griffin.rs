@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::{upload, upload_fused, DeviceBatch, Runner, StateLayout};
+use super::{upload, upload_fused, DeviceBatch, DeviceModel, Output, Outputs, Runner, StateLayout};
 use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Epilogue, Gpu, Product};
 use crate::models::griffin::{Griffin, Temporal};
-use crate::models::{Logits, Model, ModelInfo, SeqInput};
+use crate::models::{ModelInfo, SeqInput};
 use crate::state::{GriffinState, KvCache, State};
 use crate::tensor::DType;
 
@@ -189,16 +189,16 @@ pub(super) fn state_layout(m: &Griffin) -> StateLayout {
     StateLayout::new(template, fixed, 2 * m.n_attention, kv_dim, Some(m.window))
 }
 
-impl Model for CudaGriffin {
-    fn info(&self) -> &ModelInfo {
+impl DeviceModel for CudaGriffin {
+    fn runner(&self) -> &Runner {
+        &self.run
+    }
+
+    fn model_info(&self) -> &ModelInfo {
         &self.info
     }
 
-    fn new_state(&self) -> State {
-        self.run.new_state()
-    }
-
-    fn state_bytes(&self, _tokens: usize) -> usize {
+    fn bytes_for(&self, _tokens: usize) -> usize {
         GriffinState::bytes_for(self.n_recurrent, self.lru, self.conv_width)
             + KvCache::bytes_at(
                 self.layout_kv_layers(),
@@ -208,7 +208,7 @@ impl Model for CudaGriffin {
             )
     }
 
-    fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
+    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
         let g = &*self.run.gpu;
         let (c, v, lru, w) = (
             self.info.hidden_size,
@@ -238,7 +238,7 @@ impl Model for CudaGriffin {
         self.run.forward(
             v,
             batch,
-            which,
+            out,
             self.window + 1,
             sizes,
             |b, [x, normed, xy, conv, gates, tmp, part, px, pn], logits| {

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::{upload, upload_fused, DeviceBatch, Runner, StateLayout};
+use super::{upload, upload_fused, DeviceBatch, DeviceModel, Output, Outputs, Runner, StateLayout};
 use crate::kernels::cuda::{AttnArgs, DevBuf, DevMatrix, Epilogue, Gpu, Product};
 use crate::models::llama::Llama;
-use crate::models::{Logits, Model, ModelInfo, SeqInput};
+use crate::models::{ModelInfo, SeqInput};
 use crate::state::{KvCache, State};
 use crate::tensor::DType;
 
@@ -91,16 +91,16 @@ pub(super) fn state_layout(m: &Llama) -> StateLayout {
     StateLayout::new(template, Vec::new(), 2 * m.layers.len(), kv_dim, m.window)
 }
 
-impl Model for CudaLlama {
-    fn info(&self) -> &ModelInfo {
+impl DeviceModel for CudaLlama {
+    fn runner(&self) -> &Runner {
+        &self.run
+    }
+
+    fn model_info(&self) -> &ModelInfo {
         &self.info
     }
 
-    fn new_state(&self) -> State {
-        self.run.new_state()
-    }
-
-    fn state_bytes(&self, tokens: usize) -> usize {
+    fn bytes_for(&self, tokens: usize) -> usize {
         KvCache::bytes_at(
             self.layers.len(),
             self.kv_heads * self.head_dim,
@@ -109,7 +109,7 @@ impl Model for CudaLlama {
         )
     }
 
-    fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
+    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
         let g = &*self.run.gpu;
         let (c, v) = (self.info.hidden_size, self.info.vocab_size);
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);
@@ -132,7 +132,7 @@ impl Model for CudaLlama {
         self.run.forward(
             v,
             batch,
-            which,
+            out,
             self.window.unwrap_or(0),
             sizes,
             |b, [x, normed, qkv, attn, act, part, px, pn], logits| {

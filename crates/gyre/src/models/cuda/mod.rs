@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Result};
 
 use super::layers::{self, Segment};
-use super::{check_tokens, Logits, SeqInput};
+use super::{check_tokens, Logits, Model, ModelInfo, SeqInput};
 use crate::kernels::cuda::{BatchMeta, DevBuf, DevMatrix, DevPtr, Gpu, Graph};
 use crate::state::State;
 use crate::tensor::{DType, Matrix};
@@ -251,8 +251,9 @@ impl DeviceState {
         Ok(ptr)
     }
 
-    /// Grows a growing cache to hold `tokens` positions (copying what it holds).
-    fn reserve(&mut self, tokens: usize) -> Result<()> {
+    /// Grows a growing cache to hold `tokens` positions (copying what it holds; a fresh
+    /// state only takes the size for its first pass).
+    pub fn reserve(&mut self, tokens: usize) -> Result<()> {
         if self.layout.ring.is_some() || tokens <= self.slots {
             return Ok(());
         }
@@ -306,36 +307,104 @@ impl Runner {
     /// One forward pass: lays the batch out and brings its states up to date (see
     /// [`prepare_batch`]), carves the batch metadata, `N` f32 buffers of the lengths `sizes`
     /// gives and the [picked, V] logits, queues `body` (a decode step is captured once and
-    /// replayed, see [`StepGraphs`]), then downloads the logits and advances the states.
+    /// replayed, see [`StepGraphs`]) and, for [`Output::Greedy`], the argmax of each
+    /// sequence's logits; then downloads the logits (or the tokens) and advances the states.
     pub fn forward<const N: usize>(
         &self,
         vocab: usize,
         batch: &mut [SeqInput<'_>],
-        which: Logits,
+        out: Output,
         span: usize,
         sizes: impl Fn(&DeviceBatch) -> [usize; N],
         body: impl Fn(&DeviceBatch, [DevPtr; N], DevPtr) -> Result<()>,
-    ) -> Result<Vec<Vec<f32>>> {
+    ) -> Result<Outputs> {
         let g = &*self.gpu;
         let _stream = g.exclusive()?;
         g.bind()?;
+        let which = match out {
+            Output::Logits(which) => which,
+            Output::Greedy => Logits::Last,
+        };
         let mut b = prepare_batch(&self.layout, vocab, batch, which, span)?;
         let lens = sizes(&b);
         let mut arena = self
             .arena
             .lock()
             .map_err(|_| anyhow!("model arena lock poisoned"))?;
-        let (meta, bufs, logits) = arena.carve(|a| {
+        let (meta, bufs, logits, ids) = arena.carve(|a| {
             let meta = a.bytes(b.meta_bytes());
             let bufs = lens.map(|n| a.f32(n));
-            (meta, bufs, a.f32(b.n_picked * vocab))
+            (meta, bufs, a.f32(b.n_picked * vocab), a.bytes(b.n_picked * 4))
         })?;
         b.upload(g, meta)?;
         let base = arena.base();
-        arena.graphs.run(g, &b, which, base, || body(&b, bufs, logits))?;
-        let out = download_logits(g, logits, vocab, &b, which)?;
+        arena.graphs.run(g, &b, out, base, || {
+            body(&b, bufs, logits)?;
+            if out == Output::Greedy {
+                g.argmax_rows(logits, b.n_picked, vocab, ids)?;
+            }
+            Ok(())
+        })?;
+        let result = match out {
+            Output::Logits(which) => Outputs::Logits(download_logits(g, logits, vocab, &b, which)?),
+            Output::Greedy => {
+                let mut tokens = vec![0u32; b.n_picked];
+                g.read(ids, &mut tokens)?;
+                Outputs::Tokens(tokens)
+            }
+        };
         advance(batch, &self.layout)?;
-        Ok(out)
+        Ok(result)
+    }
+}
+
+/// What a device pass hands back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Logits(Logits),
+    /// Each sequence's greedy next token, picked on the device (its logits stay there).
+    Greedy,
+}
+
+pub enum Outputs {
+    Logits(Vec<Vec<f32>>),
+    Tokens(Vec<u32>),
+}
+
+/// A family's device model: its runner and one forward pass; [`Model`] follows.
+pub trait DeviceModel: Send + Sync {
+    fn runner(&self) -> &Runner;
+    fn model_info(&self) -> &ModelInfo;
+    /// Bytes of a sequence's state after `tokens` tokens.
+    fn bytes_for(&self, tokens: usize) -> usize;
+    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs>;
+}
+
+impl<T: DeviceModel> Model for T {
+    fn info(&self) -> &ModelInfo {
+        self.model_info()
+    }
+
+    fn new_state(&self) -> State {
+        self.runner().new_state()
+    }
+
+    fn state_bytes(&self, tokens: usize) -> usize {
+        self.bytes_for(tokens)
+    }
+
+    fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
+        match self.pass(batch, Output::Logits(which))? {
+            Outputs::Logits(l) => Ok(l),
+            Outputs::Tokens(_) => bail!("internal: a logits pass returned tokens"),
+        }
+    }
+
+    fn forward_greedy(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<u32>> {
+        match self.pass(batch, Output::Greedy)? {
+            Outputs::Tokens(t) => Ok(t),
+            Outputs::Logits(_) => bail!("internal: a greedy pass returned logits"),
+        }
     }
 }
 
@@ -523,8 +592,9 @@ pub struct StepGraphs {
     seen: HashSet<GraphKey>,
 }
 
-/// What fixes a decode step's launches: sequences, attention splits, where the scratch is.
-type GraphKey = (usize, usize, u64, u64);
+/// What fixes a decode step's launches: sequences, attention splits, where the scratch is,
+/// the scratch generation, and whether the step ends with the greedy pick.
+type GraphKey = (usize, usize, u64, u64, bool);
 
 impl StepGraphs {
     /// Runs the device part of a forward pass (`body`, launches only). A decode step (one
@@ -534,18 +604,24 @@ impl StepGraphs {
         &mut self,
         gpu: &Gpu,
         b: &DeviceBatch,
-        which: Logits,
+        out: Output,
         arena: DevPtr,
         body: impl Fn() -> Result<()>,
     ) -> Result<()> {
         // Only steps whose products all run as the GEMV kernel: cuBLAS may allocate.
-        let decode = which == Logits::Last
+        let decode = out != Output::Logits(Logits::All)
             && b.rows <= crate::kernels::cuda::GEMV_ROWS
             && b.segs.iter().all(|s| s.len == 1);
         if !decode || gpu.profiling() || std::env::var_os("GYRE_CUDA_GRAPHS").is_some_and(|v| v == "0") {
             return body();
         }
-        let key = (b.segs.len(), b.max_keys, arena.0, gpu.generation());
+        let key = (
+            b.segs.len(),
+            b.max_keys,
+            arena.0,
+            gpu.generation(),
+            out == Output::Greedy,
+        );
         if let Some(g) = self.graphs.get(&key) {
             return gpu.replay(g);
         }

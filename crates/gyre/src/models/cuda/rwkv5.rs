@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Result;
 
-use super::{upload, upload_fused, DeviceBatch, Runner, StateLayout};
+use super::{upload, upload_fused, DeviceBatch, DeviceModel, Output, Outputs, Runner, StateLayout};
 use crate::kernels::cuda::{DevBuf, DevMatrix, Epilogue, Gpu, Product};
 use crate::models::rwkv5::{Rwkv5, GN_EPS, LN_EPS};
-use crate::models::{Logits, Model, ModelInfo, SeqInput};
+use crate::models::{ModelInfo, SeqInput};
 use crate::state::{RwkvState, State};
 use crate::tensor::DType;
 
@@ -107,16 +107,16 @@ pub(super) fn state_layout(m: &Rwkv5) -> StateLayout {
     StateLayout::new(template, fixed, 0, 0, Some(0))
 }
 
-impl Model for CudaRwkv5 {
-    fn info(&self) -> &ModelInfo {
+impl DeviceModel for CudaRwkv5 {
+    fn runner(&self) -> &Runner {
+        &self.run
+    }
+
+    fn model_info(&self) -> &ModelInfo {
         &self.info
     }
 
-    fn new_state(&self) -> State {
-        self.run.new_state()
-    }
-
-    fn state_bytes(&self, _tokens: usize) -> usize {
+    fn bytes_for(&self, _tokens: usize) -> usize {
         RwkvState::bytes_for(
             self.blocks.len(),
             self.info.hidden_size,
@@ -125,7 +125,7 @@ impl Model for CudaRwkv5 {
         )
     }
 
-    fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
+    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
         let g = &*self.run.gpu;
         let (c, v, h, n) = (
             self.info.hidden_size,
@@ -151,7 +151,7 @@ impl Model for CudaRwkv5 {
         self.run.forward(
             v,
             batch,
-            which,
+            out,
             0,
             sizes,
             |b, [x, xx, mixes, rkvg, y, fk, px, pn], logits| {
