@@ -684,10 +684,12 @@ extern "C" __global__ void write_kv(Attn a, const int* meta, const u64* states, 
 
 // Causal depthwise conv1d over the rows of x (row stride x_stride), width taps w [width, lru]
 // (tap width−1 multiplies the current token); inputs before the chunk come from the state's
-// history [width − 1, lru] at states[s] + hist_off (oldest first).
+// history [width − 1, lru] at states[s] + hist_off (oldest first). With keep_inline (every
+// sequence one row) it also shifts the history; else conv1d_keep does, after.
 extern "C" __global__ void conv1d(const float* x, int x_stride, float* out, const float* w,
                                   const float* bias, int lru, int width, long long hist_off,
-                                  const int* meta, const u64* states, int rows, int seqs) {
+                                  const int* meta, const u64* states, int rows, int seqs,
+                                  int keep_inline) {
     int r = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= lru) return;
     Batch b = batch_of(meta, states, rows, seqs);
@@ -700,6 +702,12 @@ extern "C" __global__ void conv1d(const float* x, int x_stride, float* out, cons
         acc += in * w[(size_t)(width - 1 - sh) * lru + ch];
     }
     out[(size_t)r * lru + ch] = acc;
+    if (keep_inline) {
+        // One row per sequence (a decode step): this thread alone reads and keeps (s, ch).
+        float* h = (float*)hist;
+        for (int i = 0; i + 1 < width - 1; i++) h[(size_t)i * lru + ch] = h[(size_t)(i + 1) * lru + ch];
+        if (width > 1) h[(size_t)(width - 2) * lru + ch] = x[(size_t)r * x_stride + ch];
+    }
 }
 
 // Keeps each sequence's last width − 1 conv inputs (reads older history before it is

@@ -1361,13 +1361,19 @@ impl Gpu {
         b: BatchMeta,
     ) -> Result<()> {
         let (xs, lru_i, width_i, ho) = (x_stride as i32, lru as i32, width as i32, hist_off as i64);
+        // With one row per sequence (decode) the conv's threads keep the history themselves.
+        let inline = b.rows == b.seqs;
+        let inline_i = inline as i32;
         self.launch(
             &self.k.conv1d,
             (blocks(lru, 256), b.rows as u32, 1),
             THREADS,
             0,
-            params!(x, xs, out, w, bias, lru_i, width_i, ho, b.meta, b.states, b.rows, b.seqs),
+            params!(x, xs, out, w, bias, lru_i, width_i, ho, b.meta, b.states, b.rows, b.seqs, inline_i),
         )?;
+        if inline {
+            return Ok(());
+        }
         self.launch(
             &self.k.conv1d_keep,
             (blocks(lru, 256), b.seqs as u32, 1),
