@@ -4,7 +4,12 @@
 #   cargo build --release -p gyre-cli
 #   cargo test --release -p gyre --test cuda_parity --no-run   # copy the printed binary
 # It finds CUDA's libraries, runs the CUDA parity tests (required to open the device), then
-# the benchmarks named in $BENCH ("shape:batch:prompt:gen ..."). Output goes to $OUT if set.
+#   $BENCH   "shape:batch:prompt:gen ...": gyre bench --json, one line each;
+#   $PROFILE "shape:batch:prompt:gen ...": the same with GYRE_CUDA_PROFILE=1 (device time per
+#            kernel, launches timed one by one: not for the speed figures);
+#   $CURVE   "shape:batch:prompt:gen:points ..." (batch may be `max`): the Figure 1a curve,
+#            its table in $OUT/figure1a-SHAPE.txt.
+# Output goes to $OUT if set.
 set -u
 OUT=${OUT:-/tmp/gyre-out}
 mkdir -p "$OUT"
@@ -24,4 +29,16 @@ for b in ${BENCH:-}; do
   echo "== bench $shape batch $batch prompt $prompt gen $gen"
   .devbin/gyre bench --device cuda --synthetic "$shape" --batch "$batch" --prompt "$prompt" --gen "$gen" --json \
     2>>"$OUT/bench.err" | tee -a "$OUT/bench.log" | grep -E "prefill:|decode:|bandwidth ratio|machine read"
+done
+for b in ${PROFILE:-}; do
+  IFS=: read -r shape batch prompt gen <<<"$b"
+  echo "== profile $shape batch $batch prompt $prompt gen $gen"
+  GYRE_CUDA_PROFILE=1 .devbin/gyre bench --device cuda --synthetic "$shape" --batch "$batch" --prompt "$prompt" \
+    --gen "$gen" 2>&1 | tee "$OUT/profile-$shape-b$batch.log" | grep -E "decode:|µs each" | head -40
+done
+for b in ${CURVE:-}; do
+  IFS=: read -r shape batch prompt gen points <<<"$b"
+  echo "== curve $shape batch $batch prompt $prompt gen $gen points $points"
+  .devbin/gyre bench --device cuda --synthetic "$shape" --batch "$batch" --prompt "$prompt" --gen "$gen" \
+    --curve "$points" 2>>"$OUT/bench.err" | tee "$OUT/figure1a-$shape.txt"
 done

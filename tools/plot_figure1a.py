@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Plots the RecurrentGemma paper's Figure 1a experiment from `gyre bench --curve` tables.
 
-    gyre bench --device cuda --synthetic recurrentgemma-2b --batch 32 --prompt 2048 \\
+    gyre bench --device cuda --synthetic recurrentgemma-2b --batch max --prompt 2048 \\
         --gen 8192 --curve 16 > docs/figure1a-recurrentgemma-2b.txt
-    gyre bench --device cuda --synthetic gemma-2b-like --batch 32 --prompt 2048 \\
-        --gen 4096 --curve 8 > docs/figure1a-gemma-2b-like.txt
+    gyre bench --device cuda --synthetic gemma-2b-like --batch max --prompt 2048 \\
+        --gen 8192 --curve 16 > docs/figure1a-gemma-2b-like.txt
     python3 tools/plot_figure1a.py docs/figure1a-*.txt -o docs/figure1a.png
 
 Each table row: generated, window tok/s, total tok/s, state GB (see crates/gyre-cli/src/bench.rs).
@@ -21,9 +21,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 def read(path):
     name, rows = path, []
     for line in open(path):
-        m = re.match(r"model:\s+(\S+)", line)
+        m = re.match(r"model:\s+(\S+).*?(batch \d+)?,? prompt", line)
         if m:
-            name = m.group(1)
+            name = m.group(1) + (f" ({m.group(2)})" if m.group(2) else "")
         parts = line.split()
         if len(parts) == 4 and parts[0].isdigit():
             rows.append([float(p) for p in parts])
@@ -42,7 +42,7 @@ def main():
         tp.plot(gen, [r[1] for r in rows], marker="o", label=name)
         mem.plot(gen, [r[3] for r in rows], marker="o", label=name)
     tp.set_xlabel("tokens generated per sequence (after a 2048-token prompt)")
-    tp.set_ylabel("decode throughput, tokens/s (batch 32)")
+    tp.set_ylabel("decode throughput, tokens/s (whole batch)")
     tp.set_ylim(bottom=0)
     tp.grid(alpha=0.3)
     tp.legend()
