@@ -50,6 +50,18 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Whether [`Sampler::sample`] is exactly [`argmax`] of the logits with these
+    /// parameters: greedy, and no penalty that changes the logits first.
+    pub fn is_plain_greedy(&self) -> bool {
+        let t = self.temperature;
+        let r = self.repetition_penalty;
+        let off = |p: f32| !p.is_finite() || p == 0.0;
+        (t.is_nan() || t <= 0.0)
+            && (!(r.is_finite() && r > 0.0) || r == 1.0)
+            && off(self.presence_penalty)
+            && off(self.frequency_penalty)
+    }
+
     /// Checks every field's range and names the first offending field in the error.
     pub fn validate(&self) -> Result<()> {
         let t = self.temperature;
@@ -433,6 +445,65 @@ fn apply_presence_frequency(logits: &mut [f32], generated: &[u32], presence: f32
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_greedy_params_sample_exactly_the_argmax() {
+        let logits = [0.5, 2.0, -1.0, 2.0, 1.9];
+        let history = [1u32, 1, 4];
+        let greedy = SamplingParams::default();
+        for p in [
+            greedy.clone(),
+            SamplingParams {
+                temperature: f32::NAN,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                repetition_penalty: 0.0,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                repetition_penalty: f32::NAN,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                presence_penalty: f32::INFINITY,
+                frequency_penalty: f32::NAN,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                top_k: 1,
+                top_p: 0.5,
+                min_p: 0.3,
+                ..greedy.clone()
+            },
+        ] {
+            assert!(p.is_plain_greedy(), "{p:?}");
+            assert_eq!(Sampler::new(p).sample(&logits, &history, 1), argmax(&logits));
+        }
+        // Each of these changes the pick (token 1 is in the history), so none is plain.
+        for p in [
+            SamplingParams {
+                repetition_penalty: 1.3,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                presence_penalty: 0.5,
+                ..greedy.clone()
+            },
+            SamplingParams {
+                frequency_penalty: 0.5,
+                ..greedy.clone()
+            },
+        ] {
+            assert!(!p.is_plain_greedy(), "{p:?}");
+            assert_ne!(Sampler::new(p).sample(&logits, &history, 1), argmax(&logits));
+        }
+        assert!(!SamplingParams {
+            temperature: 0.7,
+            ..greedy
+        }
+        .is_plain_greedy());
+    }
 
     fn params(temperature: f32) -> SamplingParams {
         SamplingParams {

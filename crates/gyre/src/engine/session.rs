@@ -58,6 +58,13 @@ pub struct Session<'m> {
     consumed: Vec<u32>,
 }
 
+/// What a feed returns.
+enum Next {
+    Logits(Vec<f32>),
+    /// The greedy next token.
+    Token(u32),
+}
+
 impl<'m> Session<'m> {
     /// A fresh sequence.
     pub fn new(model: &'m dyn Model) -> Session<'m> {
@@ -92,26 +99,43 @@ impl<'m> Session<'m> {
 
     /// Feeds `tokens` and returns the logits after the last one.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
+        match self.feed_for(tokens, false)? {
+            Next::Logits(l) => Ok(l),
+            Next::Token(_) => unreachable!("feed_for(_, false) returns logits"),
+        }
+    }
+
+    /// Feeds `tokens`; returns the logits after the last one, or with `greedy` only the
+    /// greedy next token (picked where the model runs: on a GPU the logits stay there).
+    fn feed_for(&mut self, tokens: &[u32], greedy: bool) -> Result<Next> {
         if let Some(ctx) = self.model.info().context_length {
             let total = self.state.tokens_seen() + tokens.len();
             if total > ctx {
                 bail!("the sequence would be {total} tokens, longer than the model's context of {ctx}");
             }
         }
-        let mut out = self.model.forward(
-            &mut [SeqInput {
-                tokens,
-                state: &mut self.state,
-            }],
-            Logits::Last,
-        )?;
+        let mut batch = [SeqInput {
+            tokens,
+            state: &mut self.state,
+        }];
+        let next = if greedy {
+            Next::Token(self.model.forward_greedy(&mut batch)?.pop().unwrap_or_default())
+        } else {
+            Next::Logits(
+                self.model
+                    .forward(&mut batch, Logits::Last)?
+                    .pop()
+                    .unwrap_or_default(),
+            )
+        };
         self.consumed.extend_from_slice(tokens);
-        Ok(out.pop().unwrap_or_default())
+        Ok(next)
     }
 
     /// Brings the state to the end of `prompt`, reusing the consumed ids it shares with
-    /// `prompt`, and returns the logits after the prompt and how many ids were fed.
-    fn prefill(&mut self, prompt: &[u32]) -> Result<(Vec<f32>, usize)> {
+    /// `prompt`, and returns what follows the prompt (see [`Session::feed_for`]) and how many
+    /// ids were fed.
+    fn prefill(&mut self, prompt: &[u32], greedy: bool) -> Result<(Next, usize)> {
         if prompt.is_empty() {
             bail!("the prompt is empty: nothing to continue from (give some text, or a model that adds BOS)");
         }
@@ -129,8 +153,8 @@ impl<'m> Session<'m> {
             self.consumed.truncate(keep);
         }
         let start = self.consumed.len();
-        let logits = self.feed(&prompt[start..])?;
-        Ok((logits, prompt.len() - start))
+        let next = self.feed_for(&prompt[start..], greedy)?;
+        Ok((next, prompt.len() - start))
     }
 
     /// Continues `prompt` (the whole sequence so far, as ids), streaming text to `on_text`.
@@ -142,7 +166,9 @@ impl<'m> Session<'m> {
         mut on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<Completion> {
         params.sampling.validate()?;
-        let (mut logits, fed) = self.prefill(prompt)?;
+        // Plain greedy decoding needs no logits on the host.
+        let greedy = params.sampling.is_plain_greedy();
+        let (mut next, fed) = self.prefill(prompt, greedy)?;
         let mut sampler = Sampler::new(params.sampling.clone());
         let mut stop = StopMatcher::new(params.stop.clone());
         let mut detok = tokenizer.decode_stream(true);
@@ -160,7 +186,10 @@ impl<'m> Session<'m> {
             if tokens.len() >= params.max_tokens {
                 break FinishReason::Length;
             }
-            let id = sampler.sample(&logits, &history, prompt.len());
+            let id = match &next {
+                Next::Logits(logits) => sampler.sample(logits, &history, prompt.len()),
+                Next::Token(id) => *id,
+            };
             if params.stop_ids.contains(&id) {
                 break FinishReason::Stop;
             }
@@ -178,7 +207,7 @@ impl<'m> Session<'m> {
             if tokens.len() >= params.max_tokens || ctx.is_some_and(|c| self.state.tokens_seen() >= c) {
                 break FinishReason::Length;
             }
-            logits = self.feed(&[id])?;
+            next = self.feed_for(&[id], greedy)?;
         };
         if !stop.is_stopped() {
             let rest = detok.finish()?;

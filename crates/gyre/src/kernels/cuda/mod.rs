@@ -547,6 +547,7 @@ impl Gpu {
             released: std::sync::Condvar::new(),
         }
     }
+
     /// The device's name and architecture.
     pub fn name(&self) -> &str {
         &self.name
@@ -558,11 +559,6 @@ impl Gpu {
             Backend::Cuda { ctx, .. } => ctx.bind_to_thread().map_err(|e| anyhow!("CUDA: {e:?}")),
             Backend::Emulated(_) => Ok(()),
         }
-    }
-
-    /// Whether this is the CPU emulator (GYRE_CUDA_EMULATOR=1).
-    pub fn is_emulated(&self) -> bool {
-        matches!(self.dev, Backend::Emulated(_))
     }
 
     /// The stream for this thread alone until the guard drops (re-entrant: a thread that
