@@ -5,15 +5,18 @@
 // Model: launches run synchronously on the calling thread, one block after another. The
 // threads of a block are fibers on that thread (made once with makecontext, then switched
 // with _setjmp/_longjmp, which unlike swapcontext make no system call), switched only at
-// the CUDA sync points: __syncthreads() releases when every live thread of the block has reached it (as
-// on Volta and later, exited threads do not hold a barrier back), __shfl_xor_sync() when
-// every live lane of the warp has. A block whose threads wait on different sync points is
+// the CUDA sync points: __syncthreads() releases when every live thread of the block has
+// reached it (as on Volta and later, exited threads do not hold a barrier back),
+// __shfl_xor_sync() when every live lane of the warp has. A block whose threads wait on different sync points is
 // a deadlock and fails the launch. `__shared__` variables are thread_local statics (one
-// block runs at a time per host thread). Stream order is program order; a captured graph
-// records launches, copies and products and replays them.
+// block runs at a time per host thread). Blocks run in a scrambled order and the threads of
+// a block alternate direction between sync points, so that code relying on an order CUDA
+// does not promise fails. Stream order is program order; a captured graph records launches,
+// copies and products and replays them.
 //
-// What it cannot tell: timing, memory coalescing, races between blocks (blocks run in
-// order), out-of-bounds reads that stay inside the host's mapped memory.
+// What it cannot tell: timing, memory coalescing, races between blocks that run at the
+// same time on a GPU (here one block finishes before the next starts), out-of-bounds reads
+// that stay inside the host's mapped memory.
 
 #include <cmath>
 #include <cstdint>
@@ -21,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <numeric>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -201,15 +205,19 @@ bool run_block(const std::function<void()>& body, uint3 bdim, std::string& err) 
         f.idx = uint3{i % bdim.x, (i / bdim.x) % bdim.y, i / (bdim.x * bdim.y)};
     }
     unsigned live = n;
+    // Threads run in index order, then in reverse, round after round: code that relies on
+    // an order between sync points (a missing __syncthreads) sees both.
+    bool backwards = false;
     while (live > 0) {
-        for (unsigned i = 0; i < n; i++) {
-            Fiber& f = *b.fibers[i];
+        for (unsigned k = 0; k < n; k++) {
+            Fiber& f = *b.fibers[backwards ? n - 1 - k : k];
             if (f.state != RUNNING) continue;
             b.current = &f;
             thread_idx = f.idx;
             if (_setjmp(b.scheduler) == 0) _longjmp(f.jb, 1);
             if (f.state == DONE) live--;
         }
+        backwards = !backwards;
         if (live == 0) break;
         // Every live thread now waits. Release warps whose live lanes all wait on a shuffle;
         // failing that, the block if all its live threads wait on the barrier.
@@ -350,15 +358,22 @@ int gyre_emu_launch(int kernel, unsigned gx, unsigned gy, unsigned gz, unsigned 
         emu::grid_dim = uint3{gx, gy, gz};
         emu::block_dim = uint3{bx, by, bz};
         emu::dynamic_shared.assign(smem, 0xa5);
-        for (unsigned z = 0; z < gz; z++)
-            for (unsigned y = 0; y < gy; y++)
-                for (unsigned x = 0; x < gx; x++) {
-                    emu::block_idx = uint3{x, y, z};
-                    if (!emu::run_block(body, emu::block_dim, err)) {
-                        err = std::string("kernel ") + name + ": " + err;
-                        return false;
-                    }
-                }
+        // CUDA promises no order between blocks: visit them in a scrambled one (a stride
+        // coprime to their count), so that a kernel relying on one fails its tests here.
+        size_t total = (size_t)gx * gy * gz, stride = 1;
+        for (size_t p : {7919u, 104729u, 1299709u})
+            if (std::gcd(p, total) == 1 && p % total != 1) {
+                stride = p;
+                break;
+            }
+        for (size_t k = 0; k < total; k++) {
+            size_t i = (k * stride + total / 2) % total;
+            emu::block_idx = uint3{(unsigned)(i % gx), (unsigned)(i / gx % gy), (unsigned)(i / gx / gy)};
+            if (!emu::run_block(body, emu::block_dim, err)) {
+                err = std::string("kernel ") + name + ": " + err;
+                return false;
+            }
+        }
         return true;
     });
 }
