@@ -3,13 +3,13 @@
 // this file with the host's C++ compiler and loads it).
 //
 // Model: launches run synchronously on the calling thread, one block after another. The
-// threads of a block are fibers on that thread (made once with makecontext, then switched
-// with _setjmp/_longjmp, which unlike swapcontext make no system call), switched only at
-// the CUDA sync points: __syncthreads() releases when every live thread of the block has
+// threads of a block are fibers on that thread (on x86-64 a dozen instructions switch
+// stacks; elsewhere ucontext, which is slower), switched only at the CUDA sync points: __syncthreads() releases when every live thread of the block has
 // reached it (as on Volta and later, exited threads do not hold a barrier back),
 // __shfl_xor_sync() when every live lane of the warp has. A block whose threads wait on different sync points is
-// a deadlock and fails the launch. `__shared__` variables are thread_local statics (one
-// block runs at a time per host thread). Blocks run in a scrambled order and the threads of
+// a deadlock and fails the launch. One host thread at a time runs emulated work (every
+// entry point takes one lock; gyre's Gpu already serialises its stream), so the built-in
+// variables and `__shared__` ones are plain statics. Blocks run in a scrambled order and the threads of
 // a block alternate direction between sync points, so that code relying on an order CUDA
 // does not promise fails. Stream order is program order; a captured graph records launches,
 // copies and products and replays them.
@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <mutex>
 #include <numeric>
 #include <string>
 #include <tuple>
@@ -31,8 +32,9 @@
 #include <utility>
 #include <vector>
 
-#include <setjmp.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 // ---------------------------------------------------------------------------------------
 // CUDA's built-ins, as kernels.cu uses them.
@@ -42,7 +44,7 @@
 #define __device__
 #define __forceinline__ inline
 #define __restrict__ __restrict
-#define __shared__ static thread_local
+#define __shared__ static
 
 struct uint3 {
     unsigned x, y, z;
@@ -55,8 +57,8 @@ struct float4 {
 };
 
 namespace emu {
-thread_local uint3 thread_idx, block_idx, block_dim, grid_dim;
-thread_local std::vector<unsigned char> dynamic_shared;
+uint3 thread_idx, block_idx, block_dim, grid_dim;
+std::vector<unsigned char> dynamic_shared;
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx)
@@ -120,23 +122,89 @@ namespace emu {
 
 enum : int { RUNNING = 0, AT_BARRIER = 1, AT_SHUFFLE = 2, DONE = 3 };
 
+#if defined(__x86_64__)
+// A suspended fiber is its stack pointer; gyre_emu_switch pushes the callee-saved registers
+// and the SSE/x87 control words, stores the stack pointer to *save, loads `load` and pops
+// the other side's (System V ABI: everything else is caller-saved).
+struct Context {
+    void* sp = nullptr;
+};
+extern "C" void gyre_emu_switch(void** save, void* load);
+asm(R"(
+    .text
+    .globl gyre_emu_switch
+    .hidden gyre_emu_switch
+    .type gyre_emu_switch, @function
+gyre_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size gyre_emu_switch, .-gyre_emu_switch
+)");
+
+inline void switch_to(Context& from, Context& to) { gyre_emu_switch(&from.sp, to.sp); }
+
+// A context whose first switch "returns" into entry(), with the stack aligned as after a
+// call: below the entry address, zeroed registers and the default control words.
+void start(Context& c, char* stack, size_t size, void (*entry)()) {
+    uintptr_t top = ((uintptr_t)(stack + size) & ~(uintptr_t)15) - 16;
+    uint64_t* p = (uint64_t*)top;
+    *p = (uint64_t)(uintptr_t)entry;
+    for (int r = 1; r <= 6; r++) p[-r] = 0;  // rbp, rbx, r12–r15
+    uint32_t* cw = (uint32_t*)(p - 7);
+    cw[0] = 0x1f80;  // MXCSR: all exceptions masked, round to nearest
+    cw[1] = 0x037f;  // x87 control word, the same
+    c.sp = p - 7;
+}
+#else
+struct Context {
+    ucontext_t uc;
+};
+
+inline void switch_to(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+
+void start(Context& c, char* stack, size_t size, void (*entry)()) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = size;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Fiber {
-    ucontext_t ctx;  // only to start the fiber
-    jmp_buf jb;      // where it waits
+    Context ctx;
     int state;
     uint3 idx;
     uint64_t shfl_in, shfl_out;
     int shfl_src;
 };
 
-// One host thread's fibers (each runs one device thread of a block at a time, and is kept
-// for later blocks and launches) and the scheduler's place.
+// The fibers (each runs one device thread of a block at a time, and is kept for later
+// blocks and launches) and the scheduler's context.
 struct Block {
     static const size_t STACK = 64 * 1024;
     std::vector<Fiber*> fibers;
     std::vector<char*> stacks;
-    ucontext_t creator;
-    jmp_buf scheduler;
+    Context scheduler;
     Fiber* current = nullptr;
     const std::function<void()>* body = nullptr;
 
@@ -146,46 +214,42 @@ struct Block {
     }
 };
 
-thread_local Block block;
+Block block;
+
+inline Block& blk() { return block; }
 
 inline void wait(int state) {
-    Fiber* me = block.current;
+    Block& b = block;
+    Fiber* me = b.current;
     me->state = state;
-    if (_setjmp(me->jb) == 0) _longjmp(block.scheduler, 1);
+    switch_to(me->ctx, b.scheduler);
 }
 
 inline unsigned linear_thread() {
     return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
 }
 
-// A fiber's whole life: park at once (back to its creator), then run a device thread each
-// time the scheduler resumes it.
+// A fiber's whole life: run a device thread each time the scheduler starts it.
 void fiber_main() {
-    Fiber* me = block.current;
-    if (_setjmp(me->jb) == 0) swapcontext(&me->ctx, &block.creator);
+    Block& b = block;
+    Fiber* me = b.current;
     for (;;) {
-        (*block.body)();
+        (*b.body)();
         me->state = DONE;
-        if (_setjmp(me->jb) == 0) _longjmp(block.scheduler, 1);
+        switch_to(me->ctx, b.scheduler);
     }
 }
 
 // Grows this host thread's fibers to `n`; false if memory ran out.
 bool ensure_fibers(unsigned n) {
-    Block& b = block;
+    Block& b = blk();
     while (b.fibers.size() < n) {
         char* stack = static_cast<char*>(std::malloc(Block::STACK));
         if (!stack) return false;
         Fiber* f = new Fiber();
         b.stacks.push_back(stack);
         b.fibers.push_back(f);
-        getcontext(&f->ctx);
-        f->ctx.uc_stack.ss_sp = stack;
-        f->ctx.uc_stack.ss_size = Block::STACK;
-        f->ctx.uc_link = nullptr;
-        makecontext(&f->ctx, fiber_main, 0);
-        b.current = f;
-        swapcontext(&b.creator, &f->ctx);
+        start(f->ctx, stack, Block::STACK, fiber_main);
     }
     return true;
 }
@@ -193,11 +257,11 @@ bool ensure_fibers(unsigned n) {
 // Runs one block of `body` to the end; false (with `err` set) on a deadlock.
 bool run_block(const std::function<void()>& body, uint3 bdim, std::string& err) {
     unsigned n = bdim.x * bdim.y * bdim.z;
-    Block& b = block;
     if (!ensure_fibers(n)) {
         err = "out of host memory for the emulated threads' stacks";
         return false;
     }
+    Block& b = blk();
     b.body = &body;
     for (unsigned i = 0; i < n; i++) {
         Fiber& f = *b.fibers[i];
@@ -214,7 +278,7 @@ bool run_block(const std::function<void()>& body, uint3 bdim, std::string& err) 
             if (f.state != RUNNING) continue;
             b.current = &f;
             thread_idx = f.idx;
-            if (_setjmp(b.scheduler) == 0) _longjmp(f.jb, 1);
+            switch_to(b.scheduler, f.ctx);
             if (f.state == DONE) live--;
         }
         backwards = !backwards;
@@ -247,6 +311,12 @@ bool run_block(const std::function<void()>& body, uint3 bdim, std::string& err) 
         if (at_barrier != live) {
             err = "threads of one block wait on different sync points (__syncthreads in "
                   "divergent code, or a shuffle in a warp whose lanes diverged)";
+            // The waiting fibers are abandoned mid-kernel: start them afresh.
+            for (unsigned i = 0; i < n; i++)
+                if (b.fibers[i]->state != DONE) {
+                    start(b.fibers[i]->ctx, b.stacks[i], Block::STACK, fiber_main);
+                    b.fibers[i]->state = DONE;
+                }
             return false;
         }
         for (unsigned i = 0; i < n; i++)
@@ -311,8 +381,10 @@ struct Graph {
     std::vector<Op> ops;
 };
 
-thread_local Graph* capturing = nullptr;
-thread_local std::string last_error;
+Graph* capturing = nullptr;
+std::string last_error;
+// Held by every entry point below.
+std::mutex lock;
 
 int submit(Op op) {
     if (capturing) {
@@ -347,6 +419,7 @@ int gyre_emu_kernel(const char* name) {
 // cuLaunchKernel: `params` points at each argument's value, in the kernel's order.
 int gyre_emu_launch(int kernel, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
                     unsigned bz, unsigned smem, void** params) {
+    std::lock_guard<std::mutex> held(emu::lock);
     if (bx * by * bz == 0 || bx * by * bz > 1024) {
         emu::last_error = "block of " + std::to_string(bx * by * bz) + " threads (1 to 1024)";
         return 1;
@@ -379,6 +452,7 @@ int gyre_emu_launch(int kernel, unsigned gx, unsigned gy, unsigned gz, unsigned 
 }
 
 int gyre_emu_memset_zero(void* p, size_t n) {
+    std::lock_guard<std::mutex> held(emu::lock);
     return emu::submit([=](std::string&) {
         std::memset(p, 0, n);
         return true;
@@ -386,6 +460,7 @@ int gyre_emu_memset_zero(void* p, size_t n) {
 }
 
 int gyre_emu_copy(void* dst, const void* src, size_t n) {
+    std::lock_guard<std::mutex> held(emu::lock);
     return emu::submit([=](std::string&) {
         std::memmove(dst, src, n);
         return true;
@@ -397,6 +472,7 @@ int gyre_emu_copy(void* dst, const void* src, size_t n) {
 int gyre_emu_gemm(int m, int n, int k, float alpha, const void* a, int a_type, int lda,
                   long long stride_a, const void* b, int b_type, int ldb, long long stride_b,
                   float beta, float* c, int ldc, long long stride_c, int batch) {
+    std::lock_guard<std::mutex> held(emu::lock);
     return emu::submit([=](std::string&) {
         for (int g = 0; g < batch; g++)
             for (int j = 0; j < n; j++)
@@ -412,15 +488,20 @@ int gyre_emu_gemm(int m, int n, int k, float alpha, const void* a, int a_type, i
     });
 }
 
-void gyre_emu_begin_capture() { emu::capturing = new emu::Graph(); }
+void gyre_emu_begin_capture() {
+    std::lock_guard<std::mutex> held(emu::lock);
+    emu::capturing = new emu::Graph();
+}
 
 void* gyre_emu_end_capture() {
+    std::lock_guard<std::mutex> held(emu::lock);
     emu::Graph* g = emu::capturing;
     emu::capturing = nullptr;
     return g;
 }
 
 int gyre_emu_replay(void* graph) {
+    std::lock_guard<std::mutex> held(emu::lock);
     std::string err;
     for (const emu::Op& op : static_cast<emu::Graph*>(graph)->ops) {
         if (!op(err)) {

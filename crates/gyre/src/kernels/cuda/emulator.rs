@@ -115,7 +115,8 @@ impl Emulator {
             return Ok(());
         }
         // SAFETY: gyre_emu_last_error returns a NUL-terminated string owned by the runtime,
-        // valid until its next failing call on this thread; it is copied at once.
+        // valid until its next failing call (none can come while this thread holds the
+        // Gpu's stream); it is copied at once.
         let msg = unsafe { CStr::from_ptr((self.last_error)()) }
             .to_string_lossy()
             .into_owned();
@@ -213,7 +214,7 @@ impl Emulator {
         self.check("gemm", rc)
     }
 
-    /// Records this thread's operations until [`Emulator::end_capture`] instead of running
+    /// Records the operations queued until [`Emulator::end_capture`] instead of running
     /// them.
     pub fn begin_capture(&self) {
         // SAFETY: no arguments; starts a recording on this thread.
@@ -235,8 +236,8 @@ impl Emulator {
     }
 }
 
-// SAFETY: the runtime keeps no state shared between host threads (fibers, capture and the
-// last error are thread-local); the entry points are plain functions.
+// SAFETY: every entry point of the runtime takes its lock, and the last error is read right
+// after the failing call by the thread that holds the Gpu's stream (`Gpu::exclusive`).
 unsafe impl Send for Emulator {}
 unsafe impl Sync for Emulator {}
 // SAFETY: a recording is an immutable list of operations once captured; replays only read it.
