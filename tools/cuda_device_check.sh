@@ -9,6 +9,7 @@
 #            kernel, launches timed one by one: not for the speed figures);
 #   $CURVE   "shape:batch:prompt:gen:points ..." (batch may be `max`): the Figure 1a curve,
 #            its table in $OUT/figure1a-SHAPE.txt.
+# Set GYRE_CUDA_PDL=1 in the environment to bench the programmatic-dependent-launch GEMVs.
 # Output goes to $OUT if set.
 set -u
 OUT=${OUT:-/tmp/gyre-out}
@@ -23,6 +24,9 @@ export LD_LIBRARY_PATH
 echo "libraries: $(ls $(echo $LD_LIBRARY_PATH | tr ':' ' ') 2>/dev/null | grep -E '^lib(nvrtc|cublas)\.so' | sort -u | tr '\n' ' ')"
 if [ "${TESTS:-1}" = 1 ]; then
   GYRE_REQUIRE_CUDA=1 .devbin/cuda_parity --test-threads 1 --nocapture 2>&1 | tee "$OUT/tests.log" | grep -E "test |Δ|panicked|result" | tail -80
+  # The same with the GEMVs as programmatic dependents (experimental, GYRE_CUDA_PDL=1).
+  echo "== parity with GYRE_CUDA_PDL=1"
+  GYRE_CUDA_PDL=1 GYRE_REQUIRE_CUDA=1 .devbin/cuda_parity --test-threads 1 2>&1 | tee "$OUT/tests-pdl.log" | grep -E "panicked|result"
 fi
 for b in ${BENCH:-}; do
   IFS=: read -r shape batch prompt gen <<<"$b"

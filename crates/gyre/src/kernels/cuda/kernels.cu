@@ -12,6 +12,19 @@ typedef unsigned long long u64;
 
 #define GYRE_INF __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (Hopper and later). Every kernel lets the next one start
+// early (ALLOW_DEPENDENTS, at its top); only kernels launched with the programmatic
+// attribute (the GEMVs, with GYRE_CUDA_PDL=1) do, and they WAIT_FOR_PRIOR_GRIDS before
+// touching anything but their weights: the first weight loads overlap the previous
+// kernel's tail. Without the attribute both are no-ops.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define WAIT_FOR_PRIOR_GRIDS() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define ALLOW_DEPENDENTS() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define WAIT_FOR_PRIOR_GRIDS()
+#define ALLOW_DEPENDENTS()
+#endif
+
 // The CPU emulator (emulator.cpp) replaces the few PTX-specific pieces below.
 #ifndef GYRE_DYNAMIC_SHARED
 #define GYRE_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
@@ -181,6 +194,7 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
     typedef typename W::T T;
     const int VEC = W::VEC;
     const int P = GATED ? 2 : 1;  // weight rows per warp
+    ALLOW_DEPENDENTS();
     int g = blockIdx.y;
     int lane = threadIdx.x & 31;
     int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
@@ -204,6 +218,8 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
 #pragma unroll
             for (int u = 0; u < GEMV_DEPTH; u++)
                 if (v0 + 32 * u < nvec) q[p][u] = ld_stream((const uint4*)row[p] + v0 + 32 * u);
+        // The weights are in flight; the activations are the previous kernel's output.
+        if (v0 == lane) WAIT_FOR_PRIOR_GRIDS();
 #pragma unroll
         for (int u = 0; u < GEMV_DEPTH; u++) {
             int v = v0 + 32 * u;
@@ -228,6 +244,7 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
             }
         }
     }
+    WAIT_FOR_PRIOR_GRIDS();  // for lanes that skipped the loop above (returns at once otherwise)
     for (int i = nvec * VEC + lane; i < n_in; i += 32) {
 #pragma unroll
         for (int p = 0; p < P; p++) {
@@ -295,6 +312,7 @@ GEMV_ENTRY(gemv_gated_f32_8, WF32, 8, true)
 // (up + b[n + j]).
 extern "C" __global__ void epilogue(float* y, const float* tmp, const float* b, const float* aux,
                                     int rows, int n, int y_stride, int mode) {
+    ALLOW_DEPENDENTS();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)rows * n) return;
     size_t r = i / n, j = i % n, at = r * y_stride + j;
@@ -314,6 +332,7 @@ extern "C" __global__ void epilogue(float* y, const float* tmp, const float* b, 
 // out[r, i] = round(x[r·x_stride + i]), out dense [rows, n].
 extern "C" __global__ void round_rows(const float* x, u16* out, int rows, int n, int x_stride,
                                       int dtype) {
+    ALLOW_DEPENDENTS();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)rows * n) return;
     float v = x[(i / n) * x_stride + i % n];
@@ -330,6 +349,7 @@ extern "C" __global__ void round_rows(const float* x, u16* out, int rows, int n,
 // kernels/cpu/ops.rs rmsnorm (w_offset 0) and rmsnorm_gemma (w_offset 1).
 extern "C" __global__ void rmsnorm(const float* x, const float* w, float* out, int c, float eps,
                                    float w_offset) {
+    ALLOW_DEPENDENTS();
     const float* xr = x + (size_t)blockIdx.x * c;
     float* yr = out + (size_t)blockIdx.x * c;
     float v[NORM_PER_THREAD];
@@ -377,6 +397,7 @@ __device__ void layernorm_row(const float* xr, const float* w, const float* b, i
 
 extern "C" __global__ void layernorm(const float* x, const float* w, const float* b, float* out,
                                      int c, float eps) {
+    ALLOW_DEPENDENTS();
     float v[NORM_PER_THREAD];
     layernorm_row(x + (size_t)blockIdx.x * c, w, b, c, eps, v);
     float* yr = out + (size_t)blockIdx.x * c;
@@ -390,6 +411,7 @@ extern "C" __global__ void layernorm(const float* x, const float* w, const float
 // out[r] = scale · table[tokens[r]] (models/layers.rs gather_embeddings).
 extern "C" __global__ void embed(const void* table, int dtype, const u32* tokens, float* out, int c,
                                  float scale) {
+    ALLOW_DEPENDENTS();
     size_t base = (size_t)tokens[blockIdx.x] * c;
     float* yr = out + (size_t)blockIdx.x * c;
     for (int i = threadIdx.x; i < c; i += blockDim.x) {
@@ -400,6 +422,7 @@ extern "C" __global__ void embed(const void* table, int dtype, const u32* tokens
 
 // Rounds values to bf16 / f16 in place (RWKV's ln0 folded into a table of that dtype).
 extern "C" __global__ void round_in_place(float* x, size_t n, int dtype) {
+    ALLOW_DEPENDENTS();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     if (dtype == DT_BF16) x[i] = bf16_to_f32(f32_to_bf16(x[i]));
@@ -408,6 +431,7 @@ extern "C" __global__ void round_in_place(float* x, size_t n, int dtype) {
 
 // out[i] = x[rows[i]] for picked rows: [n_pick, c].
 extern "C" __global__ void gather_rows(const float* x, const int* rows, float* out, int c) {
+    ALLOW_DEPENDENTS();
     const float* xr = x + (size_t)rows[blockIdx.x] * c;
     float* yr = out + (size_t)blockIdx.x * c;
     for (int i = threadIdx.x; i < c; i += blockDim.x) yr[i] = xr[i];
@@ -420,6 +444,7 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
 // logit, NaN never chosen, ties to the lowest index, 0 when nothing is above -inf. One
 // block per row (blockDim a multiple of 32).
 extern "C" __global__ void argmax_rows(const float* logits, int v, u32* ids) {
+    ALLOW_DEPENDENTS();
     const float* row = logits + (size_t)blockIdx.x * v;
     float best = -GYRE_INF;
     int at = 0x7fffffff;  // none yet
@@ -459,6 +484,7 @@ extern "C" __global__ void argmax_rows(const float* logits, int v, u32* ids) {
 
 // Griffin's final logits: cap · tanh(l / cap).
 extern "C" __global__ void soft_cap(float* x, size_t n, float cap) {
+    ALLOW_DEPENDENTS();
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     x[i] = cap * tanhf(x[i] / cap);
@@ -496,6 +522,7 @@ __device__ __forceinline__ Batch batch_of(const int* meta, const u64* states, in
 // of x (row stride x_stride): dim i pairs with i + half, angle pos · inv_freq[i] in f32.
 extern "C" __global__ void rope(float* x, int x_stride, int n_heads, int hd, int half,
                                 const float* inv_freq, const int* meta, int rows, int seqs) {
+    ALLOW_DEPENDENTS();
     int r = blockIdx.x, h = blockIdx.y;
     Batch b = batch_of(meta, 0, rows, seqs);
     float pos = (float)b.row_pos[r];
@@ -563,6 +590,7 @@ __device__ __forceinline__ const float* kv_at(const KvView& v, int p, int value)
 
 extern "C" __global__ void attention_split(Attn a, const int* meta, const u64* states, int rows,
                                            int seqs, float* part_out, float* part_ml, int splits) {
+    ALLOW_DEPENDENTS();
     __shared__ float4 qs[128];
     __shared__ float sc[KEYS_PER_SPLIT];
     __shared__ float red[ATTN_THREADS];
@@ -641,6 +669,7 @@ extern "C" __global__ void attention_split(Attn a, const int* meta, const u64* s
 // out [rows, heads·hd]: the splits' partial sums merged with their max-shifted weights.
 extern "C" __global__ void attention_merge(const float* part_out, const float* part_ml, float* out,
                                            int heads, int hd, int splits) {
+    ALLOW_DEPENDENTS();
     int r = blockIdx.x, h = blockIdx.y;
     size_t base = ((size_t)r * heads + h) * splits;
     float m = -GYRE_INF;
@@ -663,6 +692,7 @@ extern "C" __global__ void attention_merge(const float* part_out, const float* p
 // After attention: the chunk's keys/values into the cache (state/KvCache write). Only the
 // chunk's last `slots` positions are written, so no two rows share a slot.
 extern "C" __global__ void write_kv(Attn a, const int* meta, const u64* states, int rows, int seqs) {
+    ALLOW_DEPENDENTS();
     int r = blockIdx.x;
     Batch b = batch_of(meta, states, rows, seqs);
     int s = b.row_seq[r], p = b.row_pos[r];
@@ -690,6 +720,7 @@ extern "C" __global__ void conv1d(const float* x, int x_stride, float* out, cons
                                   const float* bias, int lru, int width, long long hist_off,
                                   const int* meta, const u64* states, int rows, int seqs,
                                   int keep_inline) {
+    ALLOW_DEPENDENTS();
     int r = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= lru) return;
     Batch b = batch_of(meta, states, rows, seqs);
@@ -715,6 +746,7 @@ extern "C" __global__ void conv1d(const float* x, int x_stride, float* out, cons
 extern "C" __global__ void conv1d_keep(const float* x, int x_stride, int lru, int width,
                                        long long hist_off, const int* meta, const u64* states,
                                        int rows, int seqs) {
+    ALLOW_DEPENDENTS();
     int s = blockIdx.y, ch = blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= lru) return;
     Batch b = batch_of(meta, states, rows, seqs);
@@ -735,6 +767,7 @@ extern "C" __global__ void rglru_scan(const float* conv, const float* gates, con
                                       int y_stride, const float* log_a_scale, float* out, int lru,
                                       int bw, long long h_off, const int* meta, const u64* states,
                                       int rows, int seqs) {
+    ALLOW_DEPENDENTS();
     int s = blockIdx.y, i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= lru) return;
     Batch b = batch_of(meta, states, rows, seqs);
@@ -768,6 +801,7 @@ extern "C" __global__ void ln_shift_mix(const float* x, const float* w, const fl
                                         float eps, float* out, const float* mixes, int n_mix,
                                         int c, long long shift_off, const int* meta,
                                         const u64* states, int rows, int seqs) {
+    ALLOW_DEPENDENTS();
     int r = blockIdx.x;
     Batch b = batch_of(meta, states, rows, seqs);
     int s = b.row_seq[r];
@@ -814,6 +848,7 @@ extern "C" __global__ void wkv5(const float* rkvg, const float* decay, const flo
                                 const float* ln_w, const float* ln_b, float eps, float* y, int n,
                                 int c_att, long long wkv_off, const int* meta, const u64* states,
                                 int rows, int seqs) {
+    ALLOW_DEPENDENTS();
     GYRE_DYNAMIC_SHARED(float, sh);
     float* S = sh;              // [n, n]
     float* rs = sh + n * n;     // [n]
@@ -855,6 +890,7 @@ extern "C" __global__ void wkv5(const float* rkvg, const float* decay, const flo
 // ---------------------------------------------------------------------------------------
 // The device's read bandwidth (gyre bench): every block sums its share of n 16-byte words.
 extern "C" __global__ void read_sum(const uint4* p, size_t n, float* out) {
+    ALLOW_DEPENDENTS();
     float s = 0.0f;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {

@@ -398,6 +398,8 @@ pub struct Gpu {
     generation: std::sync::atomic::AtomicU64,
     /// Launch timings (GYRE_CUDA_PROFILE=1).
     profile: Option<Mutex<Vec<Timing>>>,
+    /// GEMVs launched as programmatic dependents (GYRE_CUDA_PDL=1, compute capability 9+).
+    pdl: bool,
     /// The thread using the stream (see [`Gpu::exclusive`]), and a wake-up for waiters.
     owner: Mutex<Option<std::thread::ThreadId>>,
     released: std::sync::Condvar,
@@ -526,11 +528,14 @@ impl Gpu {
                 .map_err(|e| anyhow!("CUDA: kernel {name} missing: {e:?}"))
         })?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| anyhow!("cuBLAS: {e:?}"))?;
-        Ok(Gpu::with(
+        let mut gpu = Gpu::with(
             Backend::Cuda { ctx, stream, blas },
             k,
             format!("{name} (sm_{major}{minor})"),
-        ))
+        );
+        // Experimental until measured: the GEMVs start while the previous kernel finishes.
+        gpu.pdl = major >= 9 && std::env::var_os("GYRE_CUDA_PDL").is_some_and(|v| v == "1");
+        Ok(gpu)
     }
 
     fn with(dev: Backend, k: Kernels, name: String) -> Gpu {
@@ -545,6 +550,7 @@ impl Gpu {
                 .then(|| Mutex::new(Vec::new())),
             owner: Mutex::new(None),
             released: std::sync::Condvar::new(),
+            pdl: false,
         }
     }
 
@@ -817,12 +823,41 @@ impl Gpu {
     ) -> Result<()> {
         let _stream = self.exclusive()?;
         let timing = self.profile_start()?;
-        // SAFETY (both arms): every launcher below passes exactly its kernel's parameter
+        // SAFETY (every arm): every launcher below passes exactly its kernel's parameter
         // list, in kernels.cu order, as pointers to values of the matching C types (i32 =
         // int, i64 = long long, f32 = float, DevPtr = a pointer, AttnArgs = struct Attn,
         // both #[repr(C)]/transparent); the launch copies them before returning. Device
         // addresses come from live DevBufs sized by the models for the shapes passed.
         match (&self.dev, &k.f) {
+            (Backend::Cuda { stream, .. }, KernelFn::Cuda(f)) if self.pdl && k.name.starts_with("gemv") => {
+                unsafe {
+                    // The GEMV kernels wait for the previous grid before reading anything but
+                    // their weights (WAIT_FOR_PRIOR_GRIDS in kernels.cu).
+                    let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+                    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+                    attr.value.programmaticStreamSerializationAllowed = 1;
+                    let config = sys::CUlaunchConfig {
+                        gridDimX: grid.0,
+                        gridDimY: grid.1,
+                        gridDimZ: grid.2,
+                        blockDimX: block,
+                        blockDimY: 1,
+                        blockDimZ: 1,
+                        sharedMemBytes: smem,
+                        hStream: stream.cu_stream(),
+                        attrs: &mut attr,
+                        numAttrs: 1,
+                    };
+                    sys::cuLaunchKernelEx(
+                        &config,
+                        f.cu_function(),
+                        params.as_mut_ptr(),
+                        std::ptr::null_mut(),
+                    )
+                    .result()
+                }
+                .map_err(|e| anyhow!("CUDA kernel {} failed to launch: {e:?}", k.name))?
+            }
             (Backend::Cuda { stream, .. }, KernelFn::Cuda(f)) => unsafe {
                 drv::launch_kernel(
                     f.cu_function(),
@@ -1535,8 +1570,11 @@ mod tests {
             eprintln!("skipped: NVRTC is not installed here");
             return;
         }
-        if let Err(e) = super::compile(9, 0) {
-            panic!("{e:#}");
+        // Hopper with programmatic dependent launch, Ampere without it.
+        for (major, minor, pdl) in [(9, 0, true), (8, 0, false)] {
+            let ptx = super::compile(major, minor).unwrap_or_else(|e| panic!("{e:#}"));
+            let src = ptx.to_src();
+            assert_eq!(src.contains("griddepcontrol.wait"), pdl, "sm_{major}{minor}");
         }
     }
 }
