@@ -690,8 +690,14 @@ struct Seq<'t> {
     state: State,
     /// Logits after the state's last token, when they have not been sampled from yet.
     logits: Option<Vec<f32>>,
+    /// The greedy next token, picked by the model where it runs (see `step`), when it has
+    /// not been taken yet.
+    picked: Option<u32>,
     /// The logits last sampled from (after the state's last token): kept for the cache.
+    /// Empty when the last token was picked without them.
     end_logits: Vec<f32>,
+    /// Sampling is exactly argmax and no logprobs are wanted: decode steps need no logits.
+    plain_greedy: bool,
     generated: usize,
     max_tokens: usize,
     sampler: Sampler,
@@ -915,7 +921,9 @@ impl<'a> Engine<'a> {
             cached,
             state,
             logits,
+            picked: None,
             end_logits: Vec::new(),
+            plain_greedy: request.sampling.is_plain_greedy() && request.logprobs.is_none(),
             generated: 0,
             max_tokens,
             sampler: Sampler::new(request.sampling),
@@ -1028,11 +1036,14 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// One batched forward over every running sequence that needs one, then sampling.
+    /// One batched forward over every running sequence that needs one, then sampling. A
+    /// decode step whose sequences are all plain greedy asks the model for its picks only
+    /// (`Model::forward_greedy`: on a GPU the logits never leave it).
     fn step(&mut self, running: &mut [Seq<'_>]) -> anyhow::Result<()> {
         let t0 = Instant::now();
         let chunk = self.shared.limits.prefill_chunk;
         let (mut decode_rows, mut prefill_rows) = (0usize, 0usize);
+        let mut picks_only = true;
         let mut fed: Vec<(usize, usize)> = Vec::new(); // (sequence, tokens fed)
         let mut batch: Vec<SeqInput<'_>> = Vec::with_capacity(running.len());
         for (i, s) in running.iter_mut().enumerate() {
@@ -1049,13 +1060,22 @@ impl<'a> Engine<'a> {
             } else {
                 continue;
             };
+            picks_only &= s.plain_greedy && s.state_len >= s.prompt_len;
             fed.push((i, range.len()));
             batch.push(SeqInput {
                 tokens: &s.history[range],
                 state: &mut s.state,
             });
         }
-        if !batch.is_empty() {
+        if !batch.is_empty() && picks_only {
+            let picks = self.model.forward_greedy(&mut batch)?;
+            drop(batch);
+            for (&(i, n), id) in fed.iter().zip(picks) {
+                let s = &mut running[i];
+                s.state_len += n;
+                s.picked = Some(id);
+            }
+        } else if !batch.is_empty() {
             let out = self.model.forward(&mut batch, Logits::Last)?;
             drop(batch);
             for (&(i, n), logits) in fed.iter().zip(out) {
@@ -1090,6 +1110,9 @@ impl<'a> Engine<'a> {
             if let Some(logits) = s.logits.take() {
                 sampled += self.sample_one(s, &logits) as u64;
                 s.end_logits = logits;
+            } else if let Some(id) = s.picked.take() {
+                s.end_logits.clear();
+                sampled += self.take_token(s, id, None) as u64;
             }
         }
 
@@ -1121,6 +1144,17 @@ impl<'a> Engine<'a> {
             return false;
         }
         let id = s.sampler.sample(logits, &s.history, s.prompt_len);
+        self.take_token(s, id, Some(logits))
+    }
+
+    /// Takes `id` as the sequence's next token (sampled from `logits`, or picked by the model
+    /// when `None`): streams its text and applies the stop rules; returns whether a token
+    /// was generated.
+    fn take_token(&self, s: &mut Seq<'_>, id: u32, logits: Option<&[f32]>) -> bool {
+        if s.generated >= s.max_tokens {
+            self.finish(s, FinishReason::Length);
+            return false;
+        }
         if !s.sampled_any {
             s.sampled_any = true;
             self.observe_ttft(s.submitted.elapsed());
@@ -1129,7 +1163,7 @@ impl<'a> Engine<'a> {
             self.finish(s, FinishReason::Stop);
             return true;
         }
-        if let Some(k) = s.logprobs {
+        if let (Some(k), Some(logits)) = (s.logprobs, logits) {
             s.token_logprobs.push(self.logprob_of(logits, id, k));
         }
         s.history.push(id);
@@ -1230,8 +1264,9 @@ impl<'a> Engine<'a> {
         } else {
             c.requests_cancelled.fetch_add(1, Ordering::Relaxed);
         }
-        // The state holds history[..state_len] and `end_logits` follow it: the sequence so far.
-        if self.cache.budget > 0 && s.state_len > s.prompt_len && !s.end_logits.is_empty() {
+        // The state holds history[..state_len] and `end_logits` follow it (empty when the
+        // last token was picked without logits: the entry then serves longer prompts only).
+        if self.cache.budget > 0 && s.state_len > s.prompt_len {
             let mut tokens = s.history;
             tokens.truncate(s.state_len);
             self.cache.insert(tokens, s.state, s.end_logits);
