@@ -16,27 +16,31 @@ fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(fixtures().join("expected.json")).unwrap()).unwrap()
 }
 
+/// `gyre generate` of 24 greedy tokens after `prompt` on the tiny chat model.
+fn generate_greedy(prompt: &str, device: &str, env: &[(&str, &str)]) -> String {
+    let m = tiny();
+    let args = [
+        "generate",
+        "--model",
+        s(&m),
+        "--device",
+        device,
+        "--prompt",
+        prompt,
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ];
+    ok(&gyre_env(&args, b"", env))
+}
+
 #[test]
 fn generate_greedy_equals_transformers() {
-    let m = tiny();
     for case in expected()["generate"].as_array().unwrap() {
         let prompt = case["prompt"].as_str().unwrap();
-        let out = ok(&gyre(
-            &[
-                "generate",
-                "--model",
-                s(&m),
-                "--prompt",
-                prompt,
-                "--temperature",
-                "0",
-                "--max-tokens",
-                "24",
-            ],
-            b"",
-        ));
         assert_eq!(
-            out,
+            generate_greedy(prompt, "cpu", &[]),
             format!("{}\n", case["text"].as_str().unwrap()),
             "prompt {prompt:?}"
         );
@@ -50,24 +54,7 @@ fn generate_greedy_equals_transformers() {
 fn model_commands_run_on_the_cuda_emulator() {
     let emu = [("GYRE_CUDA_EMULATOR", "1")];
     let case = &expected()["generate"][0];
-    let prompt = case["prompt"].as_str().unwrap();
-    let out = ok(&gyre_env(
-        &[
-            "generate",
-            "--model",
-            s(&tiny()),
-            "--device",
-            "cuda",
-            "--prompt",
-            prompt,
-            "--temperature",
-            "0",
-            "--max-tokens",
-            "24",
-        ],
-        b"",
-        &emu,
-    ));
+    let out = generate_greedy(case["prompt"].as_str().unwrap(), "cuda", &emu);
     assert_eq!(out, format!("{}\n", case["text"].as_str().unwrap()));
     for (family, case, weights, key) in [
         ("griffin", "griffin_small", "", "logits_long"),
