@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use gyre::kernels::cuda::{DeviceReadProbe, Epilogue, Gpu, Product};
+use gyre::kernels::cuda::{DeviceReadProbe, Gpu, Product};
 use gyre::tensor::DType;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -52,15 +52,7 @@ fn main() -> Result<()> {
             .collect::<Result<Vec<_>>>()?;
         let x = gpu.upload(&vec![0.01f32; rows * n_in])?;
         let y = gpu.zeros(rows * n_out * 4)?;
-        let product = Product {
-            x: x.ptr(),
-            x_stride: n_in,
-            rows,
-            y: y.ptr(),
-            y_stride: n_out,
-            bias: None,
-            epilogue: Epilogue::Store,
-        };
+        let product = Product::new(x.ptr(), n_in, rows, y.ptr(), n_out);
         let pass = || -> Result<f64> {
             gpu.sync()?;
             let t = Instant::now();

@@ -180,6 +180,10 @@ struct WF32 {
 // row o and row n_out + o against the same activations and stores the gated MLP's
 // y = act(s_gate) · s_up, act SiLU (mode 4) or GELU-tanh (mode 5), biases bias[o] and
 // bias[n_out + o] added first.
+//
+// norm_w (not null; one group): the activations are RMS-normalised on the way in, as
+// kernels/cpu/ops.rs rmsnorm with weight norm_w: each warp also sums x² over the row it
+// streams anyway, and s = Σ_i W[o, i]·x[r, i]·norm_w[i] / sqrt(mean(x[r]²) + norm_eps).
 #define GEMV_DEPTH 4
 
 __device__ __forceinline__ float gated_act(int mode, float gate, float up) {
@@ -190,7 +194,8 @@ template <class W, int R, bool GATED>
 __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restrict__ y,
                      const float* __restrict__ bias, int n_in, int n_out, int rows, int x_stride,
                      int y_stride, int mode, long long w_group, int x_group, int y_group,
-                     int vec_ok, const float* __restrict__ aux) {
+                     int vec_ok, const float* __restrict__ aux, const float* __restrict__ norm_w,
+                     float norm_eps) {
     typedef typename W::T T;
     const int VEC = W::VEC;
     const int P = GATED ? 2 : 1;  // weight rows per warp
@@ -205,11 +210,13 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
         row[p] = (const T*)w_ + (size_t)g * w_group + (size_t)(o + p * n_out) * n_in;
     x += (size_t)g * x_group;
     y += (size_t)g * y_group;
-    float acc[P][R];
+    float acc[P][R], ss[R];
 #pragma unroll
-    for (int p = 0; p < P; p++)
+    for (int r = 0; r < R; r++) {
+        ss[r] = 0.0f;
 #pragma unroll
-        for (int r = 0; r < R; r++) acc[p][r] = 0.0f;
+        for (int p = 0; p < P; p++) acc[p][r] = 0.0f;
+    }
     int nvec = vec_ok ? n_in / VEC : 0;
     for (int v0 = lane; v0 < nvec; v0 += 32 * GEMV_DEPTH) {
         uint4 q[P][GEMV_DEPTH];
@@ -234,6 +241,14 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
 #pragma unroll
                         for (int c = 0; c < VEC / 4; c++) {
                             float4 a = xr[c];
+                            if (norm_w) {
+                                float4 nw = ((const float4*)(norm_w + v * VEC))[c];
+                                ss[r] += a.x * a.x + a.y * a.y + a.z * a.z + a.w * a.w;
+                                a.x *= nw.x;
+                                a.y *= nw.y;
+                                a.z *= nw.z;
+                                a.w *= nw.w;
+                            }
 #pragma unroll
                             for (int p = 0; p < P; p++)
                                 acc[p][r] += wf[p][4 * c] * a.x + wf[p][4 * c + 1] * a.y +
@@ -247,11 +262,16 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
     WAIT_FOR_PRIOR_GRIDS();  // for lanes that skipped the loop above (returns at once otherwise)
     for (int i = nvec * VEC + lane; i < n_in; i += 32) {
 #pragma unroll
-        for (int p = 0; p < P; p++) {
-            float wv = W::one(row[p], i);
+        for (int r = 0; r < R; r++) {
+            if (r < rows) {
+                float xv = x[(size_t)r * x_stride + i];
+                if (norm_w) {
+                    ss[r] += xv * xv;
+                    xv *= norm_w[i];
+                }
 #pragma unroll
-            for (int r = 0; r < R; r++)
-                if (r < rows) acc[p][r] += wv * x[(size_t)r * x_stride + i];
+                for (int p = 0; p < P; p++) acc[p][r] += W::one(row[p], i) * xv;
+            }
         }
     }
     float b = bias ? bias[(size_t)g * n_out + o] : 0.0f;
@@ -259,8 +279,9 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
 #pragma unroll
     for (int r = 0; r < R; r++) {
         if (r < rows) {
-            float s = warp_sum(acc[0][r]) + b;
-            float up = GATED ? warp_sum(acc[P - 1][r]) + b_up : 0.0f;
+            float inv = norm_w ? 1.0f / sqrtf(warp_sum(ss[r]) / n_in + norm_eps) : 1.0f;
+            float s = warp_sum(acc[0][r]) * inv + b;
+            float up = GATED ? warp_sum(acc[P - 1][r]) * inv + b_up : 0.0f;
             if (lane == 0) {
                 float* dst = y + (size_t)r * y_stride + o;
                 if (GATED) *dst = gated_act(mode, s, up);
@@ -277,9 +298,10 @@ __device__ void gemv(const void* w_, const float* __restrict__ x, float* __restr
     extern "C" __global__ void name(const void* w, const float* x, float* y, const float* bias, \
                                     int n_in, int n_out, int rows, int x_stride, int y_stride,  \
                                     int mode, long long w_group, int x_group, int y_group,      \
-                                    int vec_ok, const float* aux) {                             \
+                                    int vec_ok, const float* aux, const float* norm_w,          \
+                                    float norm_eps) {                                           \
         gemv<W, R, GATED>(w, x, y, bias, n_in, n_out, rows, x_stride, y_stride, mode, w_group,  \
-                          x_group, y_group, vec_ok, aux);                                       \
+                          x_group, y_group, vec_ok, aux, norm_w, norm_eps);                     \
     }
 GEMV_ENTRY(gemv_bf16_1, WBf16, 1, false)
 GEMV_ENTRY(gemv_bf16_2, WBf16, 2, false)

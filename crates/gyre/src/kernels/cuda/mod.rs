@@ -142,6 +142,8 @@ pub struct Product {
     pub bias: Option<DevPtr>,
     /// What becomes of `s = x·Wᵀ (+ b)`.
     pub epilogue: Epilogue,
+    /// RMSNorm of each x row first (weight [cols], eps), inside the GEMV; x dense.
+    pub norm: Option<(DevPtr, f32)>,
 }
 
 impl Product {
@@ -155,6 +157,16 @@ impl Product {
             y_stride,
             bias: None,
             epilogue: Epilogue::Store,
+            norm: None,
+        }
+    }
+
+    /// Of RMS-normalised rows: `x / sqrt(mean(x²) + eps) · w` (kernels/cpu/ops.rs rmsnorm;
+    /// Gemma's `1 + w` is passed already added).
+    pub fn rms_normed(self, w: DevPtr, eps: f32) -> Product {
+        Product {
+            norm: Some((w, eps)),
+            ..self
         }
     }
 
@@ -392,8 +404,9 @@ pub struct Gpu {
     dev: Backend,
     k: Kernels,
     name: String,
-    /// Scratch of cuBLAS products: [0] activations rounded to bf16/f16, [1] bare products.
-    scratch: Mutex<[Option<(DevPtr, usize)>; 2]>,
+    /// Scratch of cuBLAS products: [0] activations rounded to bf16/f16, [1] bare products,
+    /// [2] normalised activations.
+    scratch: Mutex<[Option<(DevPtr, usize)>; 3]>,
     /// Bumped whenever scratch moves: captured graphs of older generations are stale.
     generation: std::sync::atomic::AtomicU64,
     /// Launch timings (GYRE_CUDA_PROFILE=1).
@@ -544,7 +557,7 @@ impl Gpu {
             dev,
             k,
             name,
-            scratch: Mutex::new([None, None]),
+            scratch: Mutex::new([None, None, None]),
             generation: std::sync::atomic::AtomicU64::new(0),
             profile: (cuda && std::env::var_os("GYRE_CUDA_PROFILE").is_some_and(|v| v == "1"))
                 .then(|| Mutex::new(Vec::new())),
@@ -1012,6 +1025,9 @@ impl Gpu {
                 w.groups
             );
         }
+        if p.norm.is_some() && (w.groups != 1 || p.x_stride != w.cols) {
+            bail!("internal: a normalised product needs dense rows and one group");
+        }
         if p.rows > GEMV_ROWS {
             return self.gemm(w, p);
         }
@@ -1037,6 +1053,7 @@ impl Gpu {
             p.epilogue.aux(),
         );
         let (wg, xg, yg) = ((n_out * n_in) as i64, n_in as i32, n_out as i32);
+        let (norm_w, norm_eps) = p.norm.unwrap_or((DevPtr::NULL, 0.0));
         const WARPS: usize = 4;
         self.launch(
             k,
@@ -1044,16 +1061,22 @@ impl Gpu {
             32 * WARPS as u32,
             0,
             params!(
-                w.buf.ptr, p.x, p.y, bias, n_in_i, n_out_i, rows_i, xs, ys, mode, wg, xg, yg, vec_ok, aux
+                w.buf.ptr, p.x, p.y, bias, n_in_i, n_out_i, rows_i, xs, ys, mode, wg, xg, yg, vec_ok, aux,
+                norm_w, norm_eps
             ),
         )
     }
 
     /// cuBLAS product for many rows (prefill, large batches): activations rounded to the
     /// weights' 16-bit dtype, f32 accumulation and output; bias and activation after.
-    fn gemm(&self, w: &DevMatrix, p: Product) -> Result<()> {
+    fn gemm(&self, w: &DevMatrix, mut p: Product) -> Result<()> {
         // Held across the scratch, the rounding launch and the product.
         let _stream = self.exclusive()?;
+        if let Some((norm_w, eps)) = p.norm.take() {
+            let normed = self.scratch(2, p.rows * w.cols * 4)?;
+            self.rmsnorm(p.x, norm_w, normed, p.rows, w.cols, eps, 0.0)?;
+            p.x = normed;
+        }
         let groups = w.groups;
         let (n_out, n_in) = (w.rows / groups, w.cols);
         let full_in = n_in * groups;

@@ -46,6 +46,7 @@ enum Block {
     Attention(Box<Attention>),
 }
 
+/// RMSNorm weights are stored as Gemma applies them, `1 + w`.
 struct Layer {
     temporal_norm: DevBuf,
     channel_norm: DevBuf,
@@ -83,6 +84,11 @@ pub struct CudaGriffin {
 
 fn concat(a: &[f32], b: &[f32]) -> Vec<f32> {
     a.iter().chain(b).copied().collect()
+}
+
+/// Gemma's RMSNorm weight as applied: `1 + w` (models/griffin.rs, rmsnorm_gemma).
+fn plus_one(w: &[f32]) -> Vec<f32> {
+    w.iter().map(|v| 1.0 + v).collect()
 }
 
 impl CudaGriffin {
@@ -139,8 +145,8 @@ impl CudaGriffin {
                 })),
             };
             layers.push(Layer {
-                temporal_norm: gpu.upload(&l.temporal_norm)?,
-                channel_norm: gpu.upload(&l.channel_norm)?,
+                temporal_norm: gpu.upload(&plus_one(&l.temporal_norm))?,
+                channel_norm: gpu.upload(&plus_one(&l.channel_norm))?,
                 block,
                 gate_up: upload_fused(gpu, &[&l.gate, &l.up], &what("mlp_block.gate/up_proj"))?,
                 gate_up_b: gpu.upload(&concat(&l.gate_b, &l.up_b))?,
@@ -168,7 +174,7 @@ impl CudaGriffin {
             embed_dtype: m.embed.dtype(),
             layers,
             n_recurrent: nr,
-            final_norm: gpu.upload(&m.final_norm)?,
+            final_norm: gpu.upload(&plus_one(&m.final_norm))?,
         })
     }
 }
@@ -225,13 +231,11 @@ impl DeviceModel for CudaGriffin {
             let (rows, np) = (b.rows, b.n_picked);
             [
                 rows * c,
-                rows * c,
                 rows * wide,
                 rows * lru,
                 rows * 2 * lru,
                 rows * lru.max(qd).max(f),
                 Gpu::attention_scratch(rows, h, hd, b.max_keys),
-                np * c,
                 np * c,
             ]
         };
@@ -241,7 +245,7 @@ impl DeviceModel for CudaGriffin {
             out,
             self.window + 1,
             sizes,
-            |b, [x, normed, xy, conv, gates, tmp, part, px, pn], logits| {
+            |b, [x, xy, conv, gates, tmp, part, px], logits| {
                 let (rows, np) = (b.rows, b.n_picked);
                 g.embed(
                     self.head.buf.ptr(),
@@ -255,11 +259,12 @@ impl DeviceModel for CudaGriffin {
                 let prod = |x, x_stride, y, y_stride| Product::new(x, x_stride, rows, y, y_stride);
                 let (hist_base, h_base) = (0, self.n_recurrent * (w - 1) * lru);
                 for l in &self.layers {
-                    g.rmsnorm(x, l.temporal_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
+                    let normed =
+                        |y, y_stride| prod(x, c, y, y_stride).rms_normed(l.temporal_norm.ptr(), self.eps);
                     match &l.block {
                         Block::Recurrent(r) => {
                             // xy [rows, 2·lru]: linear_x | linear_y
-                            g.linear(&r.xy, prod(normed, c, xy, 2 * lru).with_bias(r.xy_b.ptr()))?;
+                            g.linear(&r.xy, normed(xy, 2 * lru).with_bias(r.xy_b.ptr()))?;
                             let hist_off = hist_base + r.index * (w - 1) * lru;
                             let (cw, cb) = (r.conv_w.ptr(), r.conv_b.ptr());
                             g.conv1d(xy, 2 * lru, conv, cw, cb, lru, w, hist_off, b.meta)?;
@@ -276,7 +281,7 @@ impl DeviceModel for CudaGriffin {
                             )?;
                         }
                         Block::Attention(a) => {
-                            g.linear(&a.qkv, prod(normed, c, xy, qkvd))?;
+                            g.linear(&a.qkv, normed(xy, qkvd))?;
                             g.rope(xy, qkvd, h + kvh, hd, self.rot_half, self.inv_freq.ptr(), b.meta)?;
                             let kv_offset = self.run.layout.kv_offset();
                             let span = self.window + 1;
@@ -285,9 +290,11 @@ impl DeviceModel for CudaGriffin {
                             g.linear(&a.o, prod(tmp, qd, x, c).with_bias(a.o_b.ptr()).accumulating())?;
                         }
                     }
-                    g.rmsnorm(x, l.channel_norm.ptr(), normed, rows, c, self.eps, 1.0)?;
                     let gelu = Epilogue::GatedMlp { gelu: true };
-                    let gate_up = prod(normed, c, tmp, f).with_bias(l.gate_up_b.ptr()).then(gelu);
+                    let gate_up = prod(x, c, tmp, f)
+                        .rms_normed(l.channel_norm.ptr(), self.eps)
+                        .with_bias(l.gate_up_b.ptr())
+                        .then(gelu);
                     g.linear(&l.gate_up, gate_up)?;
                     g.linear(
                         &l.down,
@@ -295,8 +302,8 @@ impl DeviceModel for CudaGriffin {
                     )?;
                 }
                 g.gather_rows(x, b.picked, px, np, c)?;
-                g.rmsnorm(px, self.final_norm.ptr(), pn, np, c, self.eps, 1.0)?;
-                g.linear(&self.head, Product::new(pn, c, np, logits, v))?;
+                let head = Product::new(px, c, np, logits, v).rms_normed(self.final_norm.ptr(), self.eps);
+                g.linear(&self.head, head)?;
                 if self.soft_cap > 0.0 {
                     g.soft_cap(logits, np * v, self.soft_cap)?;
                 }

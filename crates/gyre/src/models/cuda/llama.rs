@@ -120,12 +120,10 @@ impl DeviceModel for CudaLlama {
             let (rows, np) = (b.rows, b.n_picked);
             [
                 rows * c,
-                rows * c,
                 rows * qkvd,
                 rows * qd,
                 rows * f,
                 Gpu::attention_scratch(rows, h, hd, b.max_keys),
-                np * c,
                 np * c,
             ]
         };
@@ -135,14 +133,14 @@ impl DeviceModel for CudaLlama {
             out,
             self.window.unwrap_or(0),
             sizes,
-            |b, [x, normed, qkv, attn, act, part, px, pn], logits| {
+            |b, [x, qkv, attn, act, part, px], logits| {
                 let (rows, np) = (b.rows, b.n_picked);
                 let embed = self.embed.as_ref().map_or(self.lm_head.buf.ptr(), |e| e.ptr());
                 g.embed(embed, self.embed_dtype, b.tokens, x, rows, c, 1.0)?;
                 let prod = |x, x_stride, y, y_stride| Product::new(x, x_stride, rows, y, y_stride);
                 for (li, l) in self.layers.iter().enumerate() {
-                    g.rmsnorm(x, l.attn_norm.ptr(), normed, rows, c, self.eps, 0.0)?;
-                    g.linear(&l.qkv, prod(normed, c, qkv, qkvd))?;
+                    let eps = self.eps;
+                    g.linear(&l.qkv, prod(x, c, qkv, qkvd).rms_normed(l.attn_norm.ptr(), eps))?;
                     g.rope(qkv, qkvd, h + kvh, hd, hd / 2, self.inv_freq.ptr(), b.meta)?;
                     let kv_offset = self.run.layout.kv_offset();
                     let span = self.window.unwrap_or(0);
@@ -150,14 +148,14 @@ impl DeviceModel for CudaLlama {
                     g.attention(args, b.meta, b.max_keys, attn, part)?;
                     g.linear(&l.o, prod(attn, qd, x, c).accumulating())?;
 
-                    g.rmsnorm(x, l.mlp_norm.ptr(), normed, rows, c, self.eps, 0.0)?;
                     let silu = Epilogue::GatedMlp { gelu: false };
-                    g.linear(&l.gate_up, prod(normed, c, act, f).then(silu))?;
+                    let gate_up = prod(x, c, act, f).rms_normed(l.mlp_norm.ptr(), eps).then(silu);
+                    g.linear(&l.gate_up, gate_up)?;
                     g.linear(&l.down, prod(act, f, x, c).accumulating())?;
                 }
                 g.gather_rows(x, b.picked, px, np, c)?;
-                g.rmsnorm(px, self.norm.ptr(), pn, np, c, self.eps, 0.0)?;
-                g.linear(&self.lm_head, Product::new(pn, c, np, logits, v))?;
+                let head = Product::new(px, c, np, logits, v).rms_normed(self.norm.ptr(), self.eps);
+                g.linear(&self.lm_head, head)?;
                 Ok(())
             },
         )
