@@ -14,9 +14,12 @@
 // does not promise fails. Stream order is program order; a captured graph records launches,
 // copies and products and replays them.
 //
+// Device memory is host memory, each buffer ending right before an inaccessible page, so a
+// kernel that reads or writes past a buffer's end faults at once.
+//
 // What it cannot tell: timing, memory coalescing, races between blocks that run at the
-// same time on a GPU (here one block finishes before the next starts), out-of-bounds reads
-// that stay inside the host's mapped memory.
+// same time on a GPU (here one block finishes before the next starts), accesses before a
+// buffer's start or in the alignment slack after its end (under 256 bytes).
 
 #include <cmath>
 #include <cstdint>
@@ -32,6 +35,8 @@
 #include <utility>
 #include <vector>
 
+#include <sys/mman.h>
+#include <unistd.h>
 #if !defined(__x86_64__)
 #include <ucontext.h>
 #endif
@@ -515,5 +520,23 @@ int gyre_emu_replay(void* graph) {
 void gyre_emu_graph_free(void* graph) { delete static_cast<emu::Graph*>(graph); }
 
 const char* gyre_emu_last_error() { return emu::last_error.c_str(); }
+
+// Device memory: the buffer's 256-byte-aligned end abuts a PROT_NONE page.
+static size_t page_size() { return (size_t)sysconf(_SC_PAGESIZE); }
+static size_t body_of(size_t bytes) { return (bytes + page_size() - 1) / page_size() * page_size(); }
+static size_t lead_of(size_t bytes) { return body_of(bytes) - (bytes + 255) / 256 * 256; }
+
+void* gyre_emu_alloc(size_t bytes) {
+    size_t body = body_of(bytes);
+    void* base = mmap(nullptr, body + page_size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                      -1, 0);
+    if (base == MAP_FAILED) return nullptr;
+    mprotect((char*)base + body, page_size(), PROT_NONE);
+    return (char*)base + lead_of(bytes);
+}
+
+void gyre_emu_free(void* p, size_t bytes) {
+    munmap((char*)p - lead_of(bytes), body_of(bytes) + page_size());
+}
 
 }  // extern "C"

@@ -62,6 +62,8 @@ pub struct Emulator {
     replay: unsafe extern "C" fn(*mut c_void) -> c_int,
     graph_free: unsafe extern "C" fn(*mut c_void),
     last_error: unsafe extern "C" fn() -> *const c_char,
+    alloc: unsafe extern "C" fn(usize) -> *mut c_void,
+    free: unsafe extern "C" fn(*mut c_void, usize),
     /// Keeps the entry points above valid.
     _lib: libloading::Library,
 }
@@ -106,6 +108,8 @@ impl Emulator {
             replay: sym!("gyre_emu_replay"),
             graph_free: sym!("gyre_emu_graph_free"),
             last_error: sym!("gyre_emu_last_error"),
+            alloc: sym!("gyre_emu_alloc"),
+            free: sym!("gyre_emu_free"),
             _lib: lib,
         })
     }
@@ -212,6 +216,20 @@ impl Emulator {
             batch,
         );
         self.check("gemm", rc)
+    }
+
+    /// `bytes` (> 0) of emulated device memory, 256-byte aligned, ending right before an
+    /// inaccessible page: a kernel reading or writing past a buffer's end faults at once.
+    pub fn alloc(&self, bytes: usize) -> Option<u64> {
+        // SAFETY: plain allocation (mmap); the address is owned by the caller.
+        let p = unsafe { (self.alloc)(bytes) };
+        (!p.is_null()).then_some(p as u64)
+    }
+
+    /// # Safety
+    /// `ptr` came from [`Emulator::alloc`] with these `bytes` and is freed once.
+    pub unsafe fn free(&self, ptr: u64, bytes: usize) {
+        (self.free)(ptr as *mut c_void, bytes)
     }
 
     /// Records the operations queued until [`Emulator::end_capture`] instead of running

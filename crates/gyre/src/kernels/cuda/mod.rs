@@ -633,15 +633,10 @@ impl Gpu {
                     bytes >> 20
                 )
             }),
-            Backend::Emulated(_) => {
-                let layout = std::alloc::Layout::from_size_align(bytes, 256)?;
-                // SAFETY: `layout` has a non-zero size (callers never ask for 0 bytes).
-                let p = unsafe { std::alloc::alloc(layout) };
-                if p.is_null() {
-                    bail!("CUDA emulator: allocating {} MiB failed", bytes >> 20);
-                }
-                Ok(DevPtr(p as u64))
-            }
+            Backend::Emulated(emu) => emu
+                .alloc(bytes)
+                .map(DevPtr)
+                .ok_or_else(|| anyhow!("CUDA emulator: allocating {} MiB failed", bytes >> 20)),
         }
     }
 
@@ -655,11 +650,7 @@ impl Gpu {
                 let _ = ctx.bind_to_thread();
                 let _ = drv::free_sync(ptr.0);
             }
-            Backend::Emulated(_) => {
-                if let Ok(layout) = std::alloc::Layout::from_size_align(bytes, 256) {
-                    std::alloc::dealloc(ptr.0 as *mut u8, layout);
-                }
-            }
+            Backend::Emulated(emu) => emu.free(ptr.0, bytes),
         }
     }
 
