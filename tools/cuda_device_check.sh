@@ -28,6 +28,13 @@ if [ "${TESTS:-1}" = 1 ]; then
   echo "== parity with GYRE_CUDA_PDL=1"
   GYRE_CUDA_PDL=1 GYRE_REQUIRE_CUDA=1 .devbin/cuda_parity --test-threads 1 2>&1 | tee "$OUT/tests-pdl.log" | grep -E "panicked|result"
 fi
+if [ "${E2E:-1}" = 1 ]; then
+  # The binary end to end: greedy text on the GPU equals the CPU's (tiny chat Llama).
+  args=(generate --model crates/gyre-cli/tests/fixtures/tiny_chat --temperature 0 --max-tokens 32 --prompt "Hello there")
+  cpu=$(.devbin/gyre "${args[@]}" --device cpu 2>&1)
+  gpu=$(.devbin/gyre "${args[@]}" --device cuda 2>&1)
+  if [ "$cpu" = "$gpu" ]; then echo "e2e generate: cpu and cuda agree"; else printf 'e2e generate: DIFFER\ncpu: %s\ncuda: %s\n' "$cpu" "$gpu"; fi | tee "$OUT/e2e.log"
+fi
 for b in ${BENCH:-}; do
   IFS=: read -r shape batch prompt gen <<<"$b"
   echo "== bench $shape batch $batch prompt $prompt gen $gen"
