@@ -1,11 +1,11 @@
 //! The CUDA backend against the CPU path (itself tested against the reference
 //! implementations) on every model fixture.
 //!
-//! On a machine with a CUDA driver they run on its first device; with `GYRE_REQUIRE_CUDA=1`
-//! (set on the GPU machine) a broken CUDA setup fails them. Without a driver they run on the
-//! CUDA emulator (`GYRE_CUDA_EMULATOR=1`: kernels.cu compiled for the CPU), which checks the
-//! kernels' arithmetic, the launch configurations, graphs, batch layouts and device states,
-//! though not timing or races between blocks.
+//! They run on the first GPU; with `GYRE_REQUIRE_CUDA=1` (set on the GPU machine) a broken
+//! CUDA setup fails them. Where no GPU can be used they run on the CUDA emulator
+//! (`GYRE_CUDA_EMULATOR=1`: kernels.cu compiled for the CPU), which checks the kernels'
+//! arithmetic and bounds, the launch configurations, graphs, batch layouts and device states,
+//! though not timing or races between blocks that a GPU runs at once.
 //!
 //! Bounds, relative to the largest |logit| of the CPU result (at least 1):
 //! - f32 weights: 1e-4: products accumulate in f32 in another order (GEMV, cuBLAS without
