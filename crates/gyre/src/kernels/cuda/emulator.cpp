@@ -4,16 +4,18 @@
 //
 // Model: launches run synchronously on the calling thread, one block after another. The
 // threads of a block are fibers on that thread (on x86-64 a dozen instructions switch
-// stacks; elsewhere ucontext, which is slower), switched only at the CUDA sync points: __syncthreads() releases when every live thread of the block has
-// reached it (as on Volta and later, exited threads do not hold a barrier back),
-// __shfl_xor_sync() when every live lane of the warp has. A block whose threads wait on different sync points is
-// a deadlock and fails the launch. One host thread at a time runs emulated work (every
-// entry point takes one lock; gyre's Gpu already serialises its stream), so the built-in
-// variables and `__shared__` ones are plain statics. Blocks run in a scrambled order and the threads of
-// a block alternate direction between sync points, so that code relying on an order CUDA
-// does not promise fails. Stream order is program order; a captured graph records launches,
-// copies and products and replays them.
-//
+// stacks; elsewhere ucontext, which is slower), switched only at the CUDA sync points:
+// __syncthreads() releases when every live thread of the block has reached it (as on Volta
+// and later, exited threads do not hold a barrier back), __shfl_xor_sync() when every live
+// lane of the warp has. A block whose threads wait on different sync points is a deadlock
+// and fails the launch. One host thread at a time runs emulated work (every entry point
+// takes one lock; gyre's Gpu already serialises its stream), so the built-in variables and
+// `__shared__` ones are plain statics. Blocks run in a scrambled order and the threads of a
+// block alternate direction between sync points, so that code relying on an order CUDA does
+// not promise fails. Stream order is program order; a captured graph records launches,
+// copies and products and replays them. griddepcontrol (programmatic dependent launch) is a
+// no-op here: launches are ordered anyway.
+
 // Device memory is host memory, each buffer ending right before an inaccessible page, so a
 // kernel that reads or writes past a buffer's end faults at once.
 //
