@@ -862,14 +862,16 @@ extern "C" __global__ void ln_shift_mix(const float* x, const float* w, const fl
 }
 
 // WKV recurrence, one block per (head, sequence), thread j owning value column j of the
-// head's state S [N (key i), N (value j)] (kept in shared memory), then RWKV's ln_x
-// GroupNorm of the head's output and the gate: y = (gn(wkv) · ln_w + ln_b) · silu(g)
-// (models/rwkv5.rs). rkvg: r, k, v, g side by side, [rows, 4·c_att]; decay w and bonus u
-// [H·N]; y [rows, c_att]. N is a multiple of 32 (the reductions are whole warps).
+// head's state S [N (key i), N (value j)] (kept in shared memory). rkvg: r, k, v, g side by
+// side, [rows, 4·c_att]; decay w and bonus u [H·N]; y [rows, c_att]. With norm_inline (a
+// decode step: one row per sequence) it also applies RWKV's ln_x GroupNorm of the head's
+// output and the gate, y = (gn(wkv) · ln_w + ln_b) · silu(g) (models/rwkv5.rs; N a multiple
+// of 32, the reductions are whole warps). Longer segments leave that to group_norm_gate:
+// two block reductions per token would lengthen the sequential scan by about half.
 extern "C" __global__ void wkv5(const float* rkvg, const float* decay, const float* bonus,
                                 const float* ln_w, const float* ln_b, float eps, float* y, int n,
                                 int c_att, long long wkv_off, const int* meta, const u64* states,
-                                int rows, int seqs) {
+                                int rows, int seqs, int norm_inline) {
     ALLOW_DEPENDENTS();
     GYRE_DYNAMIC_SHARED(float, sh);
     float* S = sh;              // [n, n]
@@ -900,6 +902,10 @@ extern "C" __global__ void wkv5(const float* rkvg, const float* decay, const flo
             acc += rs[i] * sij;
             S[i * n + j] = ks[i] * vj + w[i] * sij;
         }
+        if (!norm_inline) {
+            y[(size_t)row * c_att + col] = acc;
+            continue;
+        }
         float mean = block_sum(acc) / n;
         float d = acc - mean;
         float inv = 1.0f / sqrtf(block_sum(d * d) / n + eps);
@@ -907,6 +913,30 @@ extern "C" __global__ void wkv5(const float* rkvg, const float* decay, const flo
         y[(size_t)row * c_att + col] = (d * inv * ln_w[col] + ln_b[col]) * (g / (1.0f + expf(-g)));
     }
     for (int i = 0; i < n; i++) st[i * n + j] = S[i * n + j];
+}
+
+// RWKV's ln_x GroupNorm per head (eps given) with weight/bias [c_att], then × silu(g), in
+// place on y [rows, c_att]; g with row stride g_stride. One warp per (row, head).
+extern "C" __global__ void group_norm_gate(float* y, const float* g, int g_stride, const float* w,
+                                           const float* bias, int n, int c_att, int rows,
+                                           float eps) {
+    ALLOW_DEPENDENTS();
+    int heads = c_att / n;
+    int item = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (item >= rows * heads) return;
+    int r = item / heads, h = item % heads;
+    float* v = y + (size_t)r * c_att + h * n;
+    const float* gv = g + (size_t)r * g_stride + h * n;
+    float s = 0.0f;
+    for (int i = lane; i < n; i += 32) s += v[i];
+    float mean = warp_sum(s) / n;
+    float q = 0.0f;
+    for (int i = lane; i < n; i += 32) q += (v[i] - mean) * (v[i] - mean);
+    float inv = 1.0f / sqrtf(warp_sum(q) / n + eps);
+    for (int i = lane; i < n; i += 32) {
+        float gi = gv[i];
+        v[i] = ((v[i] - mean) * inv * w[h * n + i] + bias[h * n + i]) * (gi / (1.0f + expf(-gi)));
+    }
 }
 
 // ---------------------------------------------------------------------------------------

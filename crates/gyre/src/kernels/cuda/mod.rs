@@ -326,6 +326,7 @@ struct Kernels {
     rglru_scan: Kernel,
     ln_shift_mix: Kernel,
     wkv5: Kernel,
+    group_norm_gate: Kernel,
     read_sum: Kernel,
 }
 
@@ -394,6 +395,7 @@ impl Kernels {
             rglru_scan: f("rglru_scan")?,
             ln_shift_mix: f("ln_shift_mix")?,
             wkv5: f("wkv5")?,
+            group_norm_gate: f("group_norm_gate")?,
             read_sum: f("read_sum")?,
         })
     }
@@ -1517,12 +1519,30 @@ impl Gpu {
         if smem > 48 * 1024 {
             bail!("RWKV head size {n} needs {smem} bytes of shared memory, above 48 KiB");
         }
+        // A decode step normalises inside the scan; longer segments afterwards, in parallel.
+        let inline = b.rows == b.seqs;
+        let inline_i = inline as i32;
         self.launch(
             &self.k.wkv5,
             (heads as u32, b.seqs as u32, 1),
             n as u32,
             smem,
-            params!(rkvg, decay, bonus, ln_w, ln_b, eps, y, n_i, c_att, wo, b.meta, b.states, b.rows, b.seqs),
+            params!(
+                rkvg, decay, bonus, ln_w, ln_b, eps, y, n_i, c_att, wo, b.meta, b.states, b.rows, b.seqs,
+                inline_i
+            ),
+        )?;
+        if inline {
+            return Ok(());
+        }
+        let (gate, g_stride, rows) = (rkvg.f32_at(3 * heads * n), 4 * c_att, b.rows);
+        let items = rows as usize * heads;
+        self.launch(
+            &self.k.group_norm_gate,
+            (blocks(items, 8), 1, 1),
+            THREADS,
+            0,
+            params!(y, gate, g_stride, ln_w, ln_b, n_i, c_att, rows, eps),
         )
     }
 }
