@@ -1139,10 +1139,6 @@ impl<'a> Engine<'a> {
     /// Samples a sequence's next token from `logits`, streams its text and applies the stop
     /// rules; returns whether a token was generated.
     fn sample_one(&self, s: &mut Seq<'_>, logits: &[f32]) -> bool {
-        if s.generated >= s.max_tokens {
-            self.finish(s, FinishReason::Length);
-            return false;
-        }
         let id = s.sampler.sample(logits, &s.history, s.prompt_len);
         self.take_token(s, id, Some(logits))
     }

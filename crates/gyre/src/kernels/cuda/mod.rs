@@ -297,6 +297,10 @@ pub struct BatchMeta {
 struct Kernel {
     f: KernelFn,
     name: &'static str,
+    /// Waits for the previous grid before reading anything but its weights
+    /// (WAIT_FOR_PRIOR_GRIDS in kernels.cu), so it may be launched as a programmatic
+    /// dependent: the GEMVs.
+    waits_for_prior_grids: bool,
 }
 
 enum KernelFn {
@@ -333,47 +337,55 @@ struct Kernels {
 impl Kernels {
     /// Every kernel, found by name.
     fn load(find: impl Fn(&'static str) -> Result<KernelFn>) -> Result<Kernels> {
-        let f = |name: &'static str| find(name).map(|f| Kernel { f, name });
+        let kernel = |name: &'static str, waits_for_prior_grids| {
+            find(name).map(|f| Kernel {
+                f,
+                name,
+                waits_for_prior_grids,
+            })
+        };
+        let f = |name| kernel(name, false);
+        let gemv = |name| kernel(name, true);
         Ok(Kernels {
             gemv: [
                 [
                     [
-                        f("gemv_f32_1")?,
-                        f("gemv_f32_2")?,
-                        f("gemv_f32_4")?,
-                        f("gemv_f32_8")?,
+                        gemv("gemv_f32_1")?,
+                        gemv("gemv_f32_2")?,
+                        gemv("gemv_f32_4")?,
+                        gemv("gemv_f32_8")?,
                     ],
                     [
-                        f("gemv_f16_1")?,
-                        f("gemv_f16_2")?,
-                        f("gemv_f16_4")?,
-                        f("gemv_f16_8")?,
+                        gemv("gemv_f16_1")?,
+                        gemv("gemv_f16_2")?,
+                        gemv("gemv_f16_4")?,
+                        gemv("gemv_f16_8")?,
                     ],
                     [
-                        f("gemv_bf16_1")?,
-                        f("gemv_bf16_2")?,
-                        f("gemv_bf16_4")?,
-                        f("gemv_bf16_8")?,
+                        gemv("gemv_bf16_1")?,
+                        gemv("gemv_bf16_2")?,
+                        gemv("gemv_bf16_4")?,
+                        gemv("gemv_bf16_8")?,
                     ],
                 ],
                 [
                     [
-                        f("gemv_gated_f32_1")?,
-                        f("gemv_gated_f32_2")?,
-                        f("gemv_gated_f32_4")?,
-                        f("gemv_gated_f32_8")?,
+                        gemv("gemv_gated_f32_1")?,
+                        gemv("gemv_gated_f32_2")?,
+                        gemv("gemv_gated_f32_4")?,
+                        gemv("gemv_gated_f32_8")?,
                     ],
                     [
-                        f("gemv_gated_f16_1")?,
-                        f("gemv_gated_f16_2")?,
-                        f("gemv_gated_f16_4")?,
-                        f("gemv_gated_f16_8")?,
+                        gemv("gemv_gated_f16_1")?,
+                        gemv("gemv_gated_f16_2")?,
+                        gemv("gemv_gated_f16_4")?,
+                        gemv("gemv_gated_f16_8")?,
                     ],
                     [
-                        f("gemv_gated_bf16_1")?,
-                        f("gemv_gated_bf16_2")?,
-                        f("gemv_gated_bf16_4")?,
-                        f("gemv_gated_bf16_8")?,
+                        gemv("gemv_gated_bf16_1")?,
+                        gemv("gemv_gated_bf16_2")?,
+                        gemv("gemv_gated_bf16_4")?,
+                        gemv("gemv_gated_bf16_8")?,
                     ],
                 ],
             ],
@@ -829,16 +841,14 @@ impl Gpu {
     ) -> Result<()> {
         let _stream = self.exclusive()?;
         let timing = self.profile_start()?;
-        // SAFETY (every arm): every launcher below passes exactly its kernel's parameter
+        // SAFETY (both devices): every launcher below passes exactly its kernel's parameter
         // list, in kernels.cu order, as pointers to values of the matching C types (i32 =
         // int, i64 = long long, f32 = float, DevPtr = a pointer, AttnArgs = struct Attn,
         // both #[repr(C)]/transparent); the launch copies them before returning. Device
         // addresses come from live DevBufs sized by the models for the shapes passed.
         match (&self.dev, &k.f) {
-            (Backend::Cuda { stream, .. }, KernelFn::Cuda(f)) if self.pdl && k.name.starts_with("gemv") => {
-                unsafe {
-                    // The GEMV kernels wait for the previous grid before reading anything but
-                    // their weights (WAIT_FOR_PRIOR_GRIDS in kernels.cu).
+            (Backend::Cuda { stream, .. }, KernelFn::Cuda(f)) => unsafe {
+                if self.pdl && k.waits_for_prior_grids {
                     let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
                     attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
                     attr.value.programmaticStreamSerializationAllowed = 1;
@@ -861,20 +871,18 @@ impl Gpu {
                         std::ptr::null_mut(),
                     )
                     .result()
+                } else {
+                    drv::launch_kernel(
+                        f.cu_function(),
+                        grid,
+                        (block, 1, 1),
+                        smem,
+                        stream.cu_stream(),
+                        params,
+                    )
                 }
                 .map_err(|e| anyhow!("CUDA kernel {} failed to launch: {e:?}", k.name))?
-            }
-            (Backend::Cuda { stream, .. }, KernelFn::Cuda(f)) => unsafe {
-                drv::launch_kernel(
-                    f.cu_function(),
-                    grid,
-                    (block, 1, 1),
-                    smem,
-                    stream.cu_stream(),
-                    params,
-                )
-            }
-            .map_err(|e| anyhow!("CUDA kernel {} failed to launch: {e:?}", k.name))?,
+            },
             (Backend::Emulated(emu), KernelFn::Emulated(i)) => unsafe {
                 emu.launch(*i, k.name, grid, block, smem, params)?
             },
