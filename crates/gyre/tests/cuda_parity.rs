@@ -21,10 +21,13 @@ use common::*;
 use gyre::kernels::cuda::{self, Gpu};
 use gyre::loader::Checkpoint;
 use gyre::models::{self, Device, LoadOptions, Logits, Model, SeqInput};
-use gyre::tensor::DType;
+use gyre::tensor::{DType, Tensor};
 
+/// (family, fixture, token set). A fixture name ending in `@bf16` is the f32 fixture with
+/// every matrix rounded to bf16: a model whose state caches keys and values in bf16.
 const CASES: &[(&str, &str, &str)] = &[
     ("griffin", "griffin_small", "tokens_long"),
+    ("griffin", "griffin_small@bf16", "tokens_long"),
     ("griffin", "griffin_attn_first", "tokens_long"),
     ("llama", "llama_gqa_f32", "tokens"),
     ("llama", "llama_mha_oldconfig_f32", "tokens"),
@@ -77,14 +80,21 @@ struct Pair {
 }
 
 fn pair(family: &str, case: &str, tokens: &str) -> Pair {
-    let dir = fixture(family, case);
+    let (name, as_bf16) = match case.strip_suffix("@bf16") {
+        Some(name) => (name, true),
+        None => (case, false),
+    };
+    let dir = fixture(family, name);
     // RWKV fixtures hold a .pth beside the expected logits: name the weights.
     let weights = if family == "rwkv5" {
         dir.join("model.pth")
     } else {
         dir.clone()
     };
-    let ckpt = Checkpoint::open(&weights, |_, _| {}).unwrap();
+    let mut ckpt = Checkpoint::open(&weights, |_, _| {}).unwrap();
+    if as_bf16 {
+        ckpt = matrices_as_bf16(&ckpt);
+    }
     let cpu = models::load(&ckpt).unwrap();
     let gpu = models::load_with(&ckpt, ON_GPU).unwrap_or_else(|e| panic!("{case}: {e:#}"));
     let exp = Expected::read(&dir.join("expected.safetensors"));
@@ -99,6 +109,23 @@ fn pair(family: &str, case: &str, tokens: &str) -> Pair {
         tokens: exp.ids(tokens).to_vec(),
         bound,
     }
+}
+
+/// The checkpoint with every tensor of two or more dimensions rounded to bf16.
+fn matrices_as_bf16(ckpt: &Checkpoint) -> Checkpoint {
+    let tensors = ckpt
+        .names()
+        .map(|n| {
+            let t = ckpt.get(n).unwrap();
+            let t = if t.shape().len() >= 2 {
+                Tensor::from_f32_as_bf16(&t.to_f32_vec(), t.shape().to_vec())
+            } else {
+                t.clone()
+            };
+            (n.to_string(), t)
+        })
+        .collect();
+    Checkpoint::from_tensors(ckpt.config().unwrap().clone(), tensors)
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], bound: f32) {
@@ -235,6 +262,26 @@ fn cuda_batched_forward_equals_one_sequence_at_a_time() {
             let alone = prefill_from(m, st, chunk);
             assert_close(&format!("{case} batch row {i}"), &together[i], &alone, p.bound);
         }
+    });
+}
+
+/// A 16-bit model's device cache holds its keys and values in that dtype, as the reference
+/// does: half the bytes of the CPU's f32 cache. An f32 model's is the CPU's size.
+#[test]
+fn cuda_caches_keep_the_models_dtype() {
+    each_case(|case, p| {
+        if !matches!(
+            p.cpu.info().arch,
+            gyre::models::Arch::Llama | gyre::models::Arch::Mistral
+        ) {
+            return;
+        }
+        // Past every fixture's window: a ring is whole on both sides.
+        let tokens = 4096;
+        let (host, device) = (p.cpu.state_bytes(tokens), p.gpu.state_bytes(tokens));
+        let f32_model = p.cpu.info().dtypes.iter().all(|&d| d == DType::F32);
+        let want = if f32_model { host } else { host / 2 };
+        assert_eq!(device, want, "{case}: device state bytes");
     });
 }
 

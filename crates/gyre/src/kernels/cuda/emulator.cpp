@@ -56,12 +56,16 @@
 struct uint3 {
     unsigned x, y, z;
 };
+struct uint2 {
+    unsigned x, y;
+};
 struct uint4 {
     unsigned x, y, z, w;
 };
 struct float4 {
     float x, y, z, w;
 };
+inline float4 make_float4(float x, float y, float z, float w) { return float4{x, y, z, w}; }
 
 namespace emu {
 uint3 thread_idx, block_idx, block_dim, grid_dim;

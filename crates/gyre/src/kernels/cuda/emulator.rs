@@ -262,12 +262,15 @@ unsafe impl Sync for Emulator {}
 unsafe impl Send for EmuGraph {}
 unsafe impl Sync for EmuGraph {}
 
-/// Kernel entry points of `kernels.cu`: `extern "C" __global__ void NAME(` and the GEMV
-/// entries `GEMV_ENTRY(NAME, …)`.
+/// Kernel entry points of `kernels.cu`: `extern "C" __global__ void NAME(` and the template
+/// instances `SOMETHING_ENTRY(NAME, …)` at the start of a line.
 fn kernel_names(source: &str) -> Vec<&str> {
     let mut names = Vec::new();
     for line in source.lines() {
-        let rest = if let Some(r) = line.strip_prefix("GEMV_ENTRY(") {
+        let instance = line
+            .split_once("_ENTRY(")
+            .filter(|(m, _)| !m.is_empty() && m.bytes().all(|b| b.is_ascii_uppercase() || b == b'_'));
+        let rest = if let Some((_, r)) = instance {
             r
         } else if let Some(at) = line.find("extern \"C\" __global__ void ") {
             &line[at + "extern \"C\" __global__ void ".len()..]
@@ -275,7 +278,7 @@ fn kernel_names(source: &str) -> Vec<&str> {
             continue;
         };
         let name = rest.split(['(', ',']).next().unwrap_or("").trim();
-        // The GEMV_ENTRY macro's own definition names its parameter `name`.
+        // An entry macro's own definition names its parameter `name`.
         if !name.is_empty() && name != "name" && !line.trim_end().ends_with('\\') {
             names.push(name);
         }
@@ -292,7 +295,7 @@ fn build(kernels_source: &str) -> Result<PathBuf> {
         .map(|n| format!("GYRE_EMU_KERNEL({n})\n"))
         .collect();
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    (RUNTIME, kernels_source, &compiler).hash(&mut h);
+    (RUNTIME, kernels_source, &list, &compiler).hash(&mut h);
     let dir = std::env::temp_dir().join(format!("gyre-cuda-emulator-{:016x}", h.finish()));
     let lib = dir.join("libgyre_cuda_emulator.so");
     if lib.exists() {
@@ -348,7 +351,9 @@ mod tests {
             "gemv_bf16_1",
             "gemv_f32_8",
             "rmsnorm",
-            "attention_split",
+            "attention_split_bf16",
+            "write_kv_f16",
+            "attention_merge",
             "wkv5",
             "read_sum",
         ] {

@@ -562,9 +562,14 @@ extern "C" __global__ void rope(float* x, int x_stride, int n_heads, int hd, int
 // Attention (models/layers.rs attend_chunk). A query at position p sees keys
 // max(0, p + 1 − span) ..= p (span 0: all). Keys at or after the sequence's first new
 // position come from this pass's rows (qkv), older ones from the cache: sequence s's layer l
-// keys are states[s] + kv_offset + l·2·slots·kvd ([slots, kvd], position p in slot p % slots),
-// values follow the keys. Split over keys (KEYS_PER_SPLIT each) for parallelism; a second
-// kernel merges the splits' softmax partials.
+// keys are at byte states[s] + kv_offset + l·2·slots·kvd·sizeof(cache element) ([slots, kvd],
+// position p in slot p % slots), values follow the keys. Split over keys (KEYS_PER_SPLIT
+// each) for parallelism; a second kernel merges the splits' softmax partials.
+//
+// The cache holds the model's weight dtype (KvF32, KvBf16, KvF16), as the reference keeps
+// its cache in the model's dtype. The chunk's own keys and values are rounded to that type as
+// they are read, so a position weighs the same whether it comes from the chunk or the cache:
+// a prefill equals token-by-token decoding.
 
 #define KEYS_PER_SPLIT 64
 
@@ -576,43 +581,86 @@ struct Attn {
     float scale;
 };
 
-// Where sequence s's keys and values are: chunk rows from `first_new` on, the cache before.
-struct KvView {
-    const float *new_k, *new_v, *old_k, *old_v;
-    int first_new, slots;
-    size_t row_stride, kvd;
+struct KvF32 {
+    typedef float T;
+    __device__ static float4 load4(const T* p) { return *(const float4*)p; }
+    __device__ static float load(const T* p) { return *p; }
+    __device__ static float round(float x) { return x; }
+    __device__ static T store(float x) { return x; }
 };
 
-__device__ __forceinline__ KvView kv_view(const Attn& a, const Batch& b, int s, int g) {
-    KvView v;
-    int kvd = a.kv_heads * a.hd;
-    v.first_new = b.seg_pos[s];
-    v.slots = b.slots[s];
-    v.row_stride = a.row_stride;
-    v.kvd = kvd;
-    const float* rows0 = a.qkv + (size_t)b.seg_row[s] * a.row_stride + g * a.hd;
-    v.new_k = rows0 + a.k_off;
-    v.new_v = rows0 + a.v_off;
-    const float* base = (const float*)b.states[s] + a.kv_offset + (size_t)a.layer * 2 * v.slots * kvd;
-    v.old_k = base + g * a.hd;
-    v.old_v = base + (size_t)v.slots * kvd + g * a.hd;
-    return v;
-}
+struct KvBf16 {
+    typedef u16 T;
+    __device__ static float4 load4(const T* p) {
+        uint2 q = *(const uint2*)p;
+        return make_float4(__uint_as_float(q.x << 16), __uint_as_float(q.x & 0xffff0000u),
+                           __uint_as_float(q.y << 16), __uint_as_float(q.y & 0xffff0000u));
+    }
+    __device__ static float load(const T* p) { return bf16_to_f32(*p); }
+    __device__ static float round(float x) { return bf16_to_f32(f32_to_bf16(x)); }
+    __device__ static T store(float x) { return f32_to_bf16(x); }
+};
 
-__device__ __forceinline__ const float* kv_at(const KvView& v, int p, int value) {
-    if (p >= v.first_new) return (value ? v.new_v : v.new_k) + (size_t)(p - v.first_new) * v.row_stride;
-    return (value ? v.old_v : v.old_k) + (size_t)(p % v.slots) * v.kvd;
-}
+struct KvF16 {
+    typedef u16 T;
+    __device__ static float4 load4(const T* p) {
+        uint2 q = *(const uint2*)p;
+        return make_float4(f16_to_f32((u16)(q.x & 0xffffu)), f16_to_f32((u16)(q.x >> 16)),
+                           f16_to_f32((u16)(q.y & 0xffffu)), f16_to_f32((u16)(q.y >> 16)));
+    }
+    __device__ static float load(const T* p) { return f16_to_f32(*p); }
+    __device__ static float round(float x) { return f16_to_f32(f32_to_f16(x)); }
+    __device__ static T store(float x) { return f32_to_f16(x); }
+};
+
+// Where sequence s's keys and values of kv head g are: chunk rows from `first_new` on, the
+// cache before.
+template <class KV>
+struct KvView {
+    typedef typename KV::T T;
+    const float *new_k, *new_v;
+    const T *old_k, *old_v;
+    int first_new, slots;
+    size_t row_stride, kvd;
+
+    __device__ KvView(const Attn& a, const Batch& b, int s, int g) {
+        kvd = (size_t)a.kv_heads * a.hd;
+        first_new = b.seg_pos[s];
+        slots = b.slots[s];
+        row_stride = a.row_stride;
+        const float* rows0 = a.qkv + (size_t)b.seg_row[s] * a.row_stride + g * a.hd;
+        new_k = rows0 + a.k_off;
+        new_v = rows0 + a.v_off;
+        const T* base = (const T*)((const char*)b.states[s] + a.kv_offset) + (size_t)a.layer * 2 * slots * kvd;
+        old_k = base + g * a.hd;
+        old_v = base + (size_t)slots * kvd + g * a.hd;
+    }
+
+    // Elements 4c .. 4c + 4 of position p's key.
+    __device__ __forceinline__ float4 key4(int p, int c) const {
+        if (p >= first_new) {
+            float4 k = ((const float4*)(new_k + (size_t)(p - first_new) * row_stride))[c];
+            return make_float4(KV::round(k.x), KV::round(k.y), KV::round(k.z), KV::round(k.w));
+        }
+        return KV::load4(old_k + (size_t)(p % slots) * kvd + 4 * c);
+    }
+
+    // Element d of position p's value.
+    __device__ __forceinline__ float value(int p, int d) const {
+        if (p >= first_new) return KV::round(new_v[(size_t)(p - first_new) * row_stride + d]);
+        return KV::load(old_v + (size_t)(p % slots) * kvd + d);
+    }
+};
 
 // One block (ATTN_THREADS) per (row, head, split of KEYS_PER_SPLIT keys). Scores: each warp
-// takes KEYS_PER_WARP keys at once (one 16-byte piece of each per lane in flight). Values:
+// takes KEYS_PER_WARP keys at once (one 4-element piece of each per lane in flight). Values:
 // threads split over (dimension, key group), the groups summed through shared memory.
 #define ATTN_THREADS 256
 #define KEYS_PER_WARP (KEYS_PER_SPLIT / (ATTN_THREADS / 32))
 
-extern "C" __global__ void attention_split(Attn a, const int* meta, const u64* states, int rows,
-                                           int seqs, float* part_out, float* part_ml, int splits) {
-    ALLOW_DEPENDENTS();
+template <class KV>
+__device__ void attention_split(const Attn& a, const int* meta, const u64* states, int rows,
+                                int seqs, float* part_out, float* part_ml, int splits) {
     __shared__ float4 qs[128];
     __shared__ float sc[KEYS_PER_SPLIT];
     __shared__ float red[ATTN_THREADS];
@@ -630,7 +678,7 @@ extern "C" __global__ void attention_split(Attn a, const int* meta, const u64* s
         return;
     }
     int g = h / (a.heads / a.kv_heads);
-    KvView kv = kv_view(a, b, s, g);
+    KvView<KV> kv(a, b, s, g);
     int hd4 = a.hd / 4;
     const float4* q = (const float4*)(a.qkv + (size_t)r * a.row_stride + a.q_off + h * a.hd);
     for (int c = threadIdx.x; c < hd4; c += blockDim.x) qs[c] = q[c];
@@ -646,7 +694,7 @@ extern "C" __global__ void attention_split(Attn a, const int* meta, const u64* s
 #pragma unroll
         for (int u = 0; u < KEYS_PER_WARP; u++) {
             if (first + u < n) {
-                float4 kk = ((const float4*)kv_at(kv, k0 + first + u, 0))[c];
+                float4 kk = kv.key4(k0 + first + u, c);
                 acc[u] += qv.x * kk.x + qv.y * kk.y + qv.z * kk.z + qv.w * kk.w;
             }
         }
@@ -671,7 +719,7 @@ extern "C" __global__ void attention_split(Attn a, const int* meta, const u64* s
         float v = 0.0f;
         if (grp < groups && d < a.hd) {
 #pragma unroll 8
-            for (int j = grp; j < n; j += groups) v += sc[j] * kv_at(kv, k0 + j, 1)[d];
+            for (int j = grp; j < n; j += groups) v += sc[j] * kv.value(k0 + j, d);
         }
         red[threadIdx.x] = v;
         __syncthreads();
@@ -687,6 +735,16 @@ extern "C" __global__ void attention_split(Attn a, const int* meta, const u64* s
         part_ml[2 * part + 1] = l;
     }
 }
+
+#define ATTENTION_SPLIT_ENTRY(name, KV)                                                          \
+    extern "C" __global__ void name(Attn a, const int* meta, const u64* states, int rows,       \
+                                    int seqs, float* part_out, float* part_ml, int splits) {    \
+        ALLOW_DEPENDENTS();                                                                      \
+        attention_split<KV>(a, meta, states, rows, seqs, part_out, part_ml, splits);            \
+    }
+ATTENTION_SPLIT_ENTRY(attention_split_f32, KvF32)
+ATTENTION_SPLIT_ENTRY(attention_split_f16, KvF16)
+ATTENTION_SPLIT_ENTRY(attention_split_bf16, KvBf16)
 
 // out [rows, heads·hd]: the splits' partial sums merged with their max-shifted weights.
 extern "C" __global__ void attention_merge(const float* part_out, const float* part_ml, float* out,
@@ -711,25 +769,37 @@ extern "C" __global__ void attention_merge(const float* part_out, const float* p
     }
 }
 
-// After attention: the chunk's keys/values into the cache (state/KvCache write). Only the
-// chunk's last `slots` positions are written, so no two rows share a slot.
-extern "C" __global__ void write_kv(Attn a, const int* meta, const u64* states, int rows, int seqs) {
-    ALLOW_DEPENDENTS();
+// After attention: the chunk's keys/values into the cache (state/KvCache write), in the
+// cache's type. Only the chunk's last `slots` positions are written, so no two rows share a
+// slot.
+template <class KV>
+__device__ void write_kv(const Attn& a, const int* meta, const u64* states, int rows, int seqs) {
+    typedef typename KV::T T;
     int r = blockIdx.x;
     Batch b = batch_of(meta, states, rows, seqs);
     int s = b.row_seq[r], p = b.row_pos[r];
     int slots = b.slots[s], end = b.seg_pos[s] + b.seg_len[s];
     if (p + slots < end) return;
-    int kvd = a.kv_heads * a.hd;
-    float* base = (float*)b.states[s] + a.kv_offset + (size_t)a.layer * 2 * slots * kvd;
-    float* kd = base + (size_t)(p % slots) * kvd;
-    float* vd = kd + (size_t)slots * kvd;
+    size_t kvd = (size_t)a.kv_heads * a.hd;
+    T* base = (T*)((char*)b.states[s] + a.kv_offset) + (size_t)a.layer * 2 * slots * kvd;
+    T* kd = base + (size_t)(p % slots) * kvd;
+    T* vd = kd + (size_t)slots * kvd;
     const float* src = a.qkv + (size_t)r * a.row_stride;
-    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
-        kd[i] = src[a.k_off + i];
-        vd[i] = src[a.v_off + i];
+    for (int i = threadIdx.x; i < (int)kvd; i += blockDim.x) {
+        kd[i] = KV::store(src[a.k_off + i]);
+        vd[i] = KV::store(src[a.v_off + i]);
     }
 }
+
+#define WRITE_KV_ENTRY(name, KV)                                                                 \
+    extern "C" __global__ void name(Attn a, const int* meta, const u64* states, int rows,       \
+                                    int seqs) {                                                  \
+        ALLOW_DEPENDENTS();                                                                      \
+        write_kv<KV>(a, meta, states, rows, seqs);                                               \
+    }
+WRITE_KV_ENTRY(write_kv_f32, KvF32)
+WRITE_KV_ENTRY(write_kv_f16, KvF16)
+WRITE_KV_ENTRY(write_kv_bf16, KvBf16)
 
 // ---------------------------------------------------------------------------------------
 // RecurrentGemma recurrent block (models/griffin.rs `recurrent`).

@@ -255,7 +255,8 @@ pub struct AttnArgs {
 
 impl AttnArgs {
     /// Attention over rows laid out [q (heads·hd) | k (kv_heads·hd) | v (kv_heads·hd)] (one
-    /// fused projection), scores scaled by hd^-0.5; `span` as in kernels.cu (0: all keys).
+    /// fused projection), scores scaled by hd^-0.5; the caches start `kv_offset` bytes into
+    /// each state; `span` as in kernels.cu (0: all keys).
     pub fn fused_qkv(
         qkv: DevPtr,
         heads: usize,
@@ -322,9 +323,11 @@ struct Kernels {
     soft_cap: Kernel,
     argmax_rows: Kernel,
     rope: Kernel,
-    attention_split: Kernel,
+    /// [f32, f16, bf16 cache]
+    attention_split: [Kernel; 3],
     attention_merge: Kernel,
-    write_kv: Kernel,
+    /// [f32, f16, bf16 cache]
+    write_kv: [Kernel; 3],
     conv1d: Kernel,
     conv1d_keep: Kernel,
     rglru_scan: Kernel,
@@ -399,9 +402,13 @@ impl Kernels {
             soft_cap: f("soft_cap")?,
             argmax_rows: f("argmax_rows")?,
             rope: f("rope")?,
-            attention_split: f("attention_split")?,
+            attention_split: [
+                f("attention_split_f32")?,
+                f("attention_split_f16")?,
+                f("attention_split_bf16")?,
+            ],
             attention_merge: f("attention_merge")?,
-            write_kv: f("write_kv")?,
+            write_kv: [f("write_kv_f32")?, f("write_kv_f16")?, f("write_kv_bf16")?],
             conv1d: f("conv1d")?,
             conv1d_keep: f("conv1d_keep")?,
             rglru_scan: f("rglru_scan")?,
@@ -1350,11 +1357,12 @@ impl Gpu {
     }
 
     /// Attention of every row over its visible keys (`max_keys` bounds any row's count),
-    /// then the chunk's keys into the caches. `out` [rows, heads·hd]; `part` scratch of at
-    /// least [`Gpu::attention_scratch`] f32 values.
+    /// then the chunk's keys into the caches, which hold `cache` values. `out` [rows,
+    /// heads·hd]; `part` scratch of at least [`Gpu::attention_scratch`] f32 values.
     pub fn attention(
         &self,
         a: AttnArgs,
+        cache: DType,
         b: BatchMeta,
         max_keys: usize,
         out: DevPtr,
@@ -1372,7 +1380,7 @@ impl Gpu {
         let part_ml = part.f32_at(rows * heads * splits * a.hd as usize);
         let splits_i = splits as i32;
         self.launch(
-            &self.k.attention_split,
+            &self.k.attention_split[dtype_code(cache) as usize],
             (rows as u32, heads as u32, splits as u32),
             256,
             0,
@@ -1387,7 +1395,7 @@ impl Gpu {
             params!(part, part_ml, out, heads_i, hd_i, splits_i),
         )?;
         self.launch(
-            &self.k.write_kv,
+            &self.k.write_kv[dtype_code(cache) as usize],
             (rows as u32, 1, 1),
             128,
             0,

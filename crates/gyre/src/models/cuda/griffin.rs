@@ -192,7 +192,8 @@ pub(super) fn state_layout(m: &Griffin) -> StateLayout {
     ));
     let mut fixed = vec![(w - 1) * lru; nr];
     fixed.extend(std::iter::repeat_n(lru, nr));
-    StateLayout::new(template, fixed, 2 * m.n_attention, kv_dim, Some(m.window))
+    let n = 2 * m.n_attention;
+    StateLayout::new(template, fixed, n, kv_dim, m.embed.dtype(), Some(m.window))
 }
 
 impl DeviceModel for CudaGriffin {
@@ -202,16 +203,6 @@ impl DeviceModel for CudaGriffin {
 
     fn model_info(&self) -> &ModelInfo {
         &self.info
-    }
-
-    fn bytes_for(&self, _tokens: usize) -> usize {
-        GriffinState::bytes_for(self.n_recurrent, self.lru, self.conv_width)
-            + KvCache::bytes_at(
-                self.layout_kv_layers(),
-                self.kv_heads * self.head_dim,
-                Some(self.window),
-                self.window,
-            )
     }
 
     fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
@@ -283,10 +274,11 @@ impl DeviceModel for CudaGriffin {
                         Block::Attention(a) => {
                             g.linear(&a.qkv, normed(xy, qkvd))?;
                             g.rope(xy, qkvd, h + kvh, hd, self.rot_half, self.inv_freq.ptr(), b.meta)?;
-                            let kv_offset = self.run.layout.kv_offset();
+                            let layout = &self.run.layout;
+                            let (kv_offset, cache) = (layout.kv_offset(), layout.kv_dtype());
                             let span = self.window + 1;
                             let args = AttnArgs::fused_qkv(xy, h, kvh, hd, kv_offset, a.kv_index, span);
-                            g.attention(args, b.meta, b.max_keys, tmp, part)?;
+                            g.attention(args, cache, b.meta, b.max_keys, tmp, part)?;
                             g.linear(&a.o, prod(tmp, qd, x, c).with_bias(a.o_b.ptr()).accumulating())?;
                         }
                     }
@@ -310,14 +302,5 @@ impl DeviceModel for CudaGriffin {
                 Ok(())
             },
         )
-    }
-}
-
-impl CudaGriffin {
-    fn layout_kv_layers(&self) -> usize {
-        self.layers
-            .iter()
-            .filter(|l| matches!(l.block, Block::Attention(_)))
-            .count()
     }
 }

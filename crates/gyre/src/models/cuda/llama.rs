@@ -84,11 +84,13 @@ impl CudaLlama {
     }
 }
 
-/// The device state: the CPU cache's parts (keys, values per layer) at `slots` rows each.
+/// The device state: the CPU cache's parts (keys, values per layer) at `slots` rows each,
+/// in the model's dtype (its embedding table's).
 pub(super) fn state_layout(m: &Llama) -> StateLayout {
     let kv_dim = m.kv_heads * m.head_dim;
     let template = State::Kv(KvCache::new(m.layers.len(), kv_dim, m.window));
-    StateLayout::new(template, Vec::new(), 2 * m.layers.len(), kv_dim, m.window)
+    let n = 2 * m.layers.len();
+    StateLayout::new(template, Vec::new(), n, kv_dim, m.embed.dtype(), m.window)
 }
 
 impl DeviceModel for CudaLlama {
@@ -98,15 +100,6 @@ impl DeviceModel for CudaLlama {
 
     fn model_info(&self) -> &ModelInfo {
         &self.info
-    }
-
-    fn bytes_for(&self, tokens: usize) -> usize {
-        KvCache::bytes_at(
-            self.layers.len(),
-            self.kv_heads * self.head_dim,
-            self.window,
-            tokens,
-        )
     }
 
     fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
@@ -142,10 +135,10 @@ impl DeviceModel for CudaLlama {
                     let eps = self.eps;
                     g.linear(&l.qkv, prod(x, c, qkv, qkvd).rms_normed(l.attn_norm.ptr(), eps))?;
                     g.rope(qkv, qkvd, h + kvh, hd, hd / 2, self.inv_freq.ptr(), b.meta)?;
-                    let kv_offset = self.run.layout.kv_offset();
+                    let (kv_offset, cache) = (self.run.layout.kv_offset(), self.run.layout.kv_dtype());
                     let span = self.window.unwrap_or(0);
                     let args = AttnArgs::fused_qkv(qkv, h, kvh, hd, kv_offset, li, span);
-                    g.attention(args, b.meta, b.max_keys, attn, part)?;
+                    g.attention(args, cache, b.meta, b.max_keys, attn, part)?;
                     g.linear(&l.o, prod(attn, qd, x, c).accumulating())?;
 
                     let silu = Epilogue::GatedMlp { gelu: false };

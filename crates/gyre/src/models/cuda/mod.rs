@@ -28,8 +28,9 @@ use crate::state::State;
 use crate::tensor::{DType, Matrix};
 
 /// How a family's state sits in device memory: the CPU state's parts in order, the first
-/// `fixed.len()` at the given capacities (f32 values), then `kv_parts` key/value parts of
-/// `slots · kv_dim` each (layer l's keys are part 2l, its values 2l + 1).
+/// `fixed.len()` at the given capacities (f32 values), then, 16-byte aligned, `kv_parts`
+/// key/value parts of `slots · kv_dim` values of `kv_dtype` each (layer l's keys are part 2l,
+/// its values 2l + 1).
 #[derive(Debug)]
 pub struct StateLayout {
     /// A CPU state of this shape: names, shapes and family of the parts.
@@ -37,6 +38,9 @@ pub struct StateLayout {
     fixed: Vec<usize>,
     kv_parts: usize,
     kv_dim: usize,
+    /// What the key/value caches hold: the model's weight dtype, as the reference's cache
+    /// (the CPU state holds f32; values convert on the way between).
+    kv_dtype: DType,
     /// Slots of a ring cache; `None`: the cache grows with the sequence.
     ring: Option<usize>,
 }
@@ -47,6 +51,7 @@ impl StateLayout {
         fixed: Vec<usize>,
         kv_parts: usize,
         kv_dim: usize,
+        kv_dtype: DType,
         ring: Option<usize>,
     ) -> Self {
         StateLayout {
@@ -54,32 +59,107 @@ impl StateLayout {
             fixed,
             kv_parts,
             kv_dim,
+            kv_dtype,
             ring,
         }
     }
 
-    /// f32 offset of the key/value parts (layer 0's keys).
+    /// The key/value caches' element type.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
+    /// Byte offset of the key/value parts (layer 0's keys): after the f32 parts, aligned
+    /// for the attention kernels' 16-byte loads.
     pub fn kv_offset(&self) -> usize {
-        self.fixed.iter().sum()
+        (self.fixed.iter().sum::<usize>() * 4).next_multiple_of(16)
     }
 
-    fn values(&self, slots: usize) -> usize {
-        self.kv_offset() + self.kv_parts * slots * self.kv_dim
+    /// Device bytes of a sequence's state after `tokens` tokens (a ring is whole from the
+    /// first pass).
+    pub fn bytes_at(&self, tokens: usize) -> usize {
+        self.bytes(self.ring.unwrap_or(tokens))
     }
 
-    /// Offset of every part, in [`State::parts`] order.
-    fn offsets(&self, slots: usize) -> Vec<usize> {
+    /// Bytes of a state whose caches hold `slots` positions.
+    fn bytes(&self, slots: usize) -> usize {
+        self.kv_offset() + self.kv_parts * slots * self.kv_dim * self.kv_dtype.size()
+    }
+
+    /// Every part, in [`State::parts`] order: its byte offset, element type and capacity
+    /// (values).
+    fn regions(&self, slots: usize) -> Vec<Region> {
         let mut out = Vec::with_capacity(self.fixed.len() + self.kv_parts);
-        let mut off = 0;
+        let mut at = 0;
         for &n in &self.fixed {
-            out.push(off);
-            off += n;
+            out.push(Region {
+                at,
+                dtype: DType::F32,
+                values: n,
+            });
+            at += 4 * n;
         }
+        at = self.kv_offset();
         for _ in 0..self.kv_parts {
-            out.push(off);
-            off += slots * self.kv_dim;
+            let values = slots * self.kv_dim;
+            out.push(Region {
+                at,
+                dtype: self.kv_dtype,
+                values,
+            });
+            at += values * self.kv_dtype.size();
         }
         out
+    }
+}
+
+/// Where one part of a state lies in its device block.
+#[derive(Clone, Copy, Debug)]
+struct Region {
+    /// Byte offset.
+    at: usize,
+    dtype: DType,
+    /// Capacity in values.
+    values: usize,
+}
+
+impl Region {
+    /// Reads the first `out.len()` values (widened to f32).
+    fn read(&self, gpu: &Gpu, block: DevPtr, out: &mut [f32]) -> Result<()> {
+        let src = block.byte_at(self.at);
+        match self.dtype {
+            DType::F32 => gpu.read(src, out),
+            half => {
+                let mut bits = vec![0u16; out.len()];
+                gpu.read(src, &mut bits)?;
+                for (o, b) in out.iter_mut().zip(bits) {
+                    *o = match half {
+                        DType::BF16 => half::bf16::from_bits(b).to_f32(),
+                        _ => half::f16::from_bits(b).to_f32(),
+                    };
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes `values` at the start of the region (rounded to its type, to nearest even).
+    fn write(&self, gpu: &Gpu, block: DevPtr, values: &[f32]) -> Result<()> {
+        let dst = block.byte_at(self.at);
+        match self.dtype {
+            DType::F32 => gpu.write(dst, values),
+            DType::BF16 => {
+                let bits: Vec<u16> = values
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                gpu.write(dst, &bits)
+            }
+            DType::F16 => {
+                let bits: Vec<u16> = values.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+                gpu.write(dst, &bits)
+            }
+        }
     }
 }
 
@@ -139,7 +219,7 @@ impl DeviceState {
 
     /// Device bytes the state holds (or will hold at its first pass).
     pub fn bytes(&self) -> usize {
-        self.layout.values(self.slots) * 4
+        self.layout.bytes(self.slots)
     }
 
     fn belongs_to(&self, layout: &Arc<StateLayout>) -> bool {
@@ -173,9 +253,9 @@ impl DeviceState {
             let mut host = Box::new(self.layout.template.clone());
             host.prepare_for(self.pos);
             if let Some(buf) = &self.buf {
-                let offsets = self.layout.offsets(self.slots);
-                for ((_, _, v), off) in host.parts()?.into_iter().zip(offsets) {
-                    self.gpu.read(buf.ptr().f32_at(off), v)?;
+                let regions = self.layout.regions(self.slots);
+                for ((_, _, v), region) in host.parts()?.into_iter().zip(regions) {
+                    region.read(&self.gpu, buf.ptr(), v)?;
                 }
             }
             self.host = Some(host);
@@ -209,16 +289,16 @@ impl DeviceState {
             let tokens = host.tokens_seen();
             self.reserve(tokens)?;
             let ptr = self.own()?;
-            let offsets = self.layout.offsets(self.slots);
-            for ((name, _, v), off) in host.parts()?.into_iter().zip(offsets) {
-                let cap = self.layout.values(self.slots) - off;
-                if v.len() > cap {
+            let regions = self.layout.regions(self.slots);
+            for ((name, _, v), region) in host.parts()?.into_iter().zip(regions) {
+                if v.len() > region.values {
                     bail!(
-                        "state tensor '{name}' has {} values, the device state holds {cap}",
-                        v.len()
+                        "state tensor '{name}' has {} values, the device state holds {}",
+                        v.len(),
+                        region.values
                     );
                 }
-                self.gpu.write(ptr.f32_at(off), v)?;
+                region.write(&self.gpu, ptr, v)?;
             }
             self.pos = tokens;
         }
@@ -262,17 +342,18 @@ impl DeviceState {
             .max(self.slots + self.slots / 2)
             .next_multiple_of(FIRST_SLOTS);
         if let Some(old_buf) = &self.buf {
-            let buf = self.gpu.zeros(self.layout.values(slots) * 4)?;
-            let (old, new) = (self.layout.offsets(self.slots), self.layout.offsets(slots));
-            let fixed = self.layout.fixed.len();
+            let buf = self.gpu.zeros(self.layout.bytes(slots))?;
+            let (old, new) = (self.layout.regions(self.slots), self.layout.regions(slots));
+            let held = self.pos.min(self.slots) * self.layout.kv_dim;
             for (i, (o, n)) in old.iter().zip(&new).enumerate() {
-                let len = if i < fixed {
-                    self.layout.fixed[i]
+                // Fixed parts whole, caches up to the positions they hold.
+                let values = if i < self.layout.fixed.len() {
+                    o.values
                 } else {
-                    self.pos.min(self.slots) * self.layout.kv_dim
+                    held
                 };
-                self.gpu
-                    .copy(buf.ptr().f32_at(*n), old_buf.ptr().f32_at(*o), len * 4)?;
+                let (dst, src) = (buf.ptr().byte_at(n.at), old_buf.ptr().byte_at(o.at));
+                self.gpu.copy(dst, src, values * o.dtype.size())?;
             }
             self.buf = Some(Arc::new(buf));
         }
@@ -375,8 +456,6 @@ pub enum Outputs {
 pub trait DeviceModel: Send + Sync {
     fn runner(&self) -> &Runner;
     fn model_info(&self) -> &ModelInfo;
-    /// Bytes of a sequence's state after `tokens` tokens.
-    fn bytes_for(&self, tokens: usize) -> usize;
     fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs>;
 }
 
@@ -390,7 +469,7 @@ impl<T: DeviceModel> Model for T {
     }
 
     fn state_bytes(&self, tokens: usize) -> usize {
-        self.bytes_for(tokens)
+        self.runner().layout.bytes_at(tokens)
     }
 
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>> {
@@ -738,20 +817,43 @@ mod tests {
         let slots = layout.ring.unwrap_or(FIRST_SLOTS);
         let mut st = layout.template.clone();
         st.prepare_for(slots);
-        let offsets = layout.offsets(slots);
-        let end = layout.values(slots);
+        let regions = layout.regions(slots);
+        let end = layout.bytes(slots);
         let parts = st.parts().unwrap();
-        assert_eq!(parts.len(), offsets.len(), "{what}: part count");
+        assert_eq!(parts.len(), regions.len(), "{what}: part count");
         for (i, (name, _, v)) in parts.iter().enumerate() {
-            let region = offsets.get(i + 1).copied().unwrap_or(end) - offsets[i];
-            assert_eq!(v.len(), region, "{what}: part {name}");
+            let r = regions[i];
+            assert_eq!(v.len(), r.values, "{what}: part {name}");
+            // Parts lie in order without overlap; the caches start where the kernels look.
+            let next = regions.get(i + 1).map_or(end, |n| n.at);
+            assert!(
+                r.at + r.values * r.dtype.size() <= next,
+                "{what}: part {name} overlaps the next"
+            );
+            if i >= layout.fixed.len() {
+                // The attention kernels load four values at once.
+                assert_eq!(r.dtype, layout.kv_dtype(), "{what}: part {name} type");
+                assert_eq!(r.at % (4 * r.dtype.size()), 0, "{what}: part {name} alignment");
+            }
+        }
+        if layout.kv_parts > 0 {
+            assert_eq!(
+                regions[layout.fixed.len()].at,
+                layout.kv_offset(),
+                "{what}: kv offset"
+            );
         }
     }
 
     #[test]
     fn device_state_layouts_match_the_cpu_states() {
         let opts = LoadOptions::default();
-        for case in ["llama/llama_gqa_f32", "llama/mistral_window_f32"] {
+        for case in [
+            "llama/llama_gqa_f32",
+            "llama/mistral_window_f32",
+            "llama/llama_tied_bf16",
+            "llama/llama_f16",
+        ] {
             let ckpt = fixture(case);
             let arch = crate::models::detect(&ckpt).unwrap();
             let m = crate::models::llama::Llama::load(&ckpt, arch, opts).unwrap();

@@ -104,7 +104,7 @@ pub(super) fn state_layout(m: &Rwkv5) -> StateLayout {
     let (l, c, h, n) = (m.blocks.len(), m.info.hidden_size, m.heads, m.head_size);
     let template = State::Rwkv(RwkvState::new(l, c, h, n));
     let fixed = (0..l).flat_map(|_| [c, h * n * n, c]).collect();
-    StateLayout::new(template, fixed, 0, 0, Some(0))
+    StateLayout::new(template, fixed, 0, 0, DType::F32, Some(0))
 }
 
 impl DeviceModel for CudaRwkv5 {
@@ -114,15 +114,6 @@ impl DeviceModel for CudaRwkv5 {
 
     fn model_info(&self) -> &ModelInfo {
         &self.info
-    }
-
-    fn bytes_for(&self, _tokens: usize) -> usize {
-        RwkvState::bytes_for(
-            self.blocks.len(),
-            self.info.hidden_size,
-            self.heads,
-            self.head_size,
-        )
     }
 
     fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
