@@ -54,12 +54,15 @@ impl SamplingParams {
     /// parameters: greedy, and no penalty that changes the logits first.
     pub fn is_plain_greedy(&self) -> bool {
         let t = self.temperature;
+        (t.is_nan() || t <= 0.0) && !self.has_penalties()
+    }
+
+    /// Whether a penalty changes the logits (it needs the token history, on the host);
+    /// otherwise each next token is a [`Draw`] that a device can make where the logits are.
+    pub fn has_penalties(&self) -> bool {
         let r = self.repetition_penalty;
-        let off = |p: f32| !p.is_finite() || p == 0.0;
-        (t.is_nan() || t <= 0.0)
-            && (!(r.is_finite() && r > 0.0) || r == 1.0)
-            && off(self.presence_penalty)
-            && off(self.frequency_penalty)
+        let on = |p: f32| p.is_finite() && p != 0.0;
+        (r.is_finite() && r > 0.0 && r != 1.0) || on(self.presence_penalty) || on(self.frequency_penalty)
     }
 
     /// Checks every field's range and names the first offending field in the error.
@@ -93,6 +96,157 @@ impl SamplingParams {
             );
         }
         Ok(())
+    }
+}
+
+/// One sequence's next-token draw once its penalties are applied: greedy, or temperature,
+/// top-k, top-p and min-p with the uniform it spends. [`Draw::pick`] makes it on the host; a
+/// device model makes the same draw where its logits are ([`crate::models::Model::forward_drawn`]),
+/// so only the token crosses to the host.
+///
+/// The candidates that survive the filters are drawn from in id order: the token whose
+/// cumulative probability first exceeds `u`. A device keeps every token tied with the
+/// last one a top-k (above 1) or top-p (above 0) filter keeps, where the host keeps the
+/// lowest ids; otherwise both pick the same token from the same logits, up to rounding at
+/// the edges of the intervals.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draw {
+    /// Softmax temperature; 0: greedy ([`argmax`]).
+    pub temperature: f32,
+    /// 0: off.
+    pub top_k: usize,
+    /// In [0, 1]; 1: off, 0: the most likely token only.
+    pub top_p: f32,
+    /// In [0, 1]; 0: off.
+    pub min_p: f32,
+    /// The uniform in [0, 1) the draw spends.
+    pub u: f64,
+}
+
+impl Draw {
+    /// Greedy decoding: the argmax, no randomness.
+    pub const GREEDY: Draw = Draw {
+        temperature: 0.0,
+        top_k: 0,
+        top_p: 1.0,
+        min_p: 0.0,
+        u: 0.0,
+    };
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature <= 0.0
+    }
+
+    /// The token this draw picks from `logits`.
+    pub fn pick(&self, logits: &[f32]) -> u32 {
+        if self.is_greedy() {
+            return argmax(logits);
+        }
+        match self.filter(logits) {
+            Some(mut cands) => {
+                cands.sort_unstable_by_key(|c| c.id);
+                let total: f64 = cands.iter().map(|c| c.value).sum();
+                let target = self.u * total;
+                let mut cum = 0.0;
+                for c in &cands {
+                    cum += c.value;
+                    if target < cum {
+                        return c.id;
+                    }
+                }
+                // Rounding can leave the target just above the final sum: the last token
+                // with mass.
+                cands
+                    .iter()
+                    .rev()
+                    .find(|c| c.value > 0.0)
+                    .or(cands.last())
+                    .map_or(0, |c| c.id)
+            }
+            None => argmax(logits),
+        }
+    }
+
+    /// Applies temperature, softmax, top-k, top-p and min-p; returns unnormalised
+    /// probabilities of the survivors, or `None` when no logit has any probability.
+    fn filter(&self, logits: &[f32]) -> Option<Vec<Candidate>> {
+        let temperature = self.temperature as f64;
+        let scaled = |v: f32| {
+            let s = v as f64 / temperature;
+            // `+ 0.0` folds -0.0 into 0.0 so `total_cmp` ties fall back to the id.
+            if s.is_nan() {
+                f64::NEG_INFINITY
+            } else {
+                s + 0.0
+            }
+        };
+        let mut cands: Vec<Candidate> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| Candidate {
+                id: i as u32,
+                value: scaled(v),
+            })
+            .filter(|c| c.value > f64::NEG_INFINITY)
+            .collect();
+        if cands.is_empty() {
+            return None;
+        }
+
+        // Top-k: partial selection, no full sort of the vocabulary.
+        let k = self.top_k;
+        if k > 0 && k < cands.len() {
+            cands.select_nth_unstable_by(k - 1, by_value_desc);
+            cands.truncate(k);
+        }
+
+        // Softmax over the survivors; +inf logits share all the mass.
+        let max = cands.iter().map(|c| c.value).fold(f64::NEG_INFINITY, f64::max);
+        for c in &mut cands {
+            c.value = if max == f64::INFINITY {
+                if c.value == f64::INFINITY {
+                    1.0
+                } else {
+                    0.0
+                }
+            } else {
+                (c.value - max).exp()
+            };
+        }
+        cands.retain(|c| c.value > 0.0);
+        // The maximum itself has weight exp(0) = 1 (or 1 for +inf), so `cands` is not empty.
+
+        // Top-p: smallest highest-probability prefix reaching `top_p`; at least one token.
+        let top_p = self.top_p as f64;
+        if top_p < 1.0 {
+            cands.sort_unstable_by(by_value_desc);
+            let total: f64 = cands.iter().map(|c| c.value).sum();
+            let target = top_p * total;
+            let mut cum = 0.0;
+            let mut keep = cands.len();
+            for (i, c) in cands.iter().enumerate() {
+                cum += c.value;
+                if cum >= target {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep.max(1));
+        }
+
+        // Min-p: relative to the most likely survivor; the maximum always survives.
+        let min_p = self.min_p as f64;
+        if min_p > 0.0 {
+            let p_max = cands.iter().map(|c| c.value).fold(0.0, f64::max);
+            let threshold = min_p * p_max;
+            cands.retain(|c| c.value >= threshold);
+        }
+
+        if cands.is_empty() {
+            None
+        } else {
+            Some(cands)
+        }
     }
 }
 
@@ -293,116 +447,25 @@ impl Sampler {
             self.params.presence_penalty,
             self.params.frequency_penalty,
         );
-
-        let temperature = self.params.temperature;
-        if temperature.is_nan() || temperature <= 0.0 {
-            return argmax(&logits);
-        }
-        match self.filter(&logits, temperature as f64) {
-            Some(candidates) => self.draw(&candidates),
-            None => argmax(&logits),
-        }
+        self.next_draw().pick(&logits)
     }
 
-    /// Applies temperature, softmax, top-k, top-p and min-p; returns unnormalised
-    /// probabilities of the survivors, or `None` when no logit has any probability.
-    fn filter(&self, logits: &[f32], temperature: f64) -> Option<Vec<Candidate>> {
-        let scaled = |v: f32| {
-            let s = v as f64 / temperature;
-            // `+ 0.0` folds -0.0 into 0.0 so `total_cmp` ties fall back to the id.
-            if s.is_nan() {
-                f64::NEG_INFINITY
-            } else {
-                s + 0.0
-            }
-        };
-        let mut cands: Vec<Candidate> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| Candidate {
-                id: i as u32,
-                value: scaled(v),
-            })
-            .filter(|c| c.value > f64::NEG_INFINITY)
-            .collect();
-        if cands.is_empty() {
-            return None;
+    /// The next draw (penalties aside): the parameters in their canonical ranges (see
+    /// [`Sampler::sample`]) and, unless greedy, the PRNG's next uniform.
+    pub fn next_draw(&mut self) -> Draw {
+        let p = &self.params;
+        if p.temperature.is_nan() || p.temperature <= 0.0 {
+            return Draw::GREEDY;
         }
-
-        // Top-k: partial selection, no full sort of the vocabulary.
-        let k = self.params.top_k;
-        if k > 0 && k < cands.len() {
-            cands.select_nth_unstable_by(k - 1, by_value_desc);
-            cands.truncate(k);
+        let top_p = if p.top_p < 1.0 { p.top_p.max(0.0) } else { 1.0 };
+        let min_p = if p.min_p > 0.0 { p.min_p.min(1.0) } else { 0.0 };
+        Draw {
+            temperature: p.temperature,
+            top_k: p.top_k,
+            top_p,
+            min_p,
+            u: self.rng.next_f64(),
         }
-
-        // Softmax over the survivors; +inf logits share all the mass.
-        let max = cands.iter().map(|c| c.value).fold(f64::NEG_INFINITY, f64::max);
-        for c in &mut cands {
-            c.value = if max == f64::INFINITY {
-                if c.value == f64::INFINITY {
-                    1.0
-                } else {
-                    0.0
-                }
-            } else {
-                (c.value - max).exp()
-            };
-        }
-        cands.retain(|c| c.value > 0.0);
-        // The maximum itself has weight exp(0) = 1 (or 1 for +inf), so `cands` is not empty.
-
-        // Top-p: smallest highest-probability prefix reaching `top_p`; at least one token.
-        let top_p = self.params.top_p as f64;
-        if top_p < 1.0 {
-            cands.sort_unstable_by(by_value_desc);
-            let total: f64 = cands.iter().map(|c| c.value).sum();
-            let target = top_p * total;
-            let mut cum = 0.0;
-            let mut keep = cands.len();
-            for (i, c) in cands.iter().enumerate() {
-                cum += c.value;
-                if cum >= target {
-                    keep = i + 1;
-                    break;
-                }
-            }
-            cands.truncate(keep.max(1));
-        }
-
-        // Min-p: relative to the most likely survivor; the maximum always survives.
-        let min_p = self.params.min_p as f64;
-        if min_p > 0.0 {
-            let p_max = cands.iter().map(|c| c.value).fold(0.0, f64::max);
-            let threshold = min_p.min(1.0) * p_max;
-            cands.retain(|c| c.value >= threshold);
-        }
-
-        if cands.is_empty() {
-            None
-        } else {
-            Some(cands)
-        }
-    }
-
-    /// Draws one candidate in proportion to its (unnormalised) probability.
-    fn draw(&mut self, cands: &[Candidate]) -> u32 {
-        let total: f64 = cands.iter().map(|c| c.value).sum();
-        let u = self.rng.next_f64() * total;
-        let mut cum = 0.0;
-        for c in cands {
-            cum += c.value;
-            if u < cum {
-                return c.id;
-            }
-        }
-        // Rounding can leave `u` just above the final sum: take the last token with mass.
-        cands
-            .iter()
-            .rev()
-            .find(|c| c.value > 0.0)
-            .or(cands.last())
-            .map_or(0, |c| c.id)
     }
 }
 

@@ -21,6 +21,7 @@ use common::*;
 use gyre::kernels::cuda::{self, Gpu};
 use gyre::loader::Checkpoint;
 use gyre::models::{self, Device, LoadOptions, Logits, Model, SeqInput};
+use gyre::sampling::{Draw, Rng, Sampler, SamplingParams};
 use gyre::tensor::{DType, Tensor};
 
 /// (family, fixture, token set). A fixture name ending in `@bf16` is the f32 fixture with
@@ -319,4 +320,142 @@ fn cuda_states_round_trip_through_the_host_layout() {
             p.bound,
         );
     });
+}
+
+/// Logits rows for the draw tests: distinct values (no ties at a filter's edge), a few
+/// rows with NaN, ±inf and nothing above -inf, and one wide row (many ids per thread).
+fn draw_rows(rng: &mut Rng) -> Vec<Vec<f32>> {
+    let mut rows = Vec::new();
+    for v in [7usize, 50, 1000] {
+        for _ in 0..3 {
+            let spread = 1.0 + 6.0 * rng.next_f32();
+            rows.push(
+                (0..v)
+                    .map(|_| (rng.next_f32() - 0.5) * spread)
+                    .collect::<Vec<f32>>(),
+            );
+        }
+    }
+    let mut special = vec![0.25f32, f32::NAN, 1.5, f32::NEG_INFINITY, 1.25, -3.0, 0.5, 1.0];
+    rows.push(special.clone());
+    special[5] = f32::INFINITY;
+    special[7] = f32::INFINITY;
+    rows.push(special);
+    rows.push(vec![f32::NEG_INFINITY; 9]);
+    rows.push(vec![f32::NAN; 5]);
+    rows.push((0..70_000).map(|i| ((i * 7919) % 70_001) as f32 * 1e-4).collect());
+    rows
+}
+
+/// The device draws ([`Gpu::sample_rows`]) pick what [`Draw::pick`] picks on the host from
+/// the same logits and uniform, for greedy, temperature, top-k, top-p, min-p and their
+/// combinations; where they differ, the uniform lies within rounding of an interval's edge.
+#[test]
+fn cuda_draws_pick_what_the_host_picks() {
+    let g = gpu();
+    let mut rng = Rng::new(11);
+    let params: [(f32, usize, f32, f32); 9] = [
+        (0.0, 0, 1.0, 0.0),
+        (1.0, 0, 1.0, 0.0),
+        (0.7, 0, 1.0, 0.0),
+        (1.3, 5, 1.0, 0.0),
+        (0.8, 0, 0.6, 0.0),
+        (0.8, 0, 0.0, 0.0),
+        (1.0, 0, 1.0, 0.2),
+        (0.9, 20, 0.9, 0.05),
+        (2.0, 1, 1.0, 0.0),
+    ];
+    let (mut checked, mut at_edges) = (0, 0);
+    for logits in draw_rows(&mut rng) {
+        let v = logits.len();
+        // Every parameter set four times, each with its own uniform.
+        let draws: Vec<Draw> = (0..4 * params.len())
+            .map(|i| {
+                let (temperature, top_k, top_p, min_p) = params[i % params.len()];
+                Draw {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    u: rng.next_f64(),
+                }
+            })
+            .collect();
+        let rows = draws.len();
+        let dev_logits = g.alloc(rows * v * 4).unwrap();
+        let args: Vec<u32> = draws.iter().flat_map(cuda::draw_args).collect();
+        let dev_args = g.alloc(args.len() * 4).unwrap();
+        let dev_ids = g.alloc(rows * 4).unwrap();
+        let all: Vec<f32> = logits.iter().copied().cycle().take(rows * v).collect();
+        g.write(dev_logits.ptr(), &all).unwrap();
+        g.write(dev_args.ptr(), &args).unwrap();
+        g.sample_rows(dev_logits.ptr(), rows, v, dev_args.ptr(), dev_ids.ptr())
+            .unwrap();
+        let mut ids = vec![0u32; rows];
+        g.read(dev_ids.ptr(), &mut ids).unwrap();
+        for (d, &got) in draws.iter().zip(&ids) {
+            let want = d.pick(&logits);
+            checked += 1;
+            if got == want {
+                continue;
+            }
+            let near = |u: f64| Draw { u, ..*d }.pick(&logits) == got;
+            assert!(
+                near(d.u - 1e-5) || near(d.u + 1e-5),
+                "V {v}, {d:?}: the device drew {got}, the host {want}"
+            );
+            at_edges += 1;
+        }
+    }
+    eprintln!("{checked} draws, {at_edges} at an interval's edge");
+    assert!(at_edges * 50 < checked, "{at_edges} of {checked} draws differ");
+}
+
+/// Seeded sampling (temperature, top-k, top-p) draws on the device the tokens the host
+/// draws from the CPU's logits, step after step (captured decode steps included), on the
+/// f32 fixtures, whose logits agree to 1e-4.
+#[test]
+fn cuda_seeded_sampling_matches_the_cpu() {
+    let varied = std::cell::Cell::new(0);
+    each_case(|case, p| {
+        if p.cpu.info().dtypes.iter().any(|&d| d != DType::F32) {
+            return;
+        }
+        let prompt = &p.tokens[..p.tokens.len().min(12)];
+        let params = SamplingParams {
+            temperature: 1.5,
+            top_k: 40,
+            top_p: 0.95,
+            seed: Some(5),
+            ..SamplingParams::default()
+        };
+        let run = |m: &dyn Model| {
+            let mut sampler = Sampler::new(params.clone());
+            let mut state = m.new_state();
+            let mut feed = |tokens: &[u32], draw: Draw| {
+                let mut batch = [SeqInput {
+                    tokens,
+                    state: &mut state,
+                }];
+                m.forward_drawn(&mut batch, &[draw]).unwrap()[0]
+            };
+            let mut next = feed(prompt, sampler.next_draw());
+            let mut out = Vec::new();
+            for _ in 0..48 {
+                out.push(next);
+                next = feed(&[next], sampler.next_draw());
+            }
+            out
+        };
+        let (want, got) = (run(p.cpu.as_ref()), run(p.gpu.as_ref()));
+        assert_eq!(got, want, "{case}: sampled tokens differ");
+        let distinct: std::collections::HashSet<u32> = want.iter().copied().collect();
+        eprintln!("{case}: {} distinct tokens of 48", distinct.len());
+        varied.set(varied.get().max(distinct.len()));
+    });
+    // (Some fixtures' logits are too peaked to vary at all.)
+    assert!(
+        varied.get() >= 8,
+        "the draws hardly varied: not a test of sampling"
+    );
 }

@@ -46,7 +46,7 @@ use super::session::FinishReason;
 use super::stop::{StopMatcher, StopOutcome};
 use crate::chat::{ChatTemplate, Message};
 use crate::models::{Logits, Model, SeqInput};
-use crate::sampling::{log_softmax, Sampler, SamplingParams};
+use crate::sampling::{log_softmax, Draw, Sampler, SamplingParams};
 use crate::state::State;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 
@@ -696,8 +696,9 @@ struct Seq<'t> {
     /// The logits last sampled from (after the state's last token): kept for the cache.
     /// Empty when the last token was picked without them.
     end_logits: Vec<f32>,
-    /// Sampling is exactly argmax and no logprobs are wanted: decode steps need no logits.
-    plain_greedy: bool,
+    /// No penalty and no logprobs: decode steps draw where the logits are
+    /// (`Model::forward_drawn`) and need none on the host.
+    drawn: bool,
     generated: usize,
     max_tokens: usize,
     sampler: Sampler,
@@ -923,7 +924,7 @@ impl<'a> Engine<'a> {
             logits,
             picked: None,
             end_logits: Vec::new(),
-            plain_greedy: request.sampling.is_plain_greedy() && request.logprobs.is_none(),
+            drawn: !request.sampling.has_penalties() && request.logprobs.is_none(),
             generated: 0,
             max_tokens,
             sampler: Sampler::new(request.sampling),
@@ -1037,8 +1038,8 @@ impl<'a> Engine<'a> {
     }
 
     /// One batched forward over every running sequence that needs one, then sampling. A
-    /// decode step whose sequences are all plain greedy asks the model for its picks only
-    /// (`Model::forward_greedy`: on a GPU the logits never leave it).
+    /// decode step whose sequences need no penalty or logprobs asks the model for its draws
+    /// only (`Model::forward_drawn`: on a GPU the logits never leave it).
     fn step(&mut self, running: &mut [Seq<'_>]) -> anyhow::Result<()> {
         let t0 = Instant::now();
         let chunk = self.shared.limits.prefill_chunk;
@@ -1046,6 +1047,7 @@ impl<'a> Engine<'a> {
         let mut picks_only = true;
         let mut fed: Vec<(usize, usize)> = Vec::new(); // (sequence, tokens fed)
         let mut batch: Vec<SeqInput<'_>> = Vec::with_capacity(running.len());
+        let mut samplers: Vec<&mut Sampler> = Vec::with_capacity(running.len());
         for (i, s) in running.iter_mut().enumerate() {
             if s.logits.is_some() || s.finished.is_some() {
                 continue; // logits at hand (a whole-prompt cache hit): sample without a forward
@@ -1060,15 +1062,18 @@ impl<'a> Engine<'a> {
             } else {
                 continue;
             };
-            picks_only &= s.plain_greedy && s.state_len >= s.prompt_len;
+            picks_only &= s.drawn && s.state_len >= s.prompt_len;
             fed.push((i, range.len()));
             batch.push(SeqInput {
                 tokens: &s.history[range],
                 state: &mut s.state,
             });
+            samplers.push(&mut s.sampler);
         }
         if !batch.is_empty() && picks_only {
-            let picks = self.model.forward_greedy(&mut batch)?;
+            let draws: Vec<Draw> = samplers.iter_mut().map(|s| s.next_draw()).collect();
+            drop(samplers);
+            let picks = self.model.forward_drawn(&mut batch, &draws)?;
             drop(batch);
             for (&(i, n), id) in fed.iter().zip(picks) {
                 let s = &mut running[i];
@@ -1076,6 +1081,7 @@ impl<'a> Engine<'a> {
                 s.picked = Some(id);
             }
         } else if !batch.is_empty() {
+            drop(samplers);
             let out = self.model.forward(&mut batch, Logits::Last)?;
             drop(batch);
             for (&(i, n), logits) in fed.iter().zip(out) {
@@ -1102,7 +1108,7 @@ impl<'a> Engine<'a> {
                 s.logits = Some(logits);
             }
         } else {
-            drop(batch);
+            drop((batch, samplers));
         }
 
         let mut sampled = 0u64;

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 use super::stop::{StopMatcher, StopOutcome};
 use crate::models::{Logits, Model, SeqInput};
-use crate::sampling::{Sampler, SamplingParams};
+use crate::sampling::{Draw, Sampler, SamplingParams};
 use crate::state::State;
 use crate::tokenizer::Tokenizer;
 
@@ -61,7 +61,7 @@ pub struct Session<'m> {
 /// What a feed returns.
 enum Next {
     Logits(Vec<f32>),
-    /// The greedy next token.
+    /// The next token, drawn where the logits are.
     Token(u32),
 }
 
@@ -99,15 +99,15 @@ impl<'m> Session<'m> {
 
     /// Feeds `tokens` and returns the logits after the last one.
     pub fn feed(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
-        match self.feed_for(tokens, false)? {
+        match self.feed_for(tokens, None)? {
             Next::Logits(l) => Ok(l),
-            Next::Token(_) => unreachable!("feed_for(_, false) returns logits"),
+            Next::Token(_) => unreachable!("feed_for(_, None) returns logits"),
         }
     }
 
-    /// Feeds `tokens`; returns the logits after the last one, or with `greedy` only the
-    /// greedy next token (picked where the model runs: on a GPU the logits stay there).
-    fn feed_for(&mut self, tokens: &[u32], greedy: bool) -> Result<Next> {
+    /// Feeds `tokens`; returns the logits after the last one, or with a `draw` only the
+    /// token it draws (where the model runs: on a GPU the logits stay there).
+    fn feed_for(&mut self, tokens: &[u32], draw: Option<Draw>) -> Result<Next> {
         if let Some(ctx) = self.model.info().context_length {
             let total = self.state.tokens_seen() + tokens.len();
             if total > ctx {
@@ -118,8 +118,13 @@ impl<'m> Session<'m> {
             tokens,
             state: &mut self.state,
         }];
-        let next = if greedy {
-            Next::Token(self.model.forward_greedy(&mut batch)?.pop().unwrap_or_default())
+        let next = if let Some(d) = draw {
+            Next::Token(
+                self.model
+                    .forward_drawn(&mut batch, &[d])?
+                    .pop()
+                    .unwrap_or_default(),
+            )
         } else {
             Next::Logits(
                 self.model
@@ -135,7 +140,7 @@ impl<'m> Session<'m> {
     /// Brings the state to the end of `prompt`, reusing the consumed ids it shares with
     /// `prompt`, and returns what follows the prompt (see [`Session::feed_for`]) and how many
     /// ids were fed.
-    fn prefill(&mut self, prompt: &[u32], greedy: bool) -> Result<(Next, usize)> {
+    fn prefill(&mut self, prompt: &[u32], draw: Option<Draw>) -> Result<(Next, usize)> {
         if prompt.is_empty() {
             bail!("the prompt is empty: nothing to continue from (give some text, or a model that adds BOS)");
         }
@@ -153,7 +158,7 @@ impl<'m> Session<'m> {
             self.consumed.truncate(keep);
         }
         let start = self.consumed.len();
-        let next = self.feed_for(&prompt[start..], greedy)?;
+        let next = self.feed_for(&prompt[start..], draw)?;
         Ok((next, prompt.len() - start))
     }
 
@@ -166,10 +171,10 @@ impl<'m> Session<'m> {
         mut on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<Completion> {
         params.sampling.validate()?;
-        // Plain greedy decoding needs no logits on the host.
-        let greedy = params.sampling.is_plain_greedy();
-        let (mut next, fed) = self.prefill(prompt, greedy)?;
+        // Without penalties the tokens are drawn where the logits are: no logits to the host.
         let mut sampler = Sampler::new(params.sampling.clone());
+        let drawn = !params.sampling.has_penalties();
+        let (mut next, fed) = self.prefill(prompt, drawn.then(|| sampler.next_draw()))?;
         let mut stop = StopMatcher::new(params.stop.clone());
         let mut detok = tokenizer.decode_stream(true);
         let mut history = prompt.to_vec();
@@ -207,7 +212,7 @@ impl<'m> Session<'m> {
             if tokens.len() >= params.max_tokens || ctx.is_some_and(|c| self.state.tokens_seen() >= c) {
                 break FinishReason::Length;
             }
-            next = self.feed_for(&[id], greedy)?;
+            next = self.feed_for(&[id], drawn.then(|| sampler.next_draw()))?;
         };
         if !stop.is_stopped() {
             let rest = detok.finish()?;

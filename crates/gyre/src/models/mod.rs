@@ -13,6 +13,7 @@ use anyhow::{bail, Result};
 use serde_json::Value;
 
 use crate::loader::Checkpoint;
+use crate::sampling::Draw;
 use crate::state::State;
 use crate::tensor::{DType, Quant};
 
@@ -86,12 +87,21 @@ pub trait Model: Send + Sync {
     /// Feeds every sequence its tokens (one batched pass: each weight is read once) and
     /// returns logits per sequence. On error no state has been changed.
     fn forward(&self, batch: &mut [SeqInput<'_>], which: Logits) -> Result<Vec<Vec<f32>>>;
-    /// [`Model::forward`], returning each sequence's greedy next token
-    /// ([`crate::sampling::argmax`] of its last logits). A device model picks it where the
-    /// logits are, and only the tokens cross to the host.
-    fn forward_greedy(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<u32>> {
+    /// [`Model::forward`], returning each sequence's next token as `draws[i]` picks it from
+    /// its last logits ([`Draw::pick`]). A device model draws where the logits are, and only
+    /// the tokens cross to the host.
+    fn forward_drawn(&self, batch: &mut [SeqInput<'_>], draws: &[Draw]) -> Result<Vec<u32>> {
+        if draws.len() != batch.len() {
+            bail!("{} draws for a batch of {} sequences", draws.len(), batch.len());
+        }
         let logits = self.forward(batch, Logits::Last)?;
-        Ok(logits.iter().map(|l| crate::sampling::argmax(l)).collect())
+        Ok(logits.iter().zip(draws).map(|(l, d)| d.pick(l)).collect())
+    }
+
+    /// Each sequence's greedy next token ([`crate::sampling::argmax`] of its last logits).
+    fn forward_greedy(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<u32>> {
+        let draws = vec![Draw::GREEDY; batch.len()];
+        self.forward_drawn(batch, &draws)
     }
 }
 

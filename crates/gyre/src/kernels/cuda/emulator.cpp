@@ -353,6 +353,14 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
     return out;
 }
 
+// Threads switch only at barriers and shuffles, so a read-modify-write is atomic as it is.
+template <class T>
+inline T atomicAdd(T* p, T v) {
+    T old = *p;
+    *p = old + v;
+    return old;
+}
+
 // ---------------------------------------------------------------------------------------
 // The kernels themselves.
 

@@ -462,14 +462,34 @@ extern "C" __global__ void gather_rows(const float* x, const int* rows, float* o
 // ---------------------------------------------------------------------------------------
 // Elementwise.
 
-// Greedy decoding on the device (sampling.rs argmax): ids[r] = the index of row r's largest
-// logit, NaN never chosen, ties to the lowest index, 0 when nothing is above -inf. One
-// block per row (blockDim a multiple of 32).
-extern "C" __global__ void argmax_rows(const float* logits, int v, u32* ids) {
-    ALLOW_DEPENDENTS();
-    const float* row = logits + (size_t)blockIdx.x * v;
+// ---------------------------------------------------------------------------------------
+// Next-token draws on the device (sampling.rs Draw::pick), one block per logits row
+// (blockDim a power of two, 32 ..= 1024). NaN logits count as -inf.
+
+struct DrawArgs {
+    float temperature;  // <= 0: greedy
+    u32 top_k;          // 0: off
+    float top_p;        // 1: off, 0: the maximum only
+    float min_p;        // 0: off
+    float u;            // the uniform the draw spends, in [0, 1)
+};
+
+__device__ __forceinline__ float clean_logit(float x) { return x != x ? -GYRE_INF : x; }
+
+// Order-preserving u32 key of a float (a larger float has a larger key), and back.
+__device__ __forceinline__ u32 order_key(float x) {
+    u32 b = __float_as_uint(x);
+    return (b & 0x80000000u) ? ~b : b | 0x80000000u;
+}
+__device__ __forceinline__ float key_value(u32 k) {
+    return __uint_as_float((k & 0x80000000u) ? k & 0x7fffffffu : ~k);
+}
+
+// The row's largest logit and its lowest index (0x7fffffff when nothing is above -inf),
+// in every thread.
+__device__ void block_argmax(const float* row, int v, float* best_out, int* at_out) {
     float best = -GYRE_INF;
-    int at = 0x7fffffff;  // none yet
+    int at = 0x7fffffff;
     for (int i = threadIdx.x; i < v; i += blockDim.x) {
         float x = row[i];
         if (x > best) {
@@ -501,7 +521,138 @@ extern "C" __global__ void argmax_rows(const float* logits, int v, u32* ids) {
         best = have ? part_v[lane] : -GYRE_INF;
         at = have ? part_i[lane] : 0x7fffffff;
     }
-    if (threadIdx.x == 0) ids[blockIdx.x] = at == 0x7fffffff ? 0u : (u32)at;
+    *best_out = best;
+    *at_out = at;
+}
+
+// Radix selection from the top: the largest logit t such that the elements >= t weigh at
+// least `target` (weight(x) >= 0 per element), found 8 bits of the order key at a time;
+// -inf when the whole row weighs less.
+template <class Weight>
+__device__ float select_from_top(const float* row, int v, float target, Weight weight) {
+    __shared__ float hist[256];
+    __shared__ u32 prefix_s;
+    __shared__ float left_s;
+    __shared__ int none_s;
+    u32 prefix = 0;
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0.0f;
+        __syncthreads();
+        u32 high = shift == 24 ? 0u : 0xffffffffu << (shift + 8);
+        for (int i = threadIdx.x; i < v; i += blockDim.x) {
+            float x = clean_logit(row[i]);
+            u32 k = order_key(x);
+            if ((k & high) != prefix) continue;
+            float w = weight(x);
+            if (w > 0.0f) atomicAdd(&hist[(k >> shift) & 255u], w);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float left = shift == 24 ? target : left_s, cum = 0.0f;
+            int b = 255;
+            for (; b > 0 && cum + hist[b] < left; b--) cum += hist[b];
+            none_s = shift == 24 && b == 0 && cum + hist[0] < left;
+            left_s = left - cum;
+            prefix_s = prefix | ((u32)b << shift);
+        }
+        __syncthreads();
+        if (none_s) return -GYRE_INF;
+        prefix = prefix_s;
+        __syncthreads();
+    }
+    return key_value(prefix);
+}
+
+// ids[r] = row r's token under draws[r]: greedy (or one token kept), the argmax (ties to
+// the lowest index, 0 when nothing is above -inf); else the candidates that survive top-k, top-p and min-p
+// (every logit >= a threshold) weighed exp((x − max)/T) and, in id order, the first whose
+// cumulative weight exceeds u · total.
+#define SAMPLE_THREADS 1024
+extern "C" __global__ void sample_rows(const float* logits, int v, const DrawArgs* draws, u32* ids) {
+    ALLOW_DEPENDENTS();
+    const float* row = logits + (size_t)blockIdx.x * v;
+    DrawArgs d = draws[blockIdx.x];
+    float m;
+    int at;
+    block_argmax(row, v, &m, &at);
+    // Keeping one token (top-k 1, top-p 0) is greedy too, ties to the lowest index.
+    if (!(d.temperature > 0.0f) || m == -GYRE_INF || d.top_k == 1 || d.top_p <= 0.0f) {
+        if (threadIdx.x == 0) ids[blockIdx.x] = at == 0x7fffffff ? 0u : (u32)at;
+        return;
+    }
+    float t = d.temperature;
+    bool inf_max = m == GYRE_INF;  // +inf logits share all the mass
+    auto weight = [=](float x) {
+        if (inf_max) return x == GYRE_INF ? 1.0f : 0.0f;
+        return x == -GYRE_INF ? 0.0f : expf((x - m) / t);
+    };
+    float floor = -GYRE_INF;  // survivors: logits >= floor
+    if (d.top_k > 0 && d.top_k < (u32)v) {
+        floor = select_from_top(row, v, (float)d.top_k, [](float x) { return x > -GYRE_INF ? 1.0f : 0.0f; });
+    }
+    if (d.top_p < 1.0f) {
+        float f = floor;
+        auto kept = [=](float x) { return x >= f ? weight(x) : 0.0f; };
+        float mine = 0.0f;
+        for (int i = threadIdx.x; i < v; i += blockDim.x) mine += kept(clean_logit(row[i]));
+        float total = block_sum(mine);
+        floor = fmaxf(floor, select_from_top(row, v, d.top_p * total, kept));
+    }
+    if (d.min_p > 0.0f) floor = fmaxf(floor, inf_max ? m : m + t * logf(d.min_p));
+    // The draw, in id order: thread j owns a contiguous range of ids; a block scan of the
+    // ranges' weights finds the range the target falls in, whose thread walks it.
+    __shared__ float scan[SAMPLE_THREADS];
+    __shared__ int picked;
+    int per = (v + blockDim.x - 1) / blockDim.x;
+    int lo = min(v, (int)threadIdx.x * per), hi = min(v, lo + per);
+    float mine = 0.0f;
+    int last = -1;  // the range's last id with weight
+    for (int i = lo; i < hi; i++) {
+        float x = clean_logit(row[i]);
+        float w = x >= floor ? weight(x) : 0.0f;
+        mine += w;
+        if (w > 0.0f) last = i;
+    }
+    scan[threadIdx.x] = mine;
+    if (threadIdx.x == 0) picked = -1;
+    __syncthreads();
+    for (int o = 1; o < (int)blockDim.x; o <<= 1) {
+        float add = threadIdx.x >= (u32)o ? scan[threadIdx.x - o] : 0.0f;
+        __syncthreads();
+        scan[threadIdx.x] += add;
+        __syncthreads();
+    }
+    float before = threadIdx.x > 0 ? scan[threadIdx.x - 1] : 0.0f, end = scan[threadIdx.x];
+    float target = d.u * scan[blockDim.x - 1];
+    if (before <= target && target < end) {
+        float cum = before;
+        int id = last;
+        for (int i = lo; i < hi; i++) {
+            float x = clean_logit(row[i]);
+            cum += x >= floor ? weight(x) : 0.0f;
+            if (target < cum) {
+                id = i;
+                break;
+            }
+        }
+        picked = id;
+    }
+    __syncthreads();
+    if (picked < 0) {
+        // Rounding left the target at or above the total: the last id with weight.
+        __shared__ int last_s[32];
+        int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
+        if (lane == 0) last_s[warp] = last;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 0; w < (int)(blockDim.x >> 5); w++) last = max(last, last_s[w]);
+            picked = last < 0 ? at : last;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) ids[blockIdx.x] = (u32)picked;
 }
 
 // Griffin's final logits: cap · tanh(l / cap).

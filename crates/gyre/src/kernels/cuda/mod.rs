@@ -284,6 +284,19 @@ impl AttnArgs {
     }
 }
 
+/// One row's draw as the `sample_rows` kernel reads it: the five 4-byte fields of
+/// `struct DrawArgs` in kernels.cu.
+pub fn draw_args(d: &crate::sampling::Draw) -> [u32; 5] {
+    [
+        d.temperature.to_bits(),
+        d.top_k.min(u32::MAX as usize) as u32,
+        d.top_p.to_bits(),
+        d.min_p.to_bits(),
+        // In [0, 1) after rounding too.
+        (d.u as f32).min(1.0 - f32::EPSILON / 2.0).to_bits(),
+    ]
+}
+
 /// Device copy of a batch's layout (`Batch` in kernels.cu): per row its sequence and
 /// position, per sequence its first row, length, first position and cache slots, and the
 /// address of each sequence's state.
@@ -321,7 +334,7 @@ struct Kernels {
     round_in_place: Kernel,
     gather_rows: Kernel,
     soft_cap: Kernel,
-    argmax_rows: Kernel,
+    sample_rows: Kernel,
     rope: Kernel,
     /// [f32, f16, bf16 cache]
     attention_split: [Kernel; 3],
@@ -400,7 +413,7 @@ impl Kernels {
             round_in_place: f("round_in_place")?,
             gather_rows: f("gather_rows")?,
             soft_cap: f("soft_cap")?,
-            argmax_rows: f("argmax_rows")?,
+            sample_rows: f("sample_rows")?,
             rope: f("rope")?,
             attention_split: [
                 f("attention_split_f32")?,
@@ -1310,16 +1323,24 @@ impl Gpu {
         )
     }
 
-    /// `ids[r]` = the greedy token of logits row r ([`crate::sampling::argmax`]'s rule), for
-    /// `rows` rows of `v`.
-    pub fn argmax_rows(&self, logits: DevPtr, rows: usize, v: usize, ids: DevPtr) -> Result<()> {
+    /// `ids[r]` (u32) = the token that draw `draws[r]` ([`draw_args`]) picks from logits row r, for
+    /// `rows` rows of `v` ([`crate::sampling::Draw::pick`]'s rule).
+    pub fn sample_rows(
+        &self,
+        logits: DevPtr,
+        rows: usize,
+        v: usize,
+        draws: DevPtr,
+        ids: DevPtr,
+    ) -> Result<()> {
         let v_i = v as i32;
+        let threads = v.next_power_of_two().clamp(32, 1024) as u32;
         self.launch(
-            &self.k.argmax_rows,
+            &self.k.sample_rows,
             (rows as u32, 1, 1),
-            1024,
+            threads,
             0,
-            params!(logits, v_i, ids),
+            params!(logits, v_i, draws, ids),
         )
     }
 

@@ -205,7 +205,7 @@ impl DeviceModel for CudaGriffin {
         &self.info
     }
 
-    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
+    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output<'_>) -> Result<Outputs> {
         let g = &*self.run.gpu;
         let (c, v, lru, w) = (
             self.info.hidden_size,

@@ -102,7 +102,7 @@ impl DeviceModel for CudaLlama {
         &self.info
     }
 
-    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
+    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output<'_>) -> Result<Outputs> {
         let g = &*self.run.gpu;
         let (c, v) = (self.info.hidden_size, self.info.vocab_size);
         let (h, kvh, hd) = (self.heads, self.kv_heads, self.head_dim);

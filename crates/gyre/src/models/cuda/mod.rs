@@ -24,6 +24,7 @@ use anyhow::{anyhow, bail, Result};
 use super::layers::{self, Segment};
 use super::{check_tokens, Logits, Model, ModelInfo, SeqInput};
 use crate::kernels::cuda::{BatchMeta, DevBuf, DevMatrix, DevPtr, Gpu, Graph};
+use crate::sampling::Draw;
 use crate::state::State;
 use crate::tensor::{DType, Matrix};
 
@@ -388,13 +389,13 @@ impl Runner {
     /// One forward pass: lays the batch out and brings its states up to date (see
     /// [`prepare_batch`]), carves the batch metadata, `N` f32 buffers of the lengths `sizes`
     /// gives and the [picked, V] logits, queues `body` (a decode step is captured once and
-    /// replayed, see [`StepGraphs`]) and, for [`Output::Greedy`], the argmax of each
-    /// sequence's logits; then downloads the logits (or the tokens) and advances the states.
+    /// replayed, see [`StepGraphs`]) and, for [`Output::Draws`], each sequence's draw from
+    /// its logits; then downloads the logits (or the tokens) and advances the states.
     pub fn forward<const N: usize>(
         &self,
         vocab: usize,
         batch: &mut [SeqInput<'_>],
-        out: Output,
+        out: Output<'_>,
         span: usize,
         sizes: impl Fn(&DeviceBatch) -> [usize; N],
         body: impl Fn(&DeviceBatch, [DevPtr; N], DevPtr) -> Result<()>,
@@ -402,11 +403,7 @@ impl Runner {
         let g = &*self.gpu;
         let _stream = g.exclusive()?;
         g.bind()?;
-        let which = match out {
-            Output::Logits(which) => which,
-            Output::Greedy => Logits::Last,
-        };
-        let mut b = prepare_batch(&self.layout, vocab, batch, which, span)?;
+        let mut b = prepare_batch(&self.layout, vocab, batch, out, span)?;
         let lens = sizes(&b);
         let mut arena = self
             .arena
@@ -421,14 +418,14 @@ impl Runner {
         let base = arena.base();
         arena.graphs.run(g, &b, out, base, || {
             body(&b, bufs, logits)?;
-            if out == Output::Greedy {
-                g.argmax_rows(logits, b.n_picked, vocab, ids)?;
+            if let Output::Draws(_) = out {
+                g.sample_rows(logits, b.n_picked, vocab, b.draws, ids)?;
             }
             Ok(())
         })?;
         let result = match out {
             Output::Logits(which) => Outputs::Logits(download_logits(g, logits, vocab, &b, which)?),
-            Output::Greedy => {
+            Output::Draws(_) => {
                 let mut tokens = vec![0u32; b.n_picked];
                 g.read(ids, &mut tokens)?;
                 Outputs::Tokens(tokens)
@@ -440,11 +437,11 @@ impl Runner {
 }
 
 /// What a device pass hands back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Output {
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Output<'d> {
     Logits(Logits),
-    /// Each sequence's greedy next token, picked on the device (its logits stay there).
-    Greedy,
+    /// Each sequence's next token, drawn on the device (its logits stay there).
+    Draws(&'d [Draw]),
 }
 
 pub enum Outputs {
@@ -456,7 +453,7 @@ pub enum Outputs {
 pub trait DeviceModel: Send + Sync {
     fn runner(&self) -> &Runner;
     fn model_info(&self) -> &ModelInfo;
-    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs>;
+    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output<'_>) -> Result<Outputs>;
 }
 
 impl<T: DeviceModel> Model for T {
@@ -479,10 +476,10 @@ impl<T: DeviceModel> Model for T {
         }
     }
 
-    fn forward_greedy(&self, batch: &mut [SeqInput<'_>]) -> Result<Vec<u32>> {
-        match self.pass(batch, Output::Greedy)? {
+    fn forward_drawn(&self, batch: &mut [SeqInput<'_>], draws: &[Draw]) -> Result<Vec<u32>> {
+        match self.pass(batch, Output::Draws(draws))? {
             Outputs::Tokens(t) => Ok(t),
-            Outputs::Logits(_) => bail!("internal: a greedy pass returned logits"),
+            Outputs::Logits(_) => bail!("internal: a drawing pass returned logits"),
         }
     }
 }
@@ -558,6 +555,8 @@ pub struct DeviceBatch {
     /// Rows whose logits are wanted [picked] (i32) and how many.
     pub picked: DevPtr,
     pub n_picked: usize,
+    /// Each picked row's draw ([`crate::kernels::cuda::draw_args`]; none for logits).
+    pub draws: DevPtr,
     /// The longest any row's attention can reach (keys), for the split count.
     pub max_keys: usize,
     /// The metadata as uploaded; offsets above are relative to it until [`DeviceBatch::upload`].
@@ -572,10 +571,19 @@ fn prepare_batch(
     layout: &Arc<StateLayout>,
     vocab: usize,
     batch: &mut [SeqInput<'_>],
-    which: Logits,
+    out: Output<'_>,
     span: usize,
 ) -> Result<DeviceBatch> {
     check_tokens(batch, vocab)?;
+    let (which, draws) = match out {
+        Output::Logits(which) => (which, &[][..]),
+        Output::Draws(d) => (Logits::Last, d),
+    };
+    if let Output::Draws(d) = out {
+        if d.len() != batch.len() {
+            bail!("{} draws for a batch of {} sequences", d.len(), batch.len());
+        }
+    }
     let mut positions = Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
     let mut states = Vec::with_capacity(batch.len());
@@ -620,16 +628,19 @@ fn prepare_batch(
         Logits::Last => segs.iter().map(|s| (s.row + s.len - 1) as i32).collect(),
     };
     let tokens: Vec<u32> = batch.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-    // One upload: ints, then the state addresses (8-aligned), tokens and picked rows.
+    let draws: Vec<u32> = draws.iter().flat_map(crate::kernels::cuda::draw_args).collect();
+    // One upload: ints, then the state addresses (8-aligned), tokens, picked rows and draws.
     let n_ints = ints.len();
     let states_at = (n_ints * 4).next_multiple_of(8);
     let tokens_at = states_at + seqs * 8;
     let picked_at = tokens_at + rows * 4;
-    let mut bytes = vec![0u8; picked_at + picked.len() * 4];
+    let draws_at = picked_at + picked.len() * 4;
+    let mut bytes = vec![0u8; draws_at + draws.len() * 4];
     bytes[..n_ints * 4].copy_from_slice(bytemuck::cast_slice(&ints));
     bytes[states_at..tokens_at].copy_from_slice(bytemuck::cast_slice(&states));
     bytes[tokens_at..picked_at].copy_from_slice(bytemuck::cast_slice(&tokens));
-    bytes[picked_at..].copy_from_slice(bytemuck::cast_slice(&picked));
+    bytes[picked_at..draws_at].copy_from_slice(bytemuck::cast_slice(&picked));
+    bytes[draws_at..].copy_from_slice(bytemuck::cast_slice(&draws));
     Ok(DeviceBatch {
         rows,
         meta: BatchMeta {
@@ -640,6 +651,7 @@ fn prepare_batch(
         },
         tokens: DevPtr(tokens_at as u64),
         picked: DevPtr(picked_at as u64),
+        draws: DevPtr(draws_at as u64),
         n_picked: picked.len(),
         max_keys,
         segs,
@@ -660,6 +672,7 @@ impl DeviceBatch {
         self.meta.states = at.byte_at(self.meta.states.0 as usize);
         self.tokens = at.byte_at(self.tokens.0 as usize);
         self.picked = at.byte_at(self.picked.0 as usize);
+        self.draws = at.byte_at(self.draws.0 as usize);
         Ok(())
     }
 }
@@ -672,7 +685,7 @@ pub struct StepGraphs {
 }
 
 /// What fixes a decode step's launches: sequences, attention splits, where the scratch is,
-/// the scratch generation, and whether the step ends with the greedy pick.
+/// the scratch generation, and whether the step ends with the draws.
 type GraphKey = (usize, usize, u64, u64, bool);
 
 impl StepGraphs {
@@ -683,7 +696,7 @@ impl StepGraphs {
         &mut self,
         gpu: &Gpu,
         b: &DeviceBatch,
-        out: Output,
+        out: Output<'_>,
         arena: DevPtr,
         body: impl Fn() -> Result<()>,
     ) -> Result<()> {
@@ -699,7 +712,7 @@ impl StepGraphs {
             b.max_keys,
             arena.0,
             gpu.generation(),
-            out == Output::Greedy,
+            matches!(out, Output::Draws(_)),
         );
         if let Some(g) = self.graphs.get(&key) {
             return gpu.replay(g);

@@ -116,7 +116,7 @@ impl DeviceModel for CudaRwkv5 {
         &self.info
     }
 
-    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output) -> Result<Outputs> {
+    fn pass(&self, batch: &mut [SeqInput<'_>], out: Output<'_>) -> Result<Outputs> {
         let g = &*self.run.gpu;
         let (c, v, h, n) = (
             self.info.hidden_size,
