@@ -1070,9 +1070,10 @@ impl<'a> Engine<'a> {
             });
             samplers.push(&mut s.sampler);
         }
-        if !batch.is_empty() && picks_only {
-            let draws: Vec<Draw> = samplers.iter_mut().map(|s| s.next_draw()).collect();
-            drop(samplers);
+        // Only a step that draws spends the samplers' uniforms (else sampling does, after).
+        let draws: Option<Vec<Draw>> =
+            (!batch.is_empty() && picks_only).then(|| samplers.into_iter().map(|s| s.next_draw()).collect());
+        if let Some(draws) = draws {
             let picks = self.model.forward_drawn(&mut batch, &draws)?;
             drop(batch);
             for (&(i, n), id) in fed.iter().zip(picks) {
@@ -1081,7 +1082,6 @@ impl<'a> Engine<'a> {
                 s.picked = Some(id);
             }
         } else if !batch.is_empty() {
-            drop(samplers);
             let out = self.model.forward(&mut batch, Logits::Last)?;
             drop(batch);
             for (&(i, n), logits) in fed.iter().zip(out) {
@@ -1108,7 +1108,7 @@ impl<'a> Engine<'a> {
                 s.logits = Some(logits);
             }
         } else {
-            drop((batch, samplers));
+            drop(batch);
         }
 
         let mut sampled = 0u64;

@@ -91,9 +91,7 @@ pub trait Model: Send + Sync {
     /// its last logits ([`Draw::pick`]). A device model draws where the logits are, and only
     /// the tokens cross to the host.
     fn forward_drawn(&self, batch: &mut [SeqInput<'_>], draws: &[Draw]) -> Result<Vec<u32>> {
-        if draws.len() != batch.len() {
-            bail!("{} draws for a batch of {} sequences", draws.len(), batch.len());
-        }
+        check_draws(batch, draws)?;
         let logits = self.forward(batch, Logits::Last)?;
         Ok(logits.iter().zip(draws).map(|(l, d)| d.pick(l)).collect())
     }
@@ -103,6 +101,14 @@ pub trait Model: Send + Sync {
         let draws = vec![Draw::GREEDY; batch.len()];
         self.forward_drawn(batch, &draws)
     }
+}
+
+/// Checks that a batch has one draw per sequence.
+pub fn check_draws(batch: &[SeqInput<'_>], draws: &[Draw]) -> Result<()> {
+    if draws.len() != batch.len() {
+        bail!("{} draws for a batch of {} sequences", draws.len(), batch.len());
+    }
+    Ok(())
 }
 
 /// Checks the token ids of a batch against the vocabulary before any state changes.

@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Result};
 
 use super::layers::{self, Segment};
-use super::{check_tokens, Logits, Model, ModelInfo, SeqInput};
+use super::{check_draws, check_tokens, Logits, Model, ModelInfo, SeqInput};
 use crate::kernels::cuda::{BatchMeta, DevBuf, DevMatrix, DevPtr, Gpu, Graph};
 use crate::sampling::Draw;
 use crate::state::State;
@@ -577,13 +577,11 @@ fn prepare_batch(
     check_tokens(batch, vocab)?;
     let (which, draws) = match out {
         Output::Logits(which) => (which, &[][..]),
-        Output::Draws(d) => (Logits::Last, d),
-    };
-    if let Output::Draws(d) = out {
-        if d.len() != batch.len() {
-            bail!("{} draws for a batch of {} sequences", d.len(), batch.len());
+        Output::Draws(d) => {
+            check_draws(batch, d)?;
+            (Logits::Last, d)
         }
-    }
+    };
     let mut positions = Vec::with_capacity(batch.len());
     let mut slots = Vec::with_capacity(batch.len());
     let mut states = Vec::with_capacity(batch.len());
