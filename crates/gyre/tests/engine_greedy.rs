@@ -1,6 +1,6 @@
-//! The engine's greedy fast path: decode steps whose sequences all sample plain greedy ask the
-//! model for its picks only (`Model::forward_greedy`), and give the same tokens as sampling
-//! from the logits.
+//! The engine's drawing fast path: decode steps whose sequences need no penalty or logprobs
+//! ask the model for its draws only (`Model::forward_drawn`), and give the same tokens as
+//! sampling from the logits.
 
 mod common;
 
@@ -10,7 +10,7 @@ use common::*;
 use gyre::engine::scheduler::{Engine, EngineConfig, Event, Prompt, Request};
 use gyre::loader::Checkpoint;
 use gyre::models::{self, Logits, Model, ModelInfo, SeqInput};
-use gyre::sampling::SamplingParams;
+use gyre::sampling::{Draw, SamplingParams};
 use gyre::state::State;
 use gyre::tokenizer::Tokenizer;
 
@@ -39,9 +39,9 @@ impl Model for Counting {
         self.inner.forward(batch, which)
     }
 
-    fn forward_greedy(&self, batch: &mut [SeqInput<'_>]) -> anyhow::Result<Vec<u32>> {
+    fn forward_drawn(&self, batch: &mut [SeqInput<'_>], draws: &[Draw]) -> anyhow::Result<Vec<u32>> {
         self.greedy_passes.fetch_add(1, Ordering::Relaxed);
-        self.inner.forward_greedy(batch)
+        self.inner.forward_drawn(batch, draws)
     }
 }
 
@@ -93,28 +93,59 @@ fn plain_greedy_decode_steps_take_the_models_picks() {
     };
     let (engine, handle) = Engine::new(&model, &tokenizer, None, model.new_state(), config);
     let prompt: Vec<u32> = (3..12).collect();
-    std::thread::scope(|scope| {
+    // The requests run while the engine does; the checks follow its shutdown, so that a
+    // failing one cannot leave the engine thread running.
+    let (first, with_logprobs, penalised_passes, seeded) = std::thread::scope(|scope| {
         scope.spawn(|| engine.run());
         // Plain greedy: the prompt's pass gives logits, every decode step only picks.
         let (picked, _) = run(&handle, &prompt, SamplingParams::default(), None);
-        let (logits, greedy) = (
+        let first = (
+            picked,
             model.logits_passes.load(Ordering::Relaxed),
             model.greedy_passes.load(Ordering::Relaxed),
         );
-        assert_eq!(picked.len(), 12);
-        assert_eq!((logits, greedy), (1, 11), "passes with logits, greedy passes");
-        // With logprobs the steps need the logits: same tokens, no greedy pass.
-        let (sampled, had_logprobs) = run(&handle, &prompt, SamplingParams::default(), Some(1));
-        assert!(had_logprobs);
-        assert_eq!(sampled, picked);
-        assert_eq!(model.greedy_passes.load(Ordering::Relaxed), greedy);
-        // A penalty changes the logits before the argmax: no greedy pass either.
+        // With logprobs the steps need the logits: same tokens, no drawing pass.
+        let with_logprobs = run(&handle, &prompt, SamplingParams::default(), Some(1));
+        let after_logprobs = model.greedy_passes.load(Ordering::Relaxed);
+        // A penalty changes the logits before the argmax: no drawing pass either.
         let penalised = SamplingParams {
             repetition_penalty: 1.5,
             ..SamplingParams::default()
         };
         run(&handle, &prompt, penalised, None);
-        assert_eq!(model.greedy_passes.load(Ordering::Relaxed), greedy);
+        let penalised_passes = (after_logprobs, model.greedy_passes.load(Ordering::Relaxed));
+        // Seeded temperature sampling without penalties draws in the model too, and the same
+        // seed gives the same tokens with the logits on the host (logprobs asked for).
+        let seeded = SamplingParams {
+            temperature: 1.0,
+            top_p: 0.9,
+            seed: Some(3),
+            ..SamplingParams::default()
+        };
+        let before = model.greedy_passes.load(Ordering::Relaxed);
+        let (drawn, _) = run(&handle, &prompt, seeded.clone(), None);
+        let drawn_passes = model.greedy_passes.load(Ordering::Relaxed) - before;
+        let (from_logits, _) = run(&handle, &prompt, seeded, Some(1));
         handle.shutdown();
+        (
+            first,
+            with_logprobs,
+            penalised_passes,
+            (drawn, drawn_passes, from_logits),
+        )
     });
+    let (picked, logits, greedy) = first;
+    assert_eq!(picked.len(), 12);
+    assert_eq!((logits, greedy), (1, 11), "passes with logits, greedy passes");
+    let (sampled, had_logprobs) = with_logprobs;
+    assert!(had_logprobs);
+    assert_eq!(sampled, picked);
+    assert_eq!(penalised_passes.0, greedy);
+    assert_eq!(penalised_passes.1, greedy);
+    let (drawn, drawn_passes, from_logits) = seeded;
+    assert_eq!(drawn_passes, 11, "drawing passes of a sampled request");
+    assert_eq!(
+        drawn, from_logits,
+        "the same seed drawn in the model and on the host"
+    );
 }
