@@ -8,6 +8,7 @@ use clap::{Args, ValueEnum};
 use gyre::bench;
 use gyre::loader::Checkpoint;
 use gyre::models;
+use gyre::sampling::SamplingParams;
 use gyre::tensor::DType;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -56,6 +57,22 @@ pub struct BenchArgs {
     /// decode --gen steps and report this many evenly spaced points.
     #[arg(long)]
     curve: Option<usize>,
+    /// Draw each decoded token at this temperature instead of greedily (0), so the timing
+    /// includes sampling as `generate` samples (on the GPU with --device cuda).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// With --temperature: keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// With --temperature: nucleus filter (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// With --temperature: min-p filter (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Seed of the first sequence's draws (sequence i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -85,6 +102,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if matches!(a.batch, BatchSize::Count(0)) || a.prompt == 0 || a.gen == 0 {
         bail!("--batch, --prompt and --gen must be at least 1");
     }
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        min_p: a.min_p,
+        seed: Some(a.seed),
+        ..SamplingParams::default()
+    };
+    sampling.validate()?;
     let dtype = match a.dtype {
         BenchDtype::Bf16 => DType::BF16,
         BenchDtype::F16 => DType::F16,
@@ -144,12 +170,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
             n
         }
     };
+    let work = bench::Workload {
+        prompt: a.prompt,
+        gen: a.gen,
+        batch,
+        sampling,
+    };
     if let Some(points) = a.curve {
         eprintln!(
             "running: prompt {} × batch {}, then {} decode steps, {points} points…",
             a.prompt, batch, a.gen
         );
-        println!("model:            {what}, batch {}, prompt {}", batch, a.prompt);
+        println!(
+            "model:            {what}, batch {batch}, prompt {}, {} decoding",
+            a.prompt,
+            work.draw_name()
+        );
         println!("weights:          {:.2} GB", bytes as f64 / 1e9);
         println!(
             "{:>10} {:>14} {:>14} {:>12}",
@@ -164,11 +200,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
                 p.state_bytes as f64 / 1e9
             );
         };
-        let (prefill_s, curve) = bench::curve(model.as_ref(), a.prompt, a.gen, batch, points, print)?;
+        let (prefill_s, curve) = bench::curve(model.as_ref(), &work, points, print)?;
         println!("prefill:          {prefill_s:.2} s (one sequence; the batch shares its state)");
         if a.json {
             let v = serde_json::json!({
                 "model": what, "batch": batch, "prompt": a.prompt, "weight_bytes": bytes,
+                "draw": work.draw_name(),
                 "prefill_s": prefill_s, "curve": curve,
             });
             println!("{v}");
@@ -185,7 +222,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "running: prompt {} × batch {}, then {} decode steps…",
         a.prompt, batch, a.gen
     );
-    let r = bench::run(model.as_ref(), a.prompt, a.gen, batch, bytes, probe.as_ref())?;
+    let r = bench::run(model.as_ref(), &work, bytes, probe.as_ref())?;
     if let models::Device::Cuda(n) = device {
         let gpu = gyre::kernels::cuda::Gpu::open(n)?;
         if gpu.profiling() {
@@ -211,8 +248,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         r.prefill_tok_s, r.prompt, r.batch
     );
     println!(
-        "decode:           {:.2} tok/s (median of {} greedy steps, batch {})",
-        r.decode_tok_s, r.gen, r.batch
+        "decode:           {:.2} tok/s (median of {} steps, batch {}, {})",
+        r.decode_tok_s, r.gen, r.batch, r.draw
     );
     println!(
         "weights/token:    {:.3} GB",

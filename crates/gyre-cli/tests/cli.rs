@@ -77,8 +77,9 @@ fn model_commands_run_on_the_cuda_emulator() {
     }
 }
 
-/// `gyre bench` on a checkpoint: the speed report on the CPU, and the Figure 1a curve (shared
-/// prefill, greedy steps picked on the device) on the CUDA emulator.
+/// `gyre bench` on a checkpoint: the speed report on the CPU (tokens drawn with temperature and
+/// top-p), and the Figure 1a curve (shared prefill, greedy steps picked on the device) on the
+/// CUDA emulator.
 #[test]
 fn bench_reports_speed_and_the_length_curve() {
     let last_json = |out: &str| -> Value { serde_json::from_str(out.lines().last().unwrap()).unwrap() };
@@ -91,11 +92,16 @@ fn bench_reports_speed_and_the_length_curve() {
         "8",
         "--gen",
         "4",
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.9",
         "--json",
     ];
     let r = last_json(&ok(&gyre(&args, b"")));
     assert!(r["decode_tok_s"].as_f64().unwrap() > 0.0, "{r}");
     assert_eq!(r["batch"], 1);
+    assert_eq!(r["draw"], "temperature 0.7, top-p 0.9", "{r}");
     let dir = gyre_fixture("griffin", "griffin_small");
     let out = ok(&gyre_env(
         &[
@@ -126,8 +132,11 @@ fn bench_reports_speed_and_the_length_curve() {
         .map(|p| p["generated"].as_u64().unwrap())
         .collect();
     assert_eq!(generated, [2, 4, 6], "{out}");
+    assert_eq!(c["draw"], "greedy", "{out}");
     let err = fails(&["bench", "--model", s(&tiny()), "--batch", "lots"], b"");
     assert!(err.contains("`max`"), "{err}");
+    let err = fails(&["bench", "--model", s(&tiny()), "--top-p", "2"], b"");
+    assert!(err.contains("top_p"), "{err}");
 }
 
 #[test]

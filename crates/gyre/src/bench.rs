@@ -15,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::loader::Checkpoint;
 use crate::models::{Logits, Model, SeqInput};
+use crate::sampling::{Draw, Sampler, SamplingParams};
 use crate::state::State;
 use crate::tensor::{DType, Quant, Tensor};
 
@@ -459,6 +460,57 @@ pub fn prompt_tokens(n: usize, vocab: usize) -> Vec<u32> {
     (0..n as u32).map(|i| (i * 7919 + 13) % vocab as u32).collect()
 }
 
+/// What a benchmark decodes: `batch` sequences, each prefilled with `prompt` tokens, then
+/// `gen` decode steps of the whole batch, each step drawing every sequence's next token as
+/// `sampling` says (greedy by default; sequence i's seed is the seed + i, 0 if unset).
+#[derive(Clone, Debug)]
+pub struct Workload {
+    pub prompt: usize,
+    pub gen: usize,
+    pub batch: usize,
+    pub sampling: SamplingParams,
+}
+
+impl Workload {
+    /// One sampler per sequence. Penalties are refused: they need each sequence's token
+    /// history on the host, and the benchmark times the draws a model makes where its
+    /// logits are ([`Model::forward_drawn`]), as `generate` and `serve` decode.
+    fn samplers(&self) -> Result<Vec<Sampler>> {
+        self.sampling.validate()?;
+        if self.sampling.has_penalties() {
+            bail!("the benchmark draws without penalties: leave out the repetition, presence and frequency penalties");
+        }
+        let seed = self.sampling.seed.unwrap_or(0);
+        Ok((0..self.batch as u64)
+            .map(|i| {
+                Sampler::new(SamplingParams {
+                    seed: Some(seed.wrapping_add(i)),
+                    ..self.sampling.clone()
+                })
+            })
+            .collect())
+    }
+
+    /// How each step draws, for reports: `greedy`, or the sampling parameters in effect.
+    pub fn draw_name(&self) -> String {
+        let p = &self.sampling;
+        if p.temperature.is_nan() || p.temperature <= 0.0 {
+            return "greedy".into();
+        }
+        let mut parts = vec![format!("temperature {}", p.temperature)];
+        if p.top_k > 0 {
+            parts.push(format!("top-k {}", p.top_k));
+        }
+        if p.top_p < 1.0 {
+            parts.push(format!("top-p {}", p.top_p));
+        }
+        if p.min_p > 0.0 {
+            parts.push(format!("min-p {}", p.min_p));
+        }
+        parts.join(", ")
+    }
+}
+
 /// One benchmark run's figures.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
@@ -476,10 +528,12 @@ pub struct BenchReport {
     pub batch: usize,
     pub prompt: usize,
     pub gen: usize,
+    /// How each decode step drew its tokens ([`Workload::draw_name`]).
+    pub draw: String,
 }
 
-/// Prefill `prompt` tokens into each of `batch` sequences, then decode `gen` steps of the whole
-/// batch; decode speed is the median step.
+/// Prefill the workload's prompt into each of its sequences, then decode its steps; decode
+/// speed is the median step.
 ///
 /// The machine's bandwidth drifts on a shared host (this project's machine moves between
 /// about 30 and 60 GB/s from minute to minute), so for weights that stream from memory the
@@ -487,12 +541,14 @@ pub struct BenchReport {
 /// ratios; smaller models get five probe passes up front.
 pub fn run(
     model: &dyn Model,
-    prompt: usize,
-    gen: usize,
-    batch: usize,
+    work: &Workload,
     bytes_per_token: usize,
     probe: &dyn Probe,
 ) -> Result<BenchReport> {
+    let Workload {
+        prompt, gen, batch, ..
+    } = *work;
+    let mut samplers = work.samplers()?;
     let v = model.info().vocab_size as u32;
     let tokens = prompt_tokens(prompt, v as usize);
     let (mut states, prefill_s) = prefilled(model, &tokens, batch)?;
@@ -515,7 +571,7 @@ pub fn run(
             up_front
         };
         let t = Instant::now();
-        next = decode_step(model, &mut states, &next)?;
+        next = decode_step(model, &mut states, &next, &mut samplers)?;
         let dt = t.elapsed().as_secs_f64();
         steps.push(dt);
         ratios.push(bytes_per_token as f64 / dt / 1e9 / bw);
@@ -533,6 +589,7 @@ pub fn run(
         batch,
         prompt,
         gen,
+        draw: work.draw_name(),
     })
 }
 
@@ -546,9 +603,15 @@ fn prefilled(model: &dyn Model, tokens: &[u32], batch: usize) -> Result<(Vec<Sta
     Ok((states, t0.elapsed().as_secs_f64()))
 }
 
-/// One batched greedy decode step (as `generate --temperature 0` decodes): sequence i is
-/// fed `next[i]`; returns the tokens each picks next.
-fn decode_step(model: &dyn Model, states: &mut [State], next: &[u32]) -> Result<Vec<u32>> {
+/// One batched decode step, drawn where the logits are (as `generate` decodes without
+/// penalties): sequence i is fed `next[i]` and draws with `samplers[i]`'s next draw; returns
+/// the tokens drawn.
+fn decode_step(
+    model: &dyn Model,
+    states: &mut [State],
+    next: &[u32],
+    samplers: &mut [Sampler],
+) -> Result<Vec<u32>> {
     let mut inputs: Vec<SeqInput<'_>> = states
         .iter_mut()
         .zip(next)
@@ -557,7 +620,8 @@ fn decode_step(model: &dyn Model, states: &mut [State], next: &[u32]) -> Result<
             state,
         })
         .collect();
-    model.forward_greedy(&mut inputs)
+    let draws: Vec<Draw> = samplers.iter_mut().map(Sampler::next_draw).collect();
+    model.forward_drawn(&mut inputs, &draws)
 }
 
 /// The largest batch whose states fit in `free` bytes at `tokens` tokens each, after a
@@ -595,18 +659,19 @@ pub struct CurvePoint {
     pub state_bytes: usize,
 }
 
-/// The RecurrentGemma paper's Figure 1a experiment: `batch` sequences share one prefilled
-/// prompt of `prompt` tokens, then decode `gen` greedy steps together, reporting throughput at
-/// `points` evenly spaced lengths. Returns the prefill time (one sequence) in seconds and the
-/// curve.
+/// The RecurrentGemma paper's Figure 1a experiment: the workload's sequences share one
+/// prefilled prompt, then decode its steps together, reporting throughput at `points` evenly
+/// spaced lengths. Returns the prefill time (one sequence) in seconds and the curve.
 pub fn curve(
     model: &dyn Model,
-    prompt: usize,
-    gen: usize,
-    batch: usize,
+    work: &Workload,
     points: usize,
     mut on_point: impl FnMut(&CurvePoint),
 ) -> Result<(f64, Vec<CurvePoint>)> {
+    let Workload {
+        prompt, gen, batch, ..
+    } = *work;
+    let mut samplers = work.samplers()?;
     let v = model.info().vocab_size as u32;
     let tokens = prompt_tokens(prompt, v as usize);
     // Every sequence holds the same prompt: prefill it once and share the state (a device
@@ -614,10 +679,13 @@ pub fn curve(
     let mut first = model.new_state();
     first.reserve(prompt + gen)?;
     let t0 = Instant::now();
-    let mut next = model.forward_greedy(&mut [SeqInput {
-        tokens: &tokens,
-        state: &mut first,
-    }])?;
+    let mut next = model.forward_drawn(
+        &mut [SeqInput {
+            tokens: &tokens,
+            state: &mut first,
+        }],
+        &[samplers[0].next_draw()],
+    )?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let mut states = vec![first; batch];
     next.resize(batch, next[0]);
@@ -625,7 +693,7 @@ pub fn curve(
     let (start, mut window) = (Instant::now(), Instant::now());
     let mut out = Vec::with_capacity(points);
     for step in 1..=gen {
-        next = decode_step(model, &mut states, &next)?;
+        next = decode_step(model, &mut states, &next, &mut samplers)?;
         if step % every == 0 || step == gen {
             let since = out.last().map_or(0, |p: &CurvePoint| p.generated);
             out.push(CurvePoint {
@@ -669,7 +737,13 @@ mod tests {
     fn curve_reports_evenly_spaced_points_of_the_whole_batch() {
         let m = tiny_llama();
         let mut seen = Vec::new();
-        let (prefill_s, points) = curve(m.as_ref(), 8, 6, 3, 3, |p| seen.push(p.generated)).unwrap();
+        let work = Workload {
+            prompt: 8,
+            gen: 6,
+            batch: 3,
+            sampling: SamplingParams::default(),
+        };
+        let (prefill_s, points) = curve(m.as_ref(), &work, 3, |p| seen.push(p.generated)).unwrap();
         assert!(prefill_s > 0.0);
         assert_eq!(seen, [2, 4, 6]);
         assert_eq!(points.iter().map(|p| p.generated).collect::<Vec<_>>(), [2, 4, 6]);
@@ -678,5 +752,95 @@ mod tests {
         assert!(points[2].state_bytes >= 3 * m.state_bytes(14));
         assert!(points[0].state_bytes <= points[2].state_bytes);
         assert!(points.iter().all(|p| p.window_tok_s > 0.0 && p.total_tok_s > 0.0));
+    }
+
+    fn sampled(batch: usize, seed: u64) -> Workload {
+        Workload {
+            prompt: 5,
+            gen: 4,
+            batch,
+            sampling: SamplingParams {
+                temperature: 1.3,
+                top_k: 50,
+                top_p: 0.9,
+                seed: Some(seed),
+                ..SamplingParams::default()
+            },
+        }
+    }
+
+    #[test]
+    fn sampled_decode_steps_draw_what_each_sequences_sampler_draws_on_the_host() {
+        let m = tiny_llama();
+        let work = sampled(3, 7);
+        let mut samplers = work.samplers().unwrap();
+        let mut host = work.samplers().unwrap();
+        let tokens = prompt_tokens(work.prompt, m.info().vocab_size);
+        let (mut states, _) = prefilled(m.as_ref(), &tokens, work.batch).unwrap();
+        let mut next = vec![1u32, 2, 3];
+        let mut drawn = std::collections::BTreeSet::new();
+        for _ in 0..work.gen {
+            // The host's reference: each sequence's logits from a copy of its state, drawn by
+            // its own sampler as `generate` samples.
+            let want: Vec<u32> = states
+                .iter()
+                .zip(&next)
+                .zip(host.iter_mut())
+                .map(|((state, &t), sampler)| {
+                    let mut state = state.clone();
+                    let logits = m
+                        .forward(
+                            &mut [SeqInput {
+                                tokens: &[t],
+                                state: &mut state,
+                            }],
+                            Logits::Last,
+                        )
+                        .unwrap();
+                    sampler.sample(&logits[0], &[], 0)
+                })
+                .collect();
+            next = decode_step(m.as_ref(), &mut states, &next, &mut samplers).unwrap();
+            assert_eq!(next, want);
+            drawn.extend(next.iter().copied());
+        }
+        // Seeds differ per sequence and the draws are not the argmax every time.
+        assert!(drawn.len() > work.gen, "{drawn:?}");
+    }
+
+    #[test]
+    fn workloads_name_their_draws_and_refuse_penalties() {
+        let work = sampled(2, 0);
+        assert_eq!(work.draw_name(), "temperature 1.3, top-k 50, top-p 0.9");
+        assert_eq!(work.samplers().unwrap().len(), 2);
+        let greedy = Workload {
+            sampling: SamplingParams::default(),
+            ..work.clone()
+        };
+        assert_eq!(greedy.draw_name(), "greedy");
+        let penalised = Workload {
+            sampling: SamplingParams {
+                repetition_penalty: 1.2,
+                ..work.sampling.clone()
+            },
+            ..work
+        };
+        let err = penalised.samplers().unwrap_err().to_string();
+        assert!(err.contains("penalties"), "{err}");
+    }
+
+    #[test]
+    fn a_sampled_run_reports_its_draws() {
+        let m = tiny_llama();
+        struct Fixed;
+        impl Probe for Fixed {
+            fn pass(&self) -> f64 {
+                50.0
+            }
+        }
+        let r = run(m.as_ref(), &sampled(2, 3), 1000, &Fixed).unwrap();
+        assert_eq!(r.draw, "temperature 1.3, top-k 50, top-p 0.9");
+        assert_eq!((r.batch, r.prompt, r.gen), (2, 5, 4));
+        assert!(r.decode_tok_s > 0.0 && r.prefill_tok_s > 0.0);
     }
 }
