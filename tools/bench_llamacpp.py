@@ -146,7 +146,8 @@ def time_llamacpp(path, vocab, prompt_len, gen, threads):
     llm = Llama(
         model_path=path,
         n_ctx=max(256, prompt_len + gen + 8),
-        n_batch=max(64, prompt_len),
+        # llama-cpp-python keeps n_batch rows of scores and writes row n_tokens − 1.
+        n_batch=max(64, prompt_len + gen + 8),
         n_ubatch=max(64, prompt_len),
         n_threads=threads,
         n_threads_batch=threads,

@@ -111,7 +111,16 @@ pub fn step_by_step(model: &dyn Model, tokens: &[u32]) -> Vec<f32> {
     step_from(model, &mut model.new_state(), tokens)
 }
 
-/// Asserts prefill and step-by-step both match `want` within `tol`, and each other to 1e-5.
+/// How far two f32 computations of the same logits may be apart when they sum the same
+/// products in different orders (a prefill's blocked GEMM against a decode step's 16-lane
+/// products): tens of ulps of the largest logit. A wrong position, mask or state moves
+/// logits by 1e-3 and more.
+pub fn rounding_bound(logits: &[f32]) -> f32 {
+    4e-6 * (1.0 + logits.iter().fold(0f32, |m, v| m.max(v.abs())))
+}
+
+/// Asserts prefill and step-by-step both match `want` within `tol`, and each other within
+/// [`rounding_bound`].
 pub fn assert_parity(what: &str, model: &dyn Model, tokens: &[u32], want: &[f32], tol: f32) {
     let prefill = prefill_all(model, tokens);
     let d = max_abs_diff(&prefill, want);
@@ -119,6 +128,9 @@ pub fn assert_parity(what: &str, model: &dyn Model, tokens: &[u32], want: &[f32]
     let step = step_by_step(model, tokens);
     let d = max_abs_diff(&step, want);
     assert!(d <= tol, "{what}: step-by-step max |Δlogit| = {d} > {tol}");
-    let d = max_abs_diff(&step, &prefill);
-    assert!(d <= 1e-5, "{what}: prefill and step-by-step differ by {d}");
+    let (d, bound) = (max_abs_diff(&step, &prefill), rounding_bound(&prefill));
+    assert!(
+        d <= bound,
+        "{what}: prefill and step-by-step differ by {d} > {bound}"
+    );
 }

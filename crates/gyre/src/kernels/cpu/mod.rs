@@ -5,6 +5,7 @@
 //! sequence of a decode batch), which is where batched throughput comes from.
 
 mod dot;
+mod gemm;
 mod gemv;
 pub mod ops;
 #[cfg(target_arch = "x86_64")]
@@ -22,6 +23,12 @@ use crate::tensor::{Matrix, Tensor, TensorData};
 
 /// Matrices with fewer elements than this decode on one thread (a fork-join costs more).
 const SMALL_MATRIX: usize = 1 << 16;
+
+/// From this many activation rows on, [`linear`] runs as a packed GEMM (`gemm.rs`) where
+/// AVX-512 is available: 1.7–2.3× the dot-product tiles from 64 rows on, about even at 16
+/// (`cargo run --release --example prefill_gemm`); below 16 rows its 32-row panels are
+/// mostly padding.
+const GEMM_ROWS: usize = 16;
 
 /// Rows of the weight matrix handled by one parallel task.
 const ROW_BLOCK: usize = 16;
@@ -54,10 +61,10 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
         return;
     }
     let data = rows_of(w);
-    // Several rows of activations: widen a block of weight rows once, then 4×4 tiles of
-    // (weight row, activation row) dot products. The result is built transposed,
-    // [out, n_rows], so each task owns a contiguous block of it.
-    // Quantized matrices multiply the rounded activation, as in decode (tensor::quant).
+    // Several rows of activations. Quantized matrices multiply the rounded activation, as in
+    // decode (tensor::quant). From GEMM_ROWS rows on, with AVX-512: the packed GEMM. Else
+    // widen a block of weight rows once, then 4×4 tiles of (weight row, activation row) dot
+    // products, built transposed, [out, n_rows], so each task owns a contiguous block.
     let x_hat;
     let x = match &data {
         Rows::Quantized(q) => {
@@ -72,6 +79,15 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
         }
         _ => x,
     };
+    #[cfg(target_arch = "x86_64")]
+    if n_rows >= GEMM_ROWS && simd::level() == simd::Level::Avx512 {
+        let weight_row = |o: usize, buf: &mut [f32]| match &data {
+            Rows::Dense(d) => d.row_to_f32(o * n_in, buf),
+            Rows::Quantized(q) => q.row_to_f32(o, buf),
+        };
+        gemm::matmul(&gemm::PackedRows::new(x, n_rows, n_in), n_out, &weight_row, out);
+        return;
+    }
     let mut out_t = vec![0f32; n_out * n_rows];
     out_t
         .par_chunks_mut(ROW_BLOCK * n_rows)
@@ -249,7 +265,14 @@ mod tests {
 
     #[test]
     fn linear_matches_scalar_for_every_dtype_and_odd_shapes() {
-        for &(n_out, n_in, rows) in &[(1, 1, 1), (17, 33, 1), (40, 129, 3), (33, 64, 9), (5, 7, 17)] {
+        for &(n_out, n_in, rows) in &[
+            (1, 1, 1),
+            (17, 33, 1),
+            (40, 129, 3),
+            (33, 64, 9),
+            (5, 7, 17),
+            (29, 300, 40),
+        ] {
             let wv = pseudo(n_out * n_in, 7);
             let x = pseudo(rows * n_in, 11);
             for w in [

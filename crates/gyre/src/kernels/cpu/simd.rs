@@ -207,6 +207,36 @@ pub unsafe fn dot_4x4_avx512(w: [&[f32]; 4], x: [&[f32]; 4], n: usize) -> [[f32;
     out
 }
 
+/// The GEMM micro-kernel (`gemm.rs` `micro_tile_portable`, bit for bit): an MR × 32 tile
+/// `c[r][j] += Σ_k w[r·stride + k] · b[k][j]`, the block's sums held in registers (two per
+/// row); each step loads two activation vectors and broadcasts MR weights into 2·MR FMAs.
+///
+/// # Safety
+/// The CPU must support AVX-512F; `kc <= stride`, `w.len() >= (MR − 1)·stride + kc`,
+/// `b.len() == kc·NR`, `c.len() == MR·NR`.
+#[target_feature(enable = "avx512f")]
+pub unsafe fn micro_tile_avx512(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
+    use super::gemm::{MR, NR};
+    const _: () = assert!(NR == 32, "two vectors per tile row");
+    let (wp, bp, cp) = (w.as_ptr(), b.as_ptr(), c.as_mut_ptr());
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    // SAFETY (every access below): r < MR, k < kc and the lengths the caller guarantees.
+    for k in 0..kc {
+        let b0 = _mm512_loadu_ps(bp.add(k * NR));
+        let b1 = _mm512_loadu_ps(bp.add(k * NR + 16));
+        for (r, row) in acc.iter_mut().enumerate() {
+            let wv = _mm512_set1_ps(*wp.add(r * stride + k));
+            row[0] = _mm512_fmadd_ps(wv, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(wv, b1, row[1]);
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        let (c0, c1) = (cp.add(r * NR), cp.add(r * NR + 16));
+        _mm512_storeu_ps(c0, _mm512_add_ps(_mm512_loadu_ps(c0), row[0]));
+        _mm512_storeu_ps(c1, _mm512_add_ps(_mm512_loadu_ps(c1), row[1]));
+    }
+}
+
 /// Σ over groups g of scale[g] · Σ q[i]·x[i] (Q8 row, groups of 32), AVX-512.
 ///
 /// # Safety

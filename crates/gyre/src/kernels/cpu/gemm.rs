@@ -1,0 +1,203 @@
+//! Products of many activation rows (a prefill chunk, a large decode batch) with one weight
+//! matrix: `out[t, o] = Σ_i x[t, i] · w[o, i]`, as a packed GEMM in the manner of BLIS
+//! (Goto & van de Geijn, "Anatomy of High-Performance Matrix Multiplication", 2008).
+//!
+//! - The activations are packed once per product, transposed into panels of [`NR`] rows,
+//!   `[i][NR]`; every weight strip reuses them.
+//! - The weights are cut into strips of [`MR`] output features, one parallel task each,
+//!   widened to f32 in their own row-major layout (sequential, no transposition).
+//! - The micro-kernel keeps an `MR × NR` tile of sums in registers; per inner index it loads
+//!   the panel's [`NR`] activations as two vectors and broadcasts each of the strip's
+//!   [`MR`] weights into two FMAs: ten loads feed sixteen FMAs, where a dot-product tile
+//!   needs a vector load per FMA or two. The inner dimension runs in blocks of [`KC`], so
+//!   the strip's block (MR × KC f32, 8 KB) stays in L1 while the panels stream past it.
+//!
+//! Each sum is accumulated block by block: a block's terms in index order, one f32 FMA each,
+//! from zero, then the block's sum added to the total. Summing blocks of [`KC`] terms apart
+//! keeps the rounding error near the decode products' (which split each sum over 16 lanes),
+//! so a prefill equals token-by-token decoding within f32 rounding; the order is the same
+//! whatever the thread count.
+
+use rayon::prelude::*;
+
+/// Output features (weight rows) per micro-tile.
+pub const MR: usize = 12;
+/// Activation rows per micro-tile (two AVX-512 vectors).
+pub const NR: usize = 32;
+/// Inner-dimension block.
+const KC: usize = 128;
+/// Strips of [`MR`] features per parallel task.
+const GROUP: usize = 8;
+
+/// Activations transposed into panels of [`NR`] rows, each `[n_in][NR]`; rows past `n_rows`
+/// are zero.
+pub struct PackedRows {
+    data: Vec<f32>,
+    n_rows: usize,
+    n_in: usize,
+}
+
+impl PackedRows {
+    /// Packs `x` [n_rows, n_in].
+    pub fn new(x: &[f32], n_rows: usize, n_in: usize) -> PackedRows {
+        assert_eq!(x.len(), n_rows * n_in, "gemm: activation length");
+        let panels = n_rows.div_ceil(NR);
+        let mut data = vec![0f32; panels * n_in * NR];
+        data.par_chunks_mut(n_in * NR).enumerate().for_each(|(p, panel)| {
+            for j in 0..NR.min(n_rows - p * NR) {
+                let row = &x[(p * NR + j) * n_in..(p * NR + j + 1) * n_in];
+                for (i, &v) in row.iter().enumerate() {
+                    panel[i * NR + j] = v;
+                }
+            }
+        });
+        PackedRows { data, n_rows, n_in }
+    }
+
+    fn panels(&self) -> usize {
+        self.n_rows.div_ceil(NR)
+    }
+
+    /// Panel `p`, inner indices `k0..k0 + kc`.
+    fn block(&self, p: usize, k0: usize, kc: usize) -> &[f32] {
+        let start = (p * self.n_in + k0) * NR;
+        &self.data[start..start + kc * NR]
+    }
+}
+
+/// `out[t, o] = Σ_i x[t, i] · w[o, i]` for `t < n_rows`, `o < n_out`; `weight_row(o, buf)`
+/// writes weight row `o` as f32 into `buf` (length n_in). Shapes: `out` [n_rows, n_out].
+pub fn matmul(
+    x: &PackedRows,
+    n_out: usize,
+    weight_row: &(dyn Fn(usize, &mut [f32]) + Sync),
+    out: &mut [f32],
+) {
+    let (n_rows, n_in) = (x.n_rows, x.n_in);
+    assert_eq!(out.len(), n_rows * n_out, "gemm: output length");
+    let panels = x.panels();
+    // The widened rows sit one cache line more than a multiple of 64 bytes apart, so the
+    // strip's rows at one inner index fall in different L1 sets (a power-of-two row length
+    // would put all of them in one).
+    let stride = n_in.next_multiple_of(16) + 16;
+    // Each task widens GROUP strips, then walks the inner blocks and panels with the
+    // strips innermost, so each panel block (KC × NR f32, 32 KB) stays in L1 while the
+    // group's weight blocks (MR × KC each) come from L2. Sums: [strip][panel][MR][NR].
+    let strips = n_out.div_ceil(MR);
+    let tile = panels * MR * NR;
+    let groups: Vec<Vec<f32>> = (0..strips.div_ceil(GROUP))
+        .into_par_iter()
+        .map_init(
+            || vec![0f32; GROUP * MR * stride],
+            |rows, g| {
+                let first = g * GROUP * MR;
+                let width = (GROUP * MR).min(strips * MR - first);
+                for (r, row) in rows.chunks_exact_mut(stride).take(width).enumerate() {
+                    let row = &mut row[..n_in];
+                    if first + r < n_out {
+                        weight_row(first + r, row);
+                    } else {
+                        row.fill(0.0);
+                    }
+                }
+                let mut sums = vec![0f32; width / MR * tile];
+                for k0 in (0..n_in).step_by(KC) {
+                    let kc = KC.min(n_in - k0);
+                    for p in 0..panels {
+                        let b = x.block(p, k0, kc);
+                        for (s, strip) in sums.chunks_exact_mut(tile).enumerate() {
+                            let w = &rows[s * MR * stride + k0..];
+                            micro_tile(w, stride, b, kc, &mut strip[p * MR * NR..(p + 1) * MR * NR]);
+                        }
+                    }
+                }
+                sums
+            },
+        )
+        .collect();
+    out.par_chunks_mut(n_out).enumerate().for_each(|(t, row)| {
+        let at = (t / NR) * MR * NR + t % NR;
+        for (s, o0) in (0..n_out).step_by(MR).enumerate() {
+            let sums = &groups[s / GROUP][(s % GROUP) * tile..];
+            for (r, o) in row[o0..(o0 + MR).min(n_out)].iter_mut().enumerate() {
+                *o = sums[at + r * NR];
+            }
+        }
+    });
+}
+
+/// `c[r][j] += Σ_{k < kc} w[r·stride + k] · b[k][j]` for an `MR × NR` tile `c` (row-major):
+/// `w` holds the strip's rows `stride` apart, `b` a panel block `[kc][NR]`.
+fn micro_tile(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
+    assert!(kc <= stride && w.len() >= (MR - 1) * stride + kc);
+    assert!(b.len() == kc * NR && c.len() == MR * NR);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if super::simd::level() == super::simd::Level::Avx512 {
+            // SAFETY: AVX-512F is supported (checked) and the lengths were asserted above.
+            unsafe { super::simd::micro_tile_avx512(w, stride, b, kc, c) };
+            return;
+        }
+    }
+    micro_tile_portable(w, stride, b, kc, c);
+}
+
+/// The portable micro-kernel (and the AVX-512 one's reference): the block's sum from zero,
+/// one fused multiply-add per term in index order, then added to `c`.
+pub fn micro_tile_portable(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
+    let mut acc = [[0f32; NR]; MR];
+    for k in 0..kc {
+        let bk = &b[k * NR..(k + 1) * NR];
+        for (r, row) in acc.iter_mut().enumerate() {
+            let wv = w[r * stride + k];
+            for (a, &bj) in row.iter_mut().zip(bk) {
+                *a = wv.mul_add(bj, *a);
+            }
+        }
+    }
+    for (c, a) in c.iter_mut().zip(acc.as_flattened()) {
+        *c += a;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::dot_scalar;
+    use crate::kernels::cpu::tests::pseudo;
+
+    #[test]
+    fn matmul_matches_scalar_dots_at_ragged_shapes() {
+        // Rows and features that do not fill a tile, inner sizes around the block.
+        for &(n_rows, n_out, n_in) in &[(1, 1, 1), (3, 5, 7), (8, 32, 256), (9, 33, 257), (17, 70, 600)] {
+            let x = pseudo(n_rows * n_in, 3);
+            let w = pseudo(n_out * n_in, 5);
+            let mut got = vec![f32::NAN; n_rows * n_out];
+            let row = |o: usize, buf: &mut [f32]| buf.copy_from_slice(&w[o * n_in..(o + 1) * n_in]);
+            matmul(&PackedRows::new(&x, n_rows, n_in), n_out, &row, &mut got);
+            for t in 0..n_rows {
+                for o in 0..n_out {
+                    let want = dot_scalar(&x[t * n_in..(t + 1) * n_in], &w[o * n_in..(o + 1) * n_in]);
+                    let g = got[t * n_out + o];
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{t},{o}: {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_dispatched_micro_kernel_equals_the_portable_one_bit_for_bit() {
+        for (kc, stride) in [(1, 1), (5, 9), (256, 300)] {
+            let w = pseudo(MR * stride, 7);
+            let b = pseudo(kc * NR, 9);
+            let start = pseudo(MR * NR, 11);
+            let (mut got, mut want) = (start.clone(), start);
+            micro_tile(&w, stride, &b, kc, &mut got);
+            micro_tile_portable(&w, stride, &b, kc, &mut want);
+            assert_eq!(got, want, "kc {kc}");
+        }
+    }
+}
