@@ -100,12 +100,13 @@ pub fn attend_chunk(
     } = dims;
     let kvd = kv_heads * hd;
     let group = h / kv_heads;
+    // One job per (position, KV head): the group's query heads attend together, so each key
+    // and value is read once per group rather than once per head.
     let one = |scores: &mut Vec<f32>, (idx, o): (usize, &mut [f32])| {
-        let (i, head) = (idx / h, idx % h);
-        let g = head / group;
+        let (i, g) = (idx / kv_heads, idx % kv_heads);
         let pos = seg.pos + i;
         let lo = first_visible(pos);
-        let qv = &q[(seg.row + i) * h * hd + head * hd..][..hd];
+        let qs = &q[(seg.row + i) * h * hd + g * group * hd..][..group * hd];
         let kv = |j: usize| {
             let p = lo + j;
             if p >= seg.pos {
@@ -116,19 +117,21 @@ pub fn attend_chunk(
                 (&ck[g * hd..(g + 1) * hd], &cv[g * hd..(g + 1) * hd])
             }
         };
-        k::attend(qv, pos + 1 - lo, kv, scale, scores, o);
+        k::attend_shared(qs, hd, pos + 1 - lo, kv, scale, scores, o);
     };
-    // Parallel over (position, head) pairs, unless the chunk is too little work to repay a
-    // fork-join (short decode steps). Either way each pair is computed the same way.
+    // Parallel over (position, KV head) pairs, unless the chunk is too little work to repay
+    // a fork-join (short decode steps). Either way each pair is computed the same way.
     let last = seg.pos + seg.len - 1;
     let keys = last + 1 - first_visible(last);
     if seg.len * h * keys * hd < SMALL_ATTENTION {
         let mut scores = Vec::new();
-        out.chunks_mut(hd)
+        out.chunks_mut(group * hd)
             .enumerate()
             .for_each(|job| one(&mut scores, job));
     } else {
-        out.par_chunks_mut(hd).enumerate().for_each_init(Vec::new, one);
+        out.par_chunks_mut(group * hd)
+            .enumerate()
+            .for_each_init(Vec::new, one);
     }
 }
 

@@ -134,25 +134,79 @@ pub fn rope_half_split(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f
     }
 }
 
-/// Single-query attention over `n_keys` keys: `out = softmax(q·kᵢ · scale) · vᵢ`.
-/// `kv(i)` returns key i and value i (each [head_dim]); order does not matter.
+/// Attention of the queries `qs` [n_q, hd] that share their keys (the query heads of one
+/// KV head, grouped-query attention): `out[q] = softmax(qs[q]·kᵢ · scale) · vᵢ` over
+/// `n_keys` keys, `out` [n_q, hd]. Each key and value is fetched once for all the queries
+/// and the loops run without a call per key. `kv(i)` returns key i and value i (each [hd]);
 /// `scores` is scratch space, grown as needed.
-#[inline]
-pub fn attend<'a>(
-    q: &[f32],
+pub fn attend_shared<'a>(
+    qs: &[f32],
+    hd: usize,
     n_keys: usize,
     kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    assert!(
+        hd > 0 && qs.len().is_multiple_of(hd) && out.len() == qs.len(),
+        "attend_shared: shapes"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU supports AVX2 and FMA (checked just above), all that
+        // `attend_shared_avx2` was compiled to require.
+        unsafe { attend_shared_avx2(qs, hd, n_keys, kv, scale, scores, out) };
+        return;
+    }
+    attend_shared_body(qs, hd, n_keys, kv, scale, scores, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_shared_avx2<'a>(
+    qs: &[f32],
+    hd: usize,
+    n_keys: usize,
+    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    attend_shared_body(qs, hd, n_keys, kv, scale, scores, out);
+}
+
+/// [`attend_shared`]'s loops, inlined into each instruction-set variant.
+#[inline(always)]
+fn attend_shared_body<'a>(
+    qs: &[f32],
+    hd: usize,
+    n_keys: usize,
+    kv: impl Fn(usize) -> (&'a [f32], &'a [f32]),
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    // scores [n_q, n_keys]
     scores.clear();
-    scores.extend((0..n_keys).map(|i| dot(q, kv(i).0) * scale));
-    softmax(scores);
+    scores.resize(qs.len() / hd * n_keys, 0.0);
+    for j in 0..n_keys {
+        let key = kv(j).0;
+        for (q, row) in qs.chunks_exact(hd).enumerate() {
+            scores[q * n_keys + j] = super::dot::dot_lanes(row, key) * scale;
+        }
+    }
+    for row in scores.chunks_exact_mut(n_keys.max(1)) {
+        softmax(row);
+    }
     out.fill(0.0);
-    for (i, &p) in scores.iter().enumerate() {
-        for (o, &v) in out.iter_mut().zip(kv(i).1) {
-            *o += p * v;
+    for j in 0..n_keys {
+        let value = kv(j).1;
+        for (q, o) in out.chunks_exact_mut(hd).enumerate() {
+            let p = scores[q * n_keys + j];
+            for (o, &v) in o.iter_mut().zip(value) {
+                *o += p * v;
+            }
         }
     }
 }
@@ -213,8 +267,9 @@ mod tests {
         let vals = [[10.0f32, 0.0], [0.0, 10.0]];
         let mut out = [0.0; 2];
         let mut scratch = Vec::new();
-        attend(
+        attend_shared(
             &[2.0, 0.0],
+            2,
             2,
             |i| (&keys[i][..], &vals[i][..]),
             1.0,
@@ -223,6 +278,33 @@ mod tests {
         );
         let p0 = 1.0 / (1.0 + (-2f32).exp());
         assert!((out[0] - 10.0 * p0).abs() < 1e-5 && (out[1] - 10.0 * (1.0 - p0)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn shared_keys_give_each_query_its_own_attention() {
+        // Three queries over five keys of dim 20 against the definition in f64.
+        let (n_q, n, hd, scale) = (3, 5, 20, 0.3);
+        let qs = super::super::tests::pseudo(n_q * hd, 1);
+        let ks = super::super::tests::pseudo(n * hd, 2);
+        let vs = super::super::tests::pseudo(n * hd, 3);
+        let mut out = vec![0f32; n_q * hd];
+        let kv = |j: usize| (&ks[j * hd..(j + 1) * hd], &vs[j * hd..(j + 1) * hd]);
+        attend_shared(&qs, hd, n, kv, scale, &mut Vec::new(), &mut out);
+        for q in 0..n_q {
+            let s: Vec<f64> = (0..n)
+                .map(|j| {
+                    (0..hd)
+                        .map(|d| qs[q * hd + d] as f64 * ks[j * hd + d] as f64)
+                        .sum::<f64>()
+                        * scale as f64
+                })
+                .collect();
+            let z: f64 = s.iter().map(|v| v.exp()).sum();
+            for d in 0..hd {
+                let want: f64 = (0..n).map(|j| s[j].exp() / z * vs[j * hd + d] as f64).sum();
+                assert!((out[q * hd + d] as f64 - want).abs() < 1e-5, "query {q} dim {d}");
+            }
+        }
     }
 
     #[test]
