@@ -140,13 +140,10 @@ pub fn matmul(
 fn micro_tile(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
     assert!(kc <= stride && w.len() >= (MR - 1) * stride + kc);
     assert!(b.len() == kc * NR && c.len() == MR * NR);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if super::simd::level() == super::simd::Level::Avx512 {
-            // SAFETY: AVX-512F is supported (checked) and the lengths were asserted above.
-            unsafe { super::simd::micro_tile_avx512(w, stride, b, kc, c) };
-            return;
-        }
+    if super::simd::level() == super::simd::Level::Avx512 {
+        // SAFETY: AVX-512F is supported (checked) and the lengths were asserted above.
+        unsafe { super::simd::micro_tile_avx512(w, stride, b, kc, c) };
+        return;
     }
     micro_tile_portable(w, stride, b, kc, c);
 }
