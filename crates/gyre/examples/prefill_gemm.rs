@@ -70,7 +70,7 @@ fn main() {
             _ => Tensor::from_f32_as_bf16(&values, vec![n_out, n_in]),
         };
         let w = Matrix::new(t, quant);
-        for rows in [8, 16, 32, 64, 256] {
+        for rows in [8, 16, 24, 32, 64, 256] {
             let x: Vec<f32> = (0..rows * n_in)
                 .map(|i| ((i * 31) % 97) as f32 * 1e-2 - 0.5)
                 .collect();

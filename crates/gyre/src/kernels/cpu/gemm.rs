@@ -3,7 +3,8 @@
 //! (Goto & van de Geijn, "Anatomy of High-Performance Matrix Multiplication", 2008).
 //!
 //! - The activations are packed once per product, transposed into panels of [`NR`] rows,
-//!   `[i][NR]`; every weight strip reuses them.
+//!   `[i][NR]` (a last panel of at most NR/2 rows is NR/2 wide, and a one-vector variant of
+//!   the micro-kernel takes it); every weight strip reuses them.
 //! - The weights are cut into strips of [`MR`] output features, widened to f32 in their own
 //!   row-major layout (sequential, no transposition); a parallel task takes [`GROUP`] strips.
 //! - The micro-kernel keeps an `MR × NR` tile of sums in registers (24 of the 32); per inner
@@ -45,29 +46,49 @@ impl PackedRows {
     /// Packs `x` [n_rows, n_in].
     pub fn new(x: &[f32], n_rows: usize, n_in: usize) -> PackedRows {
         assert_eq!(x.len(), n_rows * n_in, "gemm: activation length");
-        let panels = n_rows.div_ceil(NR);
-        let mut data = vec![0f32; panels * n_in * NR];
-        data.par_chunks_mut((n_in * NR).max(1))
+        let mut packed = PackedRows {
+            data: Vec::new(),
+            n_rows,
+            n_in,
+        };
+        let padded = (0..packed.panels()).map(|p| packed.width(p)).sum::<usize>();
+        packed.data = vec![0f32; padded * n_in];
+        // Every panel but the last is NR wide, so panel p starts at row p·NR.
+        packed
+            .data
+            .par_chunks_mut((n_in * NR).max(1))
             .enumerate()
             .for_each(|(p, panel)| {
-                for j in 0..NR.min(n_rows - p * NR) {
+                let width = panel.len() / n_in.max(1);
+                for j in 0..width.min(n_rows - p * NR) {
                     let row = &x[(p * NR + j) * n_in..(p * NR + j + 1) * n_in];
                     for (i, &v) in row.iter().enumerate() {
-                        panel[i * NR + j] = v;
+                        panel[i * width + j] = v;
                     }
                 }
             });
-        PackedRows { data, n_rows, n_in }
+        packed
     }
 
     fn panels(&self) -> usize {
         self.n_rows.div_ceil(NR)
     }
 
-    /// Panel `p`, inner indices `k0..k0 + kc`.
+    /// Rows in panel `p`: [`NR`], or half that for a last panel of at most NR/2 rows (a
+    /// 16-to-31-row product is one panel of 32; 40 rows are 32 + 16).
+    fn width(&self, p: usize) -> usize {
+        if self.n_rows - p * NR <= NR / 2 {
+            NR / 2
+        } else {
+            NR
+        }
+    }
+
+    /// Panel `p`, inner indices `k0..k0 + kc`: [kc][width(p)].
     fn block(&self, p: usize, k0: usize, kc: usize) -> &[f32] {
-        let start = (p * self.n_in + k0) * NR;
-        &self.data[start..start + kc * NR]
+        let width = self.width(p);
+        let start = p * NR * self.n_in + k0 * width;
+        &self.data[start..start + kc * width]
     }
 }
 
@@ -93,7 +114,8 @@ pub fn matmul(
     // Each task widens GROUP strips, then walks the inner blocks and panels with the
     // strips innermost (see the module docs). Sums: [strip][panel][MR][NR].
     let strips = n_out.div_ceil(MR);
-    let tile = panels * MR * NR;
+    let padded: usize = (0..panels).map(|p| x.width(p)).sum();
+    let tile = MR * padded;
     let groups: Vec<Vec<f32>> = (0..strips.div_ceil(GROUP))
         .into_par_iter()
         .map_init(
@@ -114,9 +136,10 @@ pub fn matmul(
                     let kc = KC.min(n_in - k0);
                     for p in 0..panels {
                         let b = x.block(p, k0, kc);
+                        let c = p * MR * NR..p * MR * NR + MR * x.width(p);
                         for (s, strip) in sums.chunks_exact_mut(tile).enumerate() {
                             let w = &rows[s * MR * stride + k0..];
-                            micro_tile(w, stride, b, kc, &mut strip[p * MR * NR..(p + 1) * MR * NR]);
+                            micro_tile(w, stride, b, kc, &mut strip[c.clone()]);
                         }
                     }
                 }
@@ -125,43 +148,52 @@ pub fn matmul(
         )
         .collect();
     out.par_chunks_mut(n_out).enumerate().for_each(|(t, row)| {
-        let at = (t / NR) * MR * NR + t % NR;
+        let (at, width) = ((t / NR) * MR * NR + t % NR, x.width(t / NR));
         for (s, o0) in (0..n_out).step_by(MR).enumerate() {
             let sums = &groups[s / GROUP][(s % GROUP) * tile..];
             for (r, o) in row[o0..(o0 + MR).min(n_out)].iter_mut().enumerate() {
-                *o = sums[at + r * NR];
+                *o = sums[at + r * width];
             }
         }
     });
 }
 
-/// `c[r][j] += Σ_{k < kc} w[r·stride + k] · b[k][j]` for an `MR × NR` tile `c` (row-major):
-/// `w` holds the strip's rows `stride` apart, `b` a panel block `[kc][NR]`.
+/// `c[r][j] += Σ_{k < kc} w[r·stride + k] · b[k][j]` for an `MR × width` tile `c`
+/// (row-major, width [`NR`] or NR/2): `w` holds the strip's rows `stride` apart, `b` a
+/// panel block `[kc][width]`.
 fn micro_tile(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
+    let width = c.len() / MR;
     assert!(kc <= stride && w.len() >= (MR - 1) * stride + kc);
-    assert!(b.len() == kc * NR && c.len() == MR * NR);
+    assert!((width == NR || width == NR / 2) && c.len() == MR * width && b.len() == kc * width);
     if super::simd::level() == super::simd::Level::Avx512 {
         // SAFETY: AVX-512F is supported (checked) and the lengths were asserted above.
-        unsafe { super::simd::micro_tile_avx512(w, stride, b, kc, c) };
+        unsafe {
+            if width == NR {
+                super::simd::micro_tile_avx512::<2>(w, stride, b, kc, c)
+            } else {
+                super::simd::micro_tile_avx512::<1>(w, stride, b, kc, c)
+            }
+        };
         return;
     }
     micro_tile_portable(w, stride, b, kc, c);
 }
 
 /// The portable micro-kernel (and the AVX-512 one's reference): the block's sum from zero,
-/// one fused multiply-add per term in index order, then added to `c`.
+/// one fused multiply-add per term in index order, then added to `c` [MR, width].
 pub fn micro_tile_portable(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
-    let mut acc = [[0f32; NR]; MR];
+    let width = c.len() / MR;
+    let mut acc = vec![0f32; MR * width];
     for k in 0..kc {
-        let bk = &b[k * NR..(k + 1) * NR];
-        for (r, row) in acc.iter_mut().enumerate() {
+        let bk = &b[k * width..(k + 1) * width];
+        for (r, row) in acc.chunks_exact_mut(width).enumerate() {
             let wv = w[r * stride + k];
             for (a, &bj) in row.iter_mut().zip(bk) {
                 *a = wv.mul_add(bj, *a);
             }
         }
     }
-    for (c, a) in c.iter_mut().zip(acc.as_flattened()) {
+    for (c, a) in c.iter_mut().zip(&acc) {
         *c += a;
     }
 }
@@ -203,10 +235,16 @@ mod tests {
 
     #[test]
     fn the_dispatched_micro_kernel_equals_the_portable_one_bit_for_bit() {
-        for (kc, stride) in [(1, 1), (5, 9), (256, 300)] {
+        for (kc, stride, width) in [
+            (1, 1, NR),
+            (5, 9, NR),
+            (128, 300, NR),
+            (5, 9, NR / 2),
+            (128, 300, NR / 2),
+        ] {
             let w = pseudo(MR * stride, 7);
-            let b = pseudo(kc * NR, 9);
-            let start = pseudo(MR * NR, 11);
+            let b = pseudo(kc * width, 9);
+            let start = pseudo(MR * width, 11);
             let (mut got, mut want) = (start.clone(), start);
             micro_tile(&w, stride, &b, kc, &mut got);
             micro_tile_portable(&w, stride, &b, kc, &mut want);

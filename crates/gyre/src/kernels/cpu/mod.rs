@@ -27,9 +27,9 @@ const SMALL_MATRIX: usize = 1 << 16;
 
 /// From this many activation rows on, [`linear`] runs as a packed GEMM (`gemm.rs`) where
 /// AVX-512 is available (`cargo run --release --example prefill_gemm`): 1.6–2.4× the
-/// dot-product tiles from 64 rows on, even with them at 16 for bf16 and f16. Its 32-row
-/// panels are half padding at 16 rows, where Q8's tiles are still 13% faster, so
-/// quantized matrices switch at 32.
+/// dot-product tiles from 64 rows on, 1.2–1.3× at 16 for bf16 and f16. Quantized matrices
+/// switch at 32: at 16 rows Q8's tiles were as fast or faster (dequantizing a strip costs
+/// more than widening one).
 const GEMM_ROWS: usize = 16;
 const GEMM_ROWS_QUANTIZED: usize = 32;
 

@@ -207,33 +207,44 @@ pub unsafe fn dot_4x4_avx512(w: [&[f32]; 4], x: [&[f32]; 4], n: usize) -> [[f32;
     out
 }
 
-/// The GEMM micro-kernel (`gemm.rs` `micro_tile_portable`, bit for bit): an MR × 32 tile
-/// `c[r][j] += Σ_k w[r·stride + k] · b[k][j]`, the block's sums held in registers (two per
-/// row); each step loads two activation vectors and broadcasts MR weights into 2·MR FMAs.
+/// The GEMM micro-kernel (`gemm.rs` `micro_tile_portable`, bit for bit): an MR × 16·NV tile
+/// `c[r][j] += Σ_k w[r·stride + k] · b[k][j]`, the block's sums held in registers (NV per
+/// row); each step loads NV activation vectors and broadcasts MR weights into NV·MR FMAs.
 ///
 /// # Safety
 /// The CPU must support AVX-512F; `kc <= stride`, `w.len() >= (MR − 1)·stride + kc`,
-/// `b.len() == kc·NR`, `c.len() == MR·NR`.
+/// `b.len() == kc·16·NV`, `c.len() == MR·16·NV`.
 #[target_feature(enable = "avx512f")]
-pub unsafe fn micro_tile_avx512(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
-    use super::gemm::{MR, NR};
-    const _: () = assert!(NR == 32, "two vectors per tile row");
+pub unsafe fn micro_tile_avx512<const NV: usize>(
+    w: &[f32],
+    stride: usize,
+    b: &[f32],
+    kc: usize,
+    c: &mut [f32],
+) {
+    use super::gemm::MR;
+    let width = 16 * NV;
     let (wp, bp, cp) = (w.as_ptr(), b.as_ptr(), c.as_mut_ptr());
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    // SAFETY (every access below): r < MR, k < kc and the lengths the caller guarantees.
+    let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+    // SAFETY (every access below): r < MR, k < kc, v < NV and the lengths the caller
+    // guarantees.
     for k in 0..kc {
-        let b0 = _mm512_loadu_ps(bp.add(k * NR));
-        let b1 = _mm512_loadu_ps(bp.add(k * NR + 16));
+        let mut bv = [_mm512_setzero_ps(); NV];
+        for (v, b) in bv.iter_mut().enumerate() {
+            *b = _mm512_loadu_ps(bp.add(k * width + 16 * v));
+        }
         for (r, row) in acc.iter_mut().enumerate() {
             let wv = _mm512_set1_ps(*wp.add(r * stride + k));
-            row[0] = _mm512_fmadd_ps(wv, b0, row[0]);
-            row[1] = _mm512_fmadd_ps(wv, b1, row[1]);
+            for (a, &b) in row.iter_mut().zip(&bv) {
+                *a = _mm512_fmadd_ps(wv, b, *a);
+            }
         }
     }
     for (r, row) in acc.iter().enumerate() {
-        let (c0, c1) = (cp.add(r * NR), cp.add(r * NR + 16));
-        _mm512_storeu_ps(c0, _mm512_add_ps(_mm512_loadu_ps(c0), row[0]));
-        _mm512_storeu_ps(c1, _mm512_add_ps(_mm512_loadu_ps(c1), row[1]));
+        for (v, &a) in row.iter().enumerate() {
+            let at = cp.add(r * width + 16 * v);
+            _mm512_storeu_ps(at, _mm512_add_ps(_mm512_loadu_ps(at), a));
+        }
     }
 }
 
