@@ -107,12 +107,12 @@ pub fn matmul(
         return;
     }
     let panels = x.panels();
-    // The widened rows sit one cache line more than a multiple of 64 bytes apart, so the
-    // strip's rows at one inner index fall in different L1 sets (a power-of-two row length
-    // would put all of them in one).
+    // The widened rows are a multiple of 64 bytes plus one cache line apart, so the strip's
+    // rows at one inner index fall in different L1 sets (a power-of-two row length would put
+    // all of them in one).
     let stride = n_in.next_multiple_of(16) + 16;
     // Each task widens GROUP strips, then walks the inner blocks and panels with the
-    // strips innermost (see the module docs). Sums: [strip][panel][MR][NR].
+    // strips innermost (see the module docs). Sums: [strip][panel][MR][width(panel)].
     let strips = n_out.div_ceil(MR);
     let padded: usize = (0..panels).map(|p| x.width(p)).sum();
     let tile = MR * padded;
