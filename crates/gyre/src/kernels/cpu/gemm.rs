@@ -183,7 +183,8 @@ fn micro_tile(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
 /// one fused multiply-add per term in index order, then added to `c` [MR, width].
 pub fn micro_tile_portable(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &mut [f32]) {
     let width = c.len() / MR;
-    let mut acc = vec![0f32; MR * width];
+    let mut acc = [0f32; MR * NR];
+    let acc = &mut acc[..MR * width];
     for k in 0..kc {
         let bk = &b[k * width..(k + 1) * width];
         for (r, row) in acc.chunks_exact_mut(width).enumerate() {
@@ -193,7 +194,7 @@ pub fn micro_tile_portable(w: &[f32], stride: usize, b: &[f32], kc: usize, c: &m
             }
         }
     }
-    for (c, a) in c.iter_mut().zip(&acc) {
+    for (c, a) in c.iter_mut().zip(acc.iter()) {
         *c += a;
     }
 }
