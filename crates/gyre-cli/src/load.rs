@@ -16,6 +16,10 @@ pub struct Loaded {
     dir: PathBuf,
     tokenizer: std::cell::OnceCell<Tokenizer>,
     config: Option<serde_json::Value>,
+    /// The GGUF file the model came from: its metadata holds the tokenizer and template.
+    gguf: Option<std::sync::Arc<gyre::loader::gguf::GgufFile>>,
+    /// Storage formats of the checkpoint's tensors and their counts (`gyre info`).
+    pub formats: Vec<(String, usize)>,
 }
 
 impl Loaded {
@@ -56,6 +60,8 @@ impl Loaded {
             dir: ckpt.dir.clone(),
             tokenizer: Default::default(),
             config: ckpt.config.clone(),
+            gguf: ckpt.gguf.clone(),
+            formats: ckpt.tensor_formats(),
         })
     }
 
@@ -72,7 +78,9 @@ impl Loaded {
         }
         let info = self.model.info();
         let world = info.arch == Arch::Rwkv5 && !self.dir.join("tokenizer.json").exists();
-        let t = if world {
+        let t = if let Some(g) = &self.gguf {
+            Tokenizer::from_gguf(g)?
+        } else if world {
             if info.vocab_size != 65536 {
                 anyhow::bail!(
                     "{}: this RWKV model has a vocabulary of {} tokens and no tokenizer.json; the \
@@ -106,13 +114,20 @@ impl Loaded {
             Arch::RecurrentGemma => (BuiltinTemplate::Gemma, "Gemma"),
             Arch::Rwkv5 => (BuiltinTemplate::Rwkv, "RWKV World (User:/Assistant:)"),
         };
-        let template = match ChatTemplate::from_model_dir(&self.dir, tokenizer.specials())? {
+        let found = match &self.gguf {
+            Some(g) => ChatTemplate::from_gguf(g, tokenizer.specials())?,
+            None => ChatTemplate::from_model_dir(&self.dir, tokenizer.specials())?,
+        };
+        let shown = match &self.gguf {
+            Some(g) => g.path.display().to_string(),
+            None => self.dir.display().to_string(),
+        };
+        let template = match found {
             Some(t) => t,
             None => {
                 if arch != Arch::Rwkv5 {
                     eprintln!(
-                        "note: {} has no chat template; using the built-in {} format",
-                        self.dir.display(),
+                        "note: {shown} has no chat template; using the built-in {} format",
                         builtin.1
                     );
                 }
@@ -146,6 +161,9 @@ pub struct ChatSetup {
 
 /// The tokenizer of a model directory (or of a weight file's directory), without the weights.
 pub fn tokenizer_for(path: &Path) -> Result<Tokenizer> {
+    if let Some(file) = gyre::loader::gguf_in(path)? {
+        return Tokenizer::from_gguf(&gyre::loader::gguf::GgufFile::open(&file)?);
+    }
     let dir = if path.is_dir() {
         path.to_path_buf()
     } else {

@@ -516,6 +516,8 @@ fn info(a: ModelArgs) -> Result<()> {
         info.params as f64 / 1e9
     );
     println!("dtypes:       {}", dtypes.join(", "));
+    let formats: Vec<String> = loaded.formats.iter().map(|(f, n)| format!("{f} ×{n}")).collect();
+    println!("tensors:      {}", formats.join(", "));
     println!(
         "weights:      {} bytes ({:.3} GiB)",
         info.weight_bytes,

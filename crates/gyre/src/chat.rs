@@ -206,6 +206,43 @@ impl ChatTemplate {
         Self::compile(&template, &source, tokens, false).map(Some)
     }
 
+    /// The template a GGUF file carries (`tokenizer.chat_template`), or `None` when it has
+    /// none. `bos_token`/`eos_token` come from `specials`; `unk_token` and `pad_token` from the
+    /// file's token ids.
+    pub fn from_gguf(
+        file: &crate::loader::gguf::GgufFile,
+        specials: &SpecialTokens,
+    ) -> Result<Option<ChatTemplate>> {
+        let Some(template) = file.opt_str("tokenizer.chat_template")? else {
+            return Ok(None);
+        };
+        let mut tokens = BTreeMap::new();
+        if let Some(crate::loader::gguf::Value::Array(list)) = file.get("tokenizer.ggml.tokens") {
+            for (field, key) in [
+                ("unk_token", "tokenizer.ggml.unknown_token_id"),
+                ("pad_token", "tokenizer.ggml.padding_token_id"),
+            ] {
+                if let Some(text) = file
+                    .opt_u64(key)?
+                    .and_then(|id| list.get(id as usize))
+                    .and_then(|v| v.as_str())
+                {
+                    tokens.insert(field.to_string(), text.to_string());
+                }
+            }
+        }
+        for (key, value) in [
+            ("bos_token", &specials.bos_text),
+            ("eos_token", &specials.eos_text),
+        ] {
+            if let Some(v) = value {
+                tokens.insert(key.to_string(), v.clone());
+            }
+        }
+        let source = format!("the chat template of {}", file.path.display());
+        Self::compile(template, &source, tokens, false).map(Some)
+    }
+
     /// One of gyre's built-in templates, with the family's usual special-token strings.
     pub fn builtin(kind: BuiltinTemplate) -> ChatTemplate {
         let (template, name, bos, eos) = match kind {

@@ -76,9 +76,10 @@ impl LlamaConfig {
             .and_then(|p| p.get("rope_type").or_else(|| p.get("type")))
             .and_then(Value::as_str)
             .unwrap_or("default");
-        if rope_type != "default" {
-            bail!("{source}: rope type '{rope_type}' is not supported yet (only the default RoPE)");
+        if !matches!(rope_type, "default" | "linear" | "llama3") {
+            bail!("{source}: rope type '{rope_type}' is not supported yet (default, linear and llama3 are)");
         }
+        cfg.rope_inv_freq()?;
         if cfg.hidden_act != "silu" {
             bail!(
                 "{source}: hidden_act '{}' is not supported (Llama uses silu)",
@@ -122,6 +123,56 @@ impl LlamaConfig {
     /// RoPE base frequency.
     pub fn theta(&self) -> f64 {
         self.rope_theta.unwrap_or(10000.0)
+    }
+
+    /// The rotary frequencies [head_dim / 2] (transformers `modeling_rope_utils`): the default
+    /// `theta^(−2i/d)`, divided by `factor` for `linear`, and for `llama3` divided by `factor`
+    /// at long wavelengths and blended between `low_freq_factor` and `high_freq_factor`
+    /// (`_compute_llama3_parameters`).
+    pub fn rope_inv_freq(&self) -> Result<Vec<f32>> {
+        let mut inv = crate::kernels::cpu::rope_inv_freq(self.theta(), self.head_dim());
+        let Some(p) = self
+            .rope_parameters
+            .as_ref()
+            .or(self.rope_scaling.as_ref())
+            .filter(|p| p.is_object())
+        else {
+            return Ok(inv);
+        };
+        let num = |k: &str, default: Option<f64>| -> Result<f64> {
+            p.get(k)
+                .and_then(Value::as_f64)
+                .or(default)
+                .with_context(|| format!("rope scaling needs a numeric '{k}'"))
+        };
+        match p
+            .get("rope_type")
+            .or_else(|| p.get("type"))
+            .and_then(Value::as_str)
+        {
+            Some("linear") => {
+                let factor = num("factor", None)? as f32;
+                inv.iter_mut().for_each(|f| *f /= factor);
+            }
+            Some("llama3") => {
+                let factor = num("factor", None)? as f32;
+                let low = num("low_freq_factor", Some(1.0))? as f32;
+                let high = num("high_freq_factor", Some(4.0))? as f32;
+                let old = num("original_max_position_embeddings", Some(8192.0))? as f32;
+                let (low_wavelen, high_wavelen) = (old / low, old / high);
+                for f in inv.iter_mut() {
+                    let wavelen = 2.0 * std::f32::consts::PI / *f;
+                    if wavelen > low_wavelen {
+                        *f /= factor;
+                    } else if wavelen >= high_wavelen {
+                        let smooth = (old / wavelen - low) / (high - low);
+                        *f = (1.0 - smooth) * *f / factor + smooth * *f;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(inv)
     }
 
     /// The attention window, when one applies.

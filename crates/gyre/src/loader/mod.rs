@@ -5,6 +5,8 @@
 //! interpret tensors; models ask for them by name and shape through [`Checkpoint`].
 
 pub mod config;
+pub mod gguf;
+pub mod gguf_model;
 pub mod pickle;
 pub mod pth;
 pub mod safetensors;
@@ -12,12 +14,14 @@ pub mod state_file;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use self::gguf_model::NamedBlocks;
 use self::safetensors::NamedTensor;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{DType, Matrix, Quant, Tensor};
 
 /// An opened checkpoint: its config and every tensor, memory-mapped.
 pub struct Checkpoint {
@@ -26,8 +30,17 @@ pub struct Checkpoint {
     /// The parsed `config.json`, when there is one.
     pub config: Option<Value>,
     tensors: BTreeMap<String, NamedTensor>,
+    /// Block-quantized tensors of a GGUF file, memory-mapped as stored.
+    blocks: BTreeMap<String, NamedBlocks>,
+    /// The GGUF file, when the checkpoint is one: its metadata holds the tokenizer and the
+    /// chat template.
+    pub gguf: Option<Arc<gguf::GgufFile>>,
+    /// Tensor name → the name it has in the file, where the two differ (GGUF).
+    stored_names: BTreeMap<String, String>,
     /// What the tensors were read from (for messages).
     pub source: String,
+    /// Where the config came from (for messages): `…/config.json`, or the GGUF metadata.
+    pub config_source: String,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -51,6 +64,9 @@ impl Checkpoint {
     pub fn open(path: &Path, progress: impl FnMut(usize, usize)) -> Result<Checkpoint> {
         if !path.exists() {
             bail!("model path {} does not exist", path.display());
+        }
+        if let Some(file) = gguf_in(path)? {
+            return Checkpoint::open_gguf(&file);
         }
         let (dir, weights) = if path.is_dir() {
             (path.to_path_buf(), None)
@@ -99,10 +115,35 @@ impl Checkpoint {
             }
         };
         Ok(Checkpoint {
+            config_source: format!("{}", dir.join("config.json").display()),
             dir,
             config,
             tensors,
+            blocks: BTreeMap::new(),
+            gguf: None,
+            stored_names: BTreeMap::new(),
             source,
+        })
+    }
+
+    /// Opens a GGUF file: its metadata stands in for config.json, its tensors keep their
+    /// stored formats ([`gguf_model`]).
+    fn open_gguf(file: &Path) -> Result<Checkpoint> {
+        let g = gguf_model::open(file)?;
+        let dir = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        Ok(Checkpoint {
+            dir,
+            config: Some(g.config),
+            tensors: g.dense,
+            blocks: g.blocks,
+            gguf: Some(g.file),
+            stored_names: g.stored_names,
+            source: file.display().to_string(),
+            config_source: format!("the metadata of {}", file.display()),
         })
     }
 
@@ -124,8 +165,91 @@ impl Checkpoint {
             dir: PathBuf::from("."),
             config: Some(config),
             tensors,
+            blocks: BTreeMap::new(),
+            gguf: None,
+            stored_names: BTreeMap::new(),
             source: "<memory>".into(),
+            config_source: "the synthetic config".into(),
         }
+    }
+
+    /// The same checkpoint with every block-quantized tensor dequantized to f16 (for backends
+    /// without the block kernels: `--device cuda`).
+    pub fn with_blocks_as_f16(&self) -> Checkpoint {
+        let mut tensors = self.tensors.clone();
+        for (name, b) in &self.blocks {
+            tensors.insert(
+                name.clone(),
+                NamedTensor {
+                    tensor: b.matrix.to_f16_tensor(),
+                    file: PathBuf::from(&self.source),
+                },
+            );
+        }
+        Checkpoint {
+            dir: self.dir.clone(),
+            config: self.config.clone(),
+            tensors,
+            blocks: BTreeMap::new(),
+            gguf: self.gguf.clone(),
+            stored_names: self.stored_names.clone(),
+            source: self.source.clone(),
+            config_source: self.config_source.clone(),
+        }
+    }
+
+    /// True when some tensors are in a GGUF block format.
+    pub fn has_blocks(&self) -> bool {
+        !self.blocks.is_empty()
+    }
+
+    /// `'name'` as the file spells it (GGUF names differ from the transformers names that
+    /// the models ask for).
+    fn shown(&self, name: &str) -> String {
+        match self
+            .stored_names
+            .get(name)
+            .cloned()
+            .or_else(|| self.gguf.as_ref().and_then(|_| gguf_model::gguf_name(name)))
+        {
+            Some(stored) => format!("'{stored}'"),
+            None => format!("'{name}'"),
+        }
+    }
+
+    /// The weight matrix `name`, checked to be `[rows, cols]`: a dense tensor (quantized at
+    /// load when `quant` says so) or a GGUF block tensor as stored (`quant` never requantizes
+    /// those).
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize, quant: Option<Quant>) -> Result<Matrix> {
+        if let Some(b) = self.blocks.get(name) {
+            let shape = [b.matrix.rows(), b.matrix.cols()];
+            if shape != [rows, cols] {
+                bail!(
+                    "tensor '{}' in {} has shape {shape:?}, expected {:?} from {}",
+                    b.stored_name,
+                    self.source,
+                    [rows, cols],
+                    self.config_source
+                );
+            }
+            return Ok(Matrix::Ggml(b.matrix.clone()));
+        }
+        Ok(Matrix::new(self.get_shaped(name, &[rows, cols])?, quant))
+    }
+
+    /// The storage formats of the tensors and how many tensors each holds, most first
+    /// (`[("Q4_K", 128), ("F32", 65), …]`).
+    pub fn tensor_formats(&self) -> Vec<(String, usize)> {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for t in self.tensors.values() {
+            *counts.entry(t.tensor.dtype().name().to_uppercase()).or_default() += 1;
+        }
+        for b in self.blocks.values() {
+            *counts.entry(b.matrix.ty().name().to_string()).or_default() += 1;
+        }
+        let mut out: Vec<(String, usize)> = counts.into_iter().collect();
+        out.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        out
     }
 
     /// The config, or an error saying it is needed.
@@ -137,33 +261,51 @@ impl Checkpoint {
 
     /// True when the checkpoint holds `name`.
     pub fn has(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        self.tensors.contains_key(name) || self.blocks.contains_key(name)
     }
 
     /// Names of all tensors, sorted.
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tensors.keys().map(String::as_str)
-    }
-
-    /// The tensor `name`, or an error naming it and the checkpoint.
-    pub fn get(&self, name: &str) -> Result<&Tensor> {
-        self.tensors
-            .get(name)
-            .map(|t| &t.tensor)
-            .with_context(|| format!("tensor '{name}' is missing from {}", self.source))
-    }
-
-    /// The tensor `name`, checked to have exactly `shape`.
-    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let named = self
+        let mut all: Vec<&str> = self
             .tensors
-            .get(name)
-            .with_context(|| format!("tensor '{name}' is missing from {}", self.source))?;
+            .keys()
+            .chain(self.blocks.keys())
+            .map(String::as_str)
+            .collect();
+        all.sort_unstable();
+        all.into_iter()
+    }
+
+    /// The dense tensor `name`, or an error naming it and the checkpoint.
+    pub fn get(&self, name: &str) -> Result<&Tensor> {
+        match self.tensors.get(name) {
+            Some(t) => Ok(&t.tensor),
+            None => Err(self.missing(name)),
+        }
+    }
+
+    fn missing(&self, name: &str) -> anyhow::Error {
+        match self.blocks.get(name) {
+            Some(b) => anyhow::anyhow!(
+                "tensor '{}' in {} is stored as {}, where gyre needs F32, F16 or BF16",
+                b.stored_name,
+                self.source,
+                b.matrix.ty()
+            ),
+            None => anyhow::anyhow!("tensor {} is missing from {}", self.shown(name), self.source),
+        }
+    }
+
+    /// The dense tensor `name`, checked to have exactly `shape`.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let named = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
         if named.tensor.shape() != shape {
             bail!(
-                "tensor '{name}' in {} has shape {:?}, expected {shape:?} from config.json",
+                "tensor {} in {} has shape {:?}, expected {shape:?} from {}",
+                self.shown(name),
                 named.file.display(),
-                named.tensor.shape()
+                named.tensor.shape(),
+                self.config_source
             );
         }
         Ok(named.tensor.clone())
@@ -180,7 +322,46 @@ impl Checkpoint {
                 dtypes.push(t.tensor.dtype());
             }
         }
+        for b in self.blocks.values() {
+            bytes += b.matrix.nbytes();
+            params += b.matrix.rows() * b.matrix.cols();
+        }
         (params, bytes, dtypes)
+    }
+}
+
+/// The GGUF file `path` names: the file itself, or the one `.gguf` of a directory that is not
+/// a transformers checkpoint (no config.json, no model.safetensors). `None` when the path is
+/// not a GGUF model.
+pub fn gguf_in(path: &Path) -> Result<Option<PathBuf>> {
+    let is_gguf = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if !path.is_dir() {
+        return Ok(is_gguf(path).then(|| path.to_path_buf()));
+    }
+    if ["config.json", "model.safetensors", "model.safetensors.index.json"]
+        .iter()
+        .any(|f| path.join(f).exists())
+    {
+        return Ok(None);
+    }
+    let mut ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+        .with_context(|| format!("cannot list {}", path.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_gguf(p))
+        .collect();
+    ggufs.sort();
+    match ggufs.len() {
+        0 => Ok(None),
+        1 => Ok(ggufs.pop()),
+        n => bail!(
+            "{} holds {n} GGUF files ({}); name the one to run",
+            path.display(),
+            ggufs
+                .iter()
+                .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -196,7 +377,7 @@ fn load_weight_file(
         Some("safetensors") => self::safetensors::read_file(file),
         Some("pth" | "pt" | "bin") => self::pth::read_file(file),
         _ => bail!(
-            "{}: unknown weight file type; gyre reads .safetensors and PyTorch .pth files, and model directories",
+            "{}: unknown weight file type; gyre reads .safetensors, PyTorch .pth and GGUF files, and model directories",
             file.display()
         ),
     }

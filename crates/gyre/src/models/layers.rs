@@ -44,9 +44,19 @@ pub fn segments(batch: &[SeqInput<'_>], pos_of: impl Fn(usize) -> usize) -> (Vec
 pub fn gather_embeddings(batch: &[SeqInput<'_>], embed: &Tensor, scale: f32, out: &mut [f32]) {
     let c = embed.shape()[1];
     let data = embed.data();
+    gather(batch, c, |t, row| data.row_to_f32(t * c, row), scale, out);
+}
+
+/// [`gather_embeddings`] from a table in any matrix format (a GGUF file's block formats are
+/// dequantized row by row).
+pub fn gather_embedding_rows(batch: &[SeqInput<'_>], embed: &Matrix, scale: f32, out: &mut [f32]) {
+    gather(batch, embed.cols(), |t, row| embed.row_to_f32(t, row), scale, out);
+}
+
+fn gather(batch: &[SeqInput<'_>], c: usize, row_of: impl Fn(usize, &mut [f32]), scale: f32, out: &mut [f32]) {
     for (r, &t) in batch.iter().flat_map(|s| s.tokens).enumerate() {
         let row = &mut out[r * c..(r + 1) * c];
-        data.row_to_f32(t as usize * c, row);
+        row_of(t as usize, row);
         if scale != 1.0 {
             row.iter_mut().for_each(|v| *v *= scale);
         }

@@ -25,6 +25,19 @@ use crate::loader::Checkpoint;
 use crate::state::{KvCache, State};
 use crate::tensor::{Matrix, Tensor};
 
+impl Llama {
+    /// The embedding table as a dense tensor (the CUDA twin uploads it as it is).
+    pub(super) fn embed_tensor(&self) -> Result<&Tensor> {
+        match &self.embed {
+            Matrix::Dense(t) => Ok(t),
+            other => bail!(
+                "the embedding table is {}, where a dense tensor is needed here",
+                other.format_name()
+            ),
+        }
+    }
+}
+
 /// One decoder layer's weights (nn.Linear layout [out, in]).
 pub(super) struct Layer {
     /// input_layernorm.weight [C]
@@ -52,8 +65,8 @@ pub struct Llama {
     pub(super) window: Option<usize>,
     /// inv_freq [head_dim / 2]
     pub(super) inv_freq: Vec<f32>,
-    /// embed_tokens [V, C]
-    pub(super) embed: Tensor,
+    /// embed_tokens [V, C] (stored dtype, or a GGUF block format)
+    pub(super) embed: Matrix,
     pub(super) layers: Vec<Layer>,
     /// model.norm.weight [C]
     pub(super) norm: Vec<f32>,
@@ -64,21 +77,29 @@ pub struct Llama {
 impl Llama {
     /// Builds the model from a checkpoint whose architecture is Llama or Mistral.
     pub fn load(ckpt: &Checkpoint, arch: Arch, opts: LoadOptions) -> Result<Llama> {
-        let source = format!("{}/config.json", ckpt.dir.display());
+        let source = ckpt.config_source.clone();
         let cfg = LlamaConfig::from_value(ckpt.config()?, &source)?;
         let (c, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
         let (heads, kv_heads, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let vec =
             |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
-        let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            Ok(Matrix::new(ckpt.get_shaped(name, &[rows, cols])?, opts.quant))
+        let mat = |name: &str, rows: usize, cols: usize| ckpt.matrix(name, rows, cols, opts.quant);
+        let embed = ckpt.matrix("model.embed_tokens.weight", v, c, None)?;
+        let lm_head = match (&embed, ckpt.has("lm_head.weight")) {
+            (_, true) => mat("lm_head.weight", v, c)?,
+            (Matrix::Dense(t), false) => Matrix::new(t.clone(), opts.quant),
+            (tied, false) => tied.clone(),
         };
-        let embed = ckpt.get_shaped("model.embed_tokens.weight", &[v, c])?;
-        let lm_head = if ckpt.has("lm_head.weight") {
-            mat("lm_head.weight", v, c)?
-        } else {
-            Matrix::new(embed.clone(), opts.quant)
-        };
+        let mut inv_freq = cfg
+            .rope_inv_freq()
+            .map_err(|e| anyhow::anyhow!("{source}: {e}"))?;
+        // llama.cpp's converter stores Llama-3's frequency factors as a tensor.
+        if ckpt.has("rope_freqs.weight") {
+            let factors = vec("rope_freqs.weight", hd / 2)?;
+            for (f, d) in inv_freq.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -113,7 +134,7 @@ impl Llama {
             head_dim: hd,
             eps: cfg.rms_norm_eps as f32,
             window,
-            inv_freq: k::rope_inv_freq(cfg.theta(), hd),
+            inv_freq,
             embed,
             layers,
             norm,
@@ -164,7 +185,7 @@ impl Model for Llama {
 
             // x: [rows, C] residual stream
             let mut x = vec![0f32; rows * c];
-            layers::gather_embeddings(batch, &self.embed, 1.0, &mut x);
+            layers::gather_embedding_rows(batch, &self.embed, 1.0, &mut x);
             let f = self.layers.first().map_or(0, |l| l.gate.rows());
             let mut normed = vec![0f32; rows * c];
             let mut attn = vec![0f32; rows * h * hd];

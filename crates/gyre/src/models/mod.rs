@@ -211,6 +211,15 @@ pub fn load_with(ckpt: &Checkpoint, opts: LoadOptions) -> Result<Box<dyn Model>>
             Some(crate::kernels::cuda::Gpu::open(n)?)
         }
     };
+    // The CUDA backend has no kernels for GGUF block formats: they are dequantized to f16
+    // once, here, and run as an f16 model.
+    let dequantized;
+    let ckpt = if gpu.is_some() && ckpt.has_blocks() {
+        dequantized = ckpt.with_blocks_as_f16();
+        &dequantized
+    } else {
+        ckpt
+    };
     match (detect(ckpt)?, gpu) {
         (arch @ (Arch::Llama | Arch::Mistral), None) => Ok(Box::new(llama::Llama::load(ckpt, arch, opts)?)),
         (arch @ (Arch::Llama | Arch::Mistral), Some(g)) => Ok(Box::new(cuda::llama::CudaLlama::new(

@@ -4,8 +4,10 @@
 //! checkpoint (or owns an aligned copy when the file's offset is misaligned for the dtype).
 //! This module knows nothing of models or kernels; it only hands out typed slices.
 
+pub mod ggml;
 pub mod quant;
 
+pub use ggml::{GgmlMatrix, GgmlType};
 pub use quant::{Matrix, QMatrix, Quant};
 
 use std::fmt;

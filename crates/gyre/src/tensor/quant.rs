@@ -38,7 +38,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{Bytes, Tensor};
+use super::{Bytes, GgmlMatrix, Tensor};
 
 /// Columns per scale.
 pub const GROUP: usize = 32;
@@ -98,13 +98,25 @@ impl Quant {
 fn round_activation(
     x: &[f32],
     qmax: f32,
+    push: impl FnMut(f32),
+    scales: &mut Vec<f32>,
+    x_hat: &mut Vec<f32>,
+) {
+    round_activation_by(x, GROUP, qmax, push, scales, x_hat);
+}
+
+/// As [`round_activation`] with groups of `group` elements (the GGUF formats' blocks).
+pub(crate) fn round_activation_by(
+    x: &[f32],
+    group: usize,
+    qmax: f32,
     mut push: impl FnMut(f32),
     scales: &mut Vec<f32>,
     x_hat: &mut Vec<f32>,
 ) {
     scales.clear();
     x_hat.clear();
-    for g in x.chunks(GROUP) {
+    for g in x.chunks(group) {
         let amax = g.iter().fold(0f32, |m, v| m.max(v.abs()));
         let scale = amax / qmax;
         let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
@@ -420,6 +432,8 @@ pub enum Matrix {
     Dense(Tensor),
     /// Quantized at load.
     Quantized(Arc<QMatrix>),
+    /// A GGUF file's block format, as stored (memory-mapped).
+    Ggml(Arc<GgmlMatrix>),
 }
 
 impl Matrix {
@@ -436,6 +450,7 @@ impl Matrix {
         match self {
             Matrix::Dense(t) => t.shape()[0],
             Matrix::Quantized(q) => q.rows,
+            Matrix::Ggml(g) => g.rows(),
         }
     }
 
@@ -444,6 +459,7 @@ impl Matrix {
         match self {
             Matrix::Dense(t) => t.shape()[1],
             Matrix::Quantized(q) => q.cols,
+            Matrix::Ggml(g) => g.cols(),
         }
     }
 
@@ -452,6 +468,25 @@ impl Matrix {
         match self {
             Matrix::Dense(t) => t.nbytes(),
             Matrix::Quantized(q) => q.nbytes(),
+            Matrix::Ggml(g) => g.nbytes(),
+        }
+    }
+
+    /// Row `r` as f32 into `out` [cols] (widened or dequantized).
+    pub fn row_to_f32(&self, r: usize, out: &mut [f32]) {
+        match self {
+            Matrix::Dense(t) => t.data().row_to_f32(r * out.len(), out),
+            Matrix::Quantized(q) => q.row_to_f32(r, out),
+            Matrix::Ggml(g) => g.row_to_f32(r, out),
+        }
+    }
+
+    /// The storage format's name (`bf16`, `q8`, `Q4_K`, …).
+    pub fn format_name(&self) -> &'static str {
+        match self {
+            Matrix::Dense(t) => t.dtype().name(),
+            Matrix::Quantized(q) => q.quant().name(),
+            Matrix::Ggml(g) => g.ty().name(),
         }
     }
 }

@@ -26,7 +26,12 @@ impl HfTokenizer {
     pub(crate) fn from_file(path: &Path) -> Result<Self> {
         let origin = path.display().to_string();
         let bytes = std::fs::read(path).with_context(|| format!("reading tokenizer file {origin}"))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        Self::from_bytes(&bytes, origin)
+    }
+
+    /// Loads a `tokenizer.json` held in memory; `origin` names it in messages.
+    pub(crate) fn from_bytes(bytes: &[u8], origin: String) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_bytes(bytes)
             .map_err(|e| anyhow!("parsing tokenizer file {origin}: {e}"))?;
         let model_size = inner.get_vocab_size(false);
         let added_end = inner

@@ -7,6 +7,7 @@
 //! and offers [`DecodeStream`] for UTF-8-safe incremental detokenizing. Chat templates live in
 //! [`crate::chat`]; this module never renders prompts, it only tokenizes them.
 
+mod gguf;
 mod hf;
 pub mod stream;
 mod world;
@@ -40,6 +41,8 @@ enum Backend {
     Hf(Box<hf::HfTokenizer>),
     /// The RWKV World tokenizer (shared: the embedded one is parsed once per process).
     World(Arc<world::WorldTokenizer>),
+    /// A GGUF file's SentencePiece vocabulary (`tokenizer.ggml.model = "llama"`).
+    Spm(Box<gguf::SpmTokenizer>),
 }
 
 /// Names accepted by [`Tokenizer::from_name`].
@@ -133,6 +136,44 @@ impl Tokenizer {
         })
     }
 
+    /// The tokenizer a GGUF file carries in its `tokenizer.ggml.*` metadata, tokenizing as
+    /// llama.cpp does (SentencePiece `llama` or byte-level BPE `gpt2` vocabularies; see
+    /// `tokenizer/gguf.rs`). EOS ids are the file's EOS plus its end-of-turn tokens.
+    pub fn from_gguf(file: &crate::loader::gguf::GgufFile) -> Result<Tokenizer> {
+        let v = gguf::GgufVocab::read(file)?;
+        let text = |id: Option<u32>| id.map(|i| String::from_utf8_lossy(&v.tokens[i as usize]).into_owned());
+        let mut eos: Vec<u32> = v.eos.into_iter().collect();
+        for &e in &v.eot {
+            if !eos.contains(&e) {
+                eos.push(e);
+            }
+        }
+        let specials = SpecialTokens {
+            bos: v.bos,
+            eos,
+            bos_text: text(v.bos),
+            eos_text: text(v.eos),
+            add_bos: v.add_bos && v.bos.is_some(),
+        };
+        let backend = match v.model.as_str() {
+            "llama" => Backend::Spm(Box::new(gguf::SpmTokenizer::new(&v)?)),
+            _ => {
+                let json =
+                    gguf::bpe_tokenizer_json(&v).with_context(|| format!("{}", file.path.display()))?;
+                let bytes = serde_json::to_vec(&json)?;
+                Backend::Hf(Box::new(hf::HfTokenizer::from_bytes(
+                    &bytes,
+                    file.path.display().to_string(),
+                )?))
+            }
+        };
+        Ok(Tokenizer {
+            backend,
+            specials,
+            add_eos: v.add_eos,
+        })
+    }
+
     /// Loads `dir/tokenizer.json` and resolves special tokens from the directory's configs.
     ///
     /// A directory without `tokenizer.json` is an error: RWKV World checkpoints ship none, and
@@ -207,6 +248,18 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         match &self.backend {
             Backend::World(w) => Ok(w.encode(text)),
+            Backend::Spm(spm) => {
+                let mut ids = spm.encode(text);
+                if add_special_tokens {
+                    if self.specials.add_bos {
+                        self.prepend_bos(&mut ids);
+                    }
+                    if let (true, Some(&eos)) = (self.add_eos, self.specials.eos.first()) {
+                        ids.push(eos);
+                    }
+                }
+                Ok(ids)
+            }
             Backend::Hf(hf) => {
                 let mut ids = hf.encode(text, add_special_tokens)?;
                 if add_special_tokens {
@@ -248,6 +301,7 @@ impl Tokenizer {
         match &self.backend {
             Backend::Hf(hf) => hf.decode(ids, skip_special_tokens),
             Backend::World(w) => w.decode(ids, skip_special_tokens),
+            Backend::Spm(spm) => spm.decode(ids, skip_special_tokens),
         }
     }
 
@@ -259,7 +313,7 @@ impl Tokenizer {
     /// The byte-level decoder for streaming, when the backend's text is its ids' bytes joined.
     pub(crate) fn byte_decoder(&self) -> Option<&dyn stream::ByteDecode> {
         match &self.backend {
-            Backend::Hf(_) => None,
+            Backend::Hf(_) | Backend::Spm(_) => None,
             Backend::World(w) => Some(w.as_ref()),
         }
     }
@@ -269,6 +323,7 @@ impl Tokenizer {
         match &self.backend {
             Backend::Hf(hf) => hf.vocab_size(),
             Backend::World(w) => w.vocab_size(),
+            Backend::Spm(spm) => spm.vocab_size(),
         }
     }
 
@@ -277,6 +332,7 @@ impl Tokenizer {
         match &self.backend {
             Backend::Hf(hf) => hf.token_to_id(s),
             Backend::World(w) => w.token_to_id(s),
+            Backend::Spm(spm) => spm.token_to_id(s),
         }
     }
 
@@ -285,6 +341,7 @@ impl Tokenizer {
         match &self.backend {
             Backend::Hf(hf) => hf.id_to_token(id),
             Backend::World(w) => w.id_to_token(id),
+            Backend::Spm(spm) => spm.id_to_token(id),
         }
     }
 }

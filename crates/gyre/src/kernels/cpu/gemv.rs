@@ -9,8 +9,9 @@
 //! tile, and CPUs without AVX-512, use the one-row dots of `dot.rs`.
 
 use super::dot::{dot, dot_bf16, dot_f16, dot_q4, dot_q8};
+use crate::tensor::ggml::Activation16;
 use crate::tensor::quant::{quantize_activation, quantize_activation_i16, GROUP};
-use crate::tensor::{QMatrix, Quant, TensorData};
+use crate::tensor::{GgmlMatrix, QMatrix, Quant, TensorData};
 
 /// Rows of weights one kernel call reads together.
 pub const ROWS: usize = 8;
@@ -19,6 +20,7 @@ pub const ROWS: usize = 8;
 pub enum Rows<'a> {
     Dense(TensorData<'a>),
     Quantized(&'a QMatrix),
+    Ggml(&'a GgmlMatrix),
 }
 
 /// The activation vector, prepared once per product for the weight format's kernel.
@@ -35,6 +37,8 @@ pub struct Activation<'a> {
     /// The int16 activation for the Q8 kernel (on CPUs with AVX-512BW).
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     int16: Option<Int16Activation>,
+    /// The int16 activation for a GGUF block format (one scale per weight block).
+    ggml: Option<Activation16>,
     wide: bool,
 }
 
@@ -71,6 +75,7 @@ impl<'a> Activation<'a> {
             Rows::Dense(TensorData::BF16(_)) => 0,
             Rows::Dense(_) => 1,
             Rows::Quantized(q) => 2 + q.quant() as u8,
+            Rows::Ggml(g) => 4 + (g.ty().block_size() / 32) as u8,
         };
         kind(a) == kind(b)
     }
@@ -83,6 +88,7 @@ impl<'a> Activation<'a> {
             permuted: Vec::new(),
             int8: None,
             int16: None,
+            ggml: None,
             wide: false,
         };
         #[cfg(target_arch = "x86_64")]
@@ -111,6 +117,11 @@ impl<'a> Activation<'a> {
                         }
                     }
                 }
+                a.x = std::borrow::Cow::Owned(x_hat);
+            }
+            Rows::Ggml(g) => {
+                let mut x_hat = Vec::with_capacity(x.len());
+                a.ggml = Some(Activation16::new(x, g.ty().block_size(), &mut x_hat));
                 a.x = std::borrow::Cow::Owned(x_hat);
             }
             _ => {}
@@ -152,6 +163,10 @@ impl Int8Activation {
 
 /// `out[j] = row(first + j) · x` for every `j < out.len()`.
 pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
+    if let (Rows::Ggml(g), Some(a)) = (rows, &x.ggml) {
+        super::ggml::rows_times(g, a, first, out);
+        return;
+    }
     let xs: &[f32] = &x.x;
     let n = xs.len();
     let mut done = 0;
@@ -182,7 +197,7 @@ pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
                         }
                     }
                     // A block not aligned to the scale tiles: one row at a time below.
-                    Rows::Quantized(_) => break,
+                    Rows::Quantized(_) | Rows::Ggml(_) => break,
                 }
             };
             o.copy_from_slice(&v);
@@ -205,6 +220,7 @@ pub fn rows_times(rows: &Rows, x: &Activation, first: usize, out: &mut [f32]) {
                     Quant::Q4 => dot_q4(&scales, &values, xs),
                 }
             }
+            Rows::Ggml(_) => unreachable!("GGUF rows always have their int16 activation"),
         };
     }
 }
@@ -602,11 +618,13 @@ mod tests {
                             q.quant().rounded_activation(&x, &mut x_hat);
                             *w = dot_scalar(&row, &x_hat);
                         }
+                        Matrix::Ggml(_) => unreachable!("this test has no GGUF matrices"),
                     }
                 }
                 let rows = match m {
                     Matrix::Dense(t) => Rows::Dense(t.data()),
                     Matrix::Quantized(q) => Rows::Quantized(q),
+                    Matrix::Ggml(g) => Rows::Ggml(g),
                 };
                 for allow_integer in [true, false] {
                     let act = Activation::with_integer(&x, &rows, allow_integer);

@@ -8,6 +8,7 @@ mod dot;
 #[cfg(target_arch = "x86_64")]
 mod gemm;
 mod gemv;
+mod ggml;
 pub mod ops;
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -80,18 +81,29 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
             x_hat = all;
             &x_hat[..]
         }
+        Rows::Ggml(g) => {
+            let mut row_hat = Vec::new();
+            let mut all = Vec::with_capacity(x.len());
+            for row in x.chunks_exact(n_in) {
+                crate::tensor::ggml::Activation16::new(row, g.ty().block_size(), &mut row_hat);
+                all.extend_from_slice(&row_hat);
+            }
+            x_hat = all;
+            &x_hat[..]
+        }
         _ => x,
     };
     #[cfg(target_arch = "x86_64")]
     {
         let gemm_rows = match data {
             Rows::Dense(_) => GEMM_ROWS,
-            Rows::Quantized(_) => GEMM_ROWS_QUANTIZED,
+            Rows::Quantized(_) | Rows::Ggml(_) => GEMM_ROWS_QUANTIZED,
         };
         if n_rows >= gemm_rows && simd::level() == simd::Level::Avx512 {
             let weight_row = |o: usize, buf: &mut [f32]| match &data {
                 Rows::Dense(d) => d.row_to_f32(o * n_in, buf),
                 Rows::Quantized(q) => q.row_to_f32(o, buf),
+                Rows::Ggml(g) => g.row_to_f32(o, buf),
             };
             gemm::matmul(&gemm::PackedRows::new(x, n_rows, n_in), n_out, &weight_row, out);
             return;
@@ -115,6 +127,10 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
                         Rows::Dense(d) => weight_row(d, r * n_in, n_in, head),
                         Rows::Quantized(q) => {
                             q.row_to_f32(r, head);
+                            &*head
+                        }
+                        Rows::Ggml(g) => {
+                            g.row_to_f32(r, head);
                             &*head
                         }
                     });
@@ -228,6 +244,7 @@ fn rows_of(w: &Matrix) -> Rows<'_> {
     match w {
         Matrix::Dense(t) => Rows::Dense(t.data()),
         Matrix::Quantized(q) => Rows::Quantized(q),
+        Matrix::Ggml(g) => Rows::Ggml(g),
     }
 }
 

@@ -59,13 +59,15 @@ impl CudaLlama {
             });
         }
         let lm_head = upload(gpu, &m.lm_head, "lm_head")?;
-        let tied = matches!(&m.lm_head, crate::tensor::Matrix::Dense(t) if t.raw().as_ptr() == m.embed.raw().as_ptr());
+        let embed_table = m.embed_tensor()?;
+        let tied = matches!(&m.lm_head, crate::tensor::Matrix::Dense(t) if t.raw().as_ptr() == embed_table.raw().as_ptr());
         let embed = if tied {
             None
         } else {
-            Some(gpu.upload(m.embed.raw())?)
+            Some(gpu.upload(embed_table.raw())?)
         };
-        let layout = state_layout(&m);
+        let embed_dtype = embed_table.dtype();
+        let layout = state_layout(&m)?;
         Ok(CudaLlama {
             run: Runner::new(gpu, layout),
             info: m.info.clone(),
@@ -76,7 +78,7 @@ impl CudaLlama {
             window: m.window,
             inv_freq: gpu.upload(&m.inv_freq)?,
             embed,
-            embed_dtype: m.embed.dtype(),
+            embed_dtype,
             layers,
             norm: gpu.upload(&m.norm)?,
             lm_head,
@@ -86,11 +88,18 @@ impl CudaLlama {
 
 /// The device state: the CPU cache's parts (keys, values per layer) at `slots` rows each,
 /// in the model's dtype (its embedding table's).
-pub(super) fn state_layout(m: &Llama) -> StateLayout {
+pub(super) fn state_layout(m: &Llama) -> Result<StateLayout> {
     let kv_dim = m.kv_heads * m.head_dim;
     let template = State::Kv(KvCache::new(m.layers.len(), kv_dim, m.window));
     let n = 2 * m.layers.len();
-    StateLayout::new(template, Vec::new(), n, kv_dim, m.embed.dtype(), m.window)
+    Ok(StateLayout::new(
+        template,
+        Vec::new(),
+        n,
+        kv_dim,
+        m.embed_tensor()?.dtype(),
+        m.window,
+    ))
 }
 
 impl DeviceModel for CudaLlama {
