@@ -26,7 +26,9 @@ expected.safetensors and meta.json:
    whose 16 matrices take those types in turn (every type at least once). `logits` is
    transformers in float64 on the gguf package's dequantization of exactly those tensors (q/k
    rows put back); `llamacpp_logits` is llama.cpp's own forward of the same file, for the
-   accuracy comparison (gyre must be at least 10x closer to `logits`).
+   accuracy comparison (gyre must be at least 10x closer to `logits`); `greedy` is the
+   float64 model's greedy continuation of BOS + `tokens` (16 ids; meta.json records the
+   smallest gap between the two best logits on the way).
 
 Both: `tokens` (int64) is a fixed sentence tokenized by llama.cpp from the file's own
 vocabulary, `text` its source (in meta.json); the test also checks gyre's tokenization of it.
@@ -249,6 +251,21 @@ def f64_logits(model, tokens, state=None):
     return out.numpy()
 
 
+def f64_greedy(model, prompt, n):
+    """Greedy continuation by transformers (the model as loaded, float64), and the smallest
+    gap between the top two logits along the way (ties would make the test fragile)."""
+    import torch
+
+    ids, gaps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+            top = torch.topk(logits, 2).values
+            gaps.append(float(top[0] - top[1]))
+            ids.append(int(torch.argmax(logits)))
+    return ids[len(prompt):], min(gaps)
+
+
 def llamacpp_tokens(path: Path, text: str):
     import llama_cpp
 
@@ -338,12 +355,17 @@ def main():
         tokens = llamacpp_tokens(mixed, TEXT)
         logits = f64_logits(model, tokens, dequantized_state(mixed, 4, 2))
         ll = llamacpp_logits(mixed, tokens)
+        # The model now holds the dequantized weights in float64: its greedy continuation of
+        # BOS + the text is what `gyre generate` must print.
+        greedy, gap = f64_greedy(model, [1] + tokens, 16)
         write_case("mixed_quant", mixed, {
             "tokens": np.array(tokens, dtype=np.int64),
             "logits": logits.astype(np.float32),
             "llamacpp_logits": ll.astype(np.float32),
+            "greedy": np.array(greedy, dtype=np.int64),
         }, {"text": TEXT, "versions": versions, "tensor_types": assignment,
-            "llamacpp_mean_abs_diff": mean_abs(ll, logits)})
+            "llamacpp_mean_abs_diff": mean_abs(ll, logits),
+            "greedy_min_top2_gap": gap})
 
         if args.gyre:
             print("| type | bits/weight | gyre mean abs Δlogit | llama.cpp mean abs Δlogit | llama.cpp / gyre |")

@@ -61,6 +61,13 @@ pub struct UpscaleArgs {
 pub fn run(args: UpscaleArgs) -> Result<()> {
     let shard_size = upscale::parse_size(&args.shard_size)?;
     let ckpt = Checkpoint::open(&args.model, |_, _| {})?;
+    if ckpt.gguf.is_some() {
+        anyhow::bail!(
+            "{}: gyre upscale reads and writes safetensors checkpoints; a GGUF file's quantized \
+             layers would have to be requantized, so upscale the original checkpoint instead",
+            args.model.display()
+        );
+    }
     let n = upscale::source_layers(&ckpt)?;
     let slices = match &args.layers {
         Some(spec) => upscale::parse_layers(spec, n)?,

@@ -600,3 +600,39 @@ fn recurrent_model_serves_batches_and_resumes_cached_states() {
     assert_eq!(r3.json()["choices"][0]["message"], v2["choices"][0]["message"]);
     assert_eq!(r3.json()["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
 }
+
+/// A GGUF file serves with its own tokenizer and template: greedy completions equal `gyre
+/// generate`'s, and chat renders through the file's template.
+#[test]
+fn a_gguf_file_serves_completions_and_chat() {
+    let model =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../gyre/tests/fixtures/gguf/mixed_quant/model.gguf");
+    let prompt = "And God said, Let there be light: and the fox was café.";
+    let cli = Command::new(env!("CARGO_BIN_EXE_gyre"))
+        .args(["generate", "--model"])
+        .arg(&model)
+        .args(["--prompt", prompt, "--temperature", "0", "--max-tokens", "12"])
+        .output()
+        .unwrap();
+    assert!(cli.status.success(), "{}", String::from_utf8_lossy(&cli.stderr));
+    let want = String::from_utf8(cli.stdout).unwrap();
+    let srv = Server::start(&model, &[]);
+    let r = post(
+        srv.port,
+        "/v1/completions",
+        None,
+        &json!({"prompt": prompt, "max_tokens": 12, "temperature": 0}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        format!("{}\n", r.json()["choices"][0]["text"].as_str().unwrap()),
+        want
+    );
+    let r = post(srv.port, "/v1/chat/completions", None, &chat_body("hello", 6));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.json()["usage"]["prompt_tokens"].as_u64().unwrap() > 3,
+        "{}",
+        r.body
+    );
+}

@@ -393,18 +393,20 @@ pub fn weight_bytes_per_token(ckpt: &Checkpoint, quant: Option<Quant>) -> usize 
     let tied = !ckpt.has("lm_head.weight") && !ckpt.has("head.weight");
     let mut bytes = 0;
     for name in ckpt.names() {
-        let Ok(t) = ckpt.get(name) else { continue };
-        let shape = t.shape();
+        let Some((shape, nbytes, block)) = ckpt.stored_size(name) else {
+            continue;
+        };
         let is_matrix = shape.len() == 2 && shape[0] > 1 && shape[1] > 1 && name.ends_with("weight");
-        let stored = |t: &Tensor| match (quant, is_matrix) {
+        // `quant` applies to dense matrices; GGUF block tensors stay as stored.
+        let stored = match (quant, is_matrix && !block) {
             (Some(q), true) => q.matrix_bytes(shape[0], shape[1]),
-            _ => t.nbytes(),
+            _ => nbytes,
         };
         bytes += if embed_names.contains(&name) {
             // One gathered row, plus the whole table when it is also the head.
-            t.nbytes() / shape[0] + if tied { stored(t) } else { 0 }
+            nbytes / shape[0] + if tied { stored } else { 0 }
         } else {
-            stored(t)
+            stored
         };
     }
     bytes

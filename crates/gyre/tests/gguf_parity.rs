@@ -112,3 +112,28 @@ fn every_block_format_is_ten_times_closer_than_llama_cpp() {
         "decode: gyre {ours_step:.2e} vs llama.cpp {theirs:.2e}"
     );
 }
+
+/// Greedy decoding of the quantized file follows the float64 model's greedy path (the
+/// fixture's smallest gap between the two best logits is 0.05, far above gyre's error).
+#[test]
+fn greedy_decoding_of_the_quantized_file_follows_the_float64_model() {
+    let dir = fixture("gguf", "mixed_quant");
+    let exp = Expected::read(&dir.join("expected.safetensors"));
+    let model = common::load(&dir.join("model.gguf"));
+    let mut state = model.new_state();
+    let mut input: Vec<u32> = std::iter::once(1)
+        .chain(exp.ids("tokens").iter().copied())
+        .collect();
+    let mut got = Vec::new();
+    for _ in 0..exp.ids("greedy").len() {
+        let next = model
+            .forward_greedy(&mut [gyre::models::SeqInput {
+                tokens: &input,
+                state: &mut state,
+            }])
+            .unwrap()[0];
+        got.push(next);
+        input = vec![next];
+    }
+    assert_eq!(got, exp.ids("greedy"));
+}

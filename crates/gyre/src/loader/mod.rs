@@ -237,6 +237,17 @@ impl Checkpoint {
         Ok(Matrix::new(self.get_shaped(name, &[rows, cols])?, quant))
     }
 
+    /// The shape and stored bytes of tensor `name`, dense or block-quantized, and whether it
+    /// is in a GGUF block format.
+    pub fn stored_size(&self, name: &str) -> Option<(Vec<usize>, usize, bool)> {
+        if let Some(t) = self.tensors.get(name) {
+            return Some((t.tensor.shape().to_vec(), t.tensor.nbytes(), false));
+        }
+        self.blocks
+            .get(name)
+            .map(|b| (vec![b.matrix.rows(), b.matrix.cols()], b.matrix.nbytes(), true))
+    }
+
     /// The storage formats of the tensors and how many tensors each holds, most first
     /// (`[("Q4_K", 128), ("F32", 65), …]`).
     pub fn tensor_formats(&self) -> Vec<(String, usize)> {
