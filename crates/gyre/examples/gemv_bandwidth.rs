@@ -1,5 +1,6 @@
 //! Decode matrix–vector product speed against a plain read of the same bytes, on real layer
-//! shapes: `cargo run --release --example gemv_bandwidth [bf16|f16|f32|q8|q4]`.
+//! shapes: `cargo run --release --example gemv_bandwidth [bf16|f16|f32|q8|q4|q4_k|q6_k|…]` (any
+//! GGUF block type by name, quantized here by round-to-nearest).
 //!
 //! Each shape is copied until the set exceeds the last-level cache, so every pass streams
 //! from memory; the read (a parallel f32 sum over an owned buffer of the same size, laid out
@@ -9,7 +10,7 @@
 use std::time::Instant;
 
 use gyre::kernels::cpu::{linear, sum};
-use gyre::tensor::{Matrix, Quant, Tensor};
+use gyre::tensor::{GgmlMatrix, GgmlType, Matrix, Quant, Tensor};
 use rayon::prelude::*;
 
 fn main() {
@@ -33,13 +34,17 @@ fn main() {
         let values: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
             .collect();
+        let ggml = GgmlType::from_name(&format).filter(|t| t.dense().is_none());
         let make = || {
             let t = match format.as_str() {
                 "f32" => Tensor::from_f32(&values, vec![rows, cols]),
                 "f16" => Tensor::from_f32_as_f16(&values, vec![rows, cols]),
                 _ => Tensor::from_f32_as_bf16(&values, vec![rows, cols]),
             };
-            Matrix::new(t, quant)
+            match ggml {
+                Some(ty) => Matrix::Ggml(std::sync::Arc::new(GgmlMatrix::quantize(&t, ty))),
+                None => Matrix::new(t, quant),
+            }
         };
         let first = make();
         let total: usize = std::env::var("GEMV_MB")

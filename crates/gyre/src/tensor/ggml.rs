@@ -480,6 +480,8 @@ pub struct Activation16 {
     pub scales: Vec<f32>,
     /// Σ q per 16 elements [n / 16] (for the formats' min and offset terms).
     pub sums16: Vec<i32>,
+    /// Σ q per 32 elements [n / 32].
+    pub sums32: Vec<i32>,
 }
 
 impl Activation16 {
@@ -491,12 +493,14 @@ impl Activation16 {
             q: Vec::with_capacity(x.len()),
             scales: Vec::new(),
             sums16: Vec::new(),
+            sums32: Vec::new(),
         };
         super::quant::round_activation_by(x, block, 32767.0, |i| a.q.push(i as i16), &mut a.scales, x_hat);
         a.sums16 =
             a.q.chunks(16)
                 .map(|c| c.iter().map(|&v| v as i32).sum())
                 .collect();
+        a.sums32 = a.sums16.chunks(2).map(|p| p.iter().sum()).collect();
         a
     }
 }
