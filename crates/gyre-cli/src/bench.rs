@@ -31,10 +31,12 @@ pub struct BenchArgs {
     /// Storage dtype of the synthetic model's matrices.
     #[arg(long, value_enum, default_value = "bf16")]
     dtype: BenchDtype,
-    /// Quantize the weight matrices at load; the logit error against the unquantized model
-    /// on the benchmark prompt is printed.
-    #[arg(long, value_enum)]
-    quant: Option<crate::QuantArg>,
+    /// Quantize the weight matrices at load: q8 or q4 (gyre's formats), or a GGUF block type
+    /// (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k; round-to-nearest, to time
+    /// the formats at real shapes). The logit error against the unquantized model on the
+    /// benchmark prompt is printed.
+    #[arg(long, value_parser = parse_quant)]
+    quant: Option<BenchQuant>,
     /// Worker threads (default: all cores).
     #[arg(long)]
     threads: Option<usize>,
@@ -73,6 +75,36 @@ pub struct BenchArgs {
     /// Seed of the first sequence's draws (sequence i uses seed + i).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// `gyre bench --quant`: one of gyre's load-time formats or a GGUF block type.
+#[derive(Clone, Copy, Debug)]
+enum BenchQuant {
+    Gyre(gyre::tensor::Quant),
+    Ggml(gyre::tensor::GgmlType),
+}
+
+impl BenchQuant {
+    fn name(self) -> String {
+        match self {
+            BenchQuant::Gyre(q) => q.name().to_string(),
+            BenchQuant::Ggml(t) => t.name().to_lowercase(),
+        }
+    }
+}
+
+fn parse_quant(s: &str) -> Result<BenchQuant, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "q8" => Ok(BenchQuant::Gyre(gyre::tensor::Quant::Q8)),
+        "q4" => Ok(BenchQuant::Gyre(gyre::tensor::Quant::Q4)),
+        other => match gyre::tensor::GgmlType::from_name(other) {
+            Some(t) if t.dense().is_none() => Ok(BenchQuant::Ggml(t)),
+            _ => Err(format!(
+                "unknown quantization {s:?}: use q8, q4 or a GGUF block type (q4_0, q4_1, q5_0, q5_1, \
+                 q8_0, q2_k, q3_k, q4_k, q5_k, q6_k)"
+            )),
+        },
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -127,32 +159,38 @@ pub fn run(a: BenchArgs) -> Result<()> {
         (None, Some(path)) => (Checkpoint::open(path, |_, _| {})?, path.display().to_string()),
         (None, None) => bail!("give --synthetic SHAPE or --model PATH"),
     };
-    let quant = a.quant.map(crate::QuantArg::quant);
+    let quant = a.quant;
     let mut quality = None;
     let device = a.device.target();
     let on_device = models::LoadOptions { quant: None, device };
+    // GGUF types become block tensors of the checkpoint; gyre's own formats a load option.
+    let quantized = match quant {
+        Some(BenchQuant::Ggml(t)) => {
+            eprintln!("quantizing the matrices to {t} (round-to-nearest)…");
+            Some(ckpt.with_matrices_as(t)?)
+        }
+        _ => None,
+    };
+    let runtime = match quant {
+        Some(BenchQuant::Gyre(q)) => Some(q),
+        _ => None,
+    };
     let model = match quant {
         None => models::load_with(&ckpt, on_device)?,
         Some(q) => {
-            eprintln!(
-                "measuring the {} logit error against the unquantized model…",
-                q.name()
-            );
+            eprintln!("measuring the {} logit error against the unquantized model…", q.name());
             let tokens = bench::prompt_tokens(a.prompt, models::load(&ckpt)?.info().vocab_size);
             let want = bench::all_logits(models::load(&ckpt)?.as_ref(), &tokens)?;
             let model = models::load_with(
-                &ckpt,
-                models::LoadOptions {
-                    quant: Some(q),
-                    device,
-                },
+                quantized.as_ref().unwrap_or(&ckpt),
+                models::LoadOptions { quant: runtime, device },
             )?;
             let got = bench::all_logits(model.as_ref(), &tokens)?;
             quality = Some(bench::quant_error(&got, &want, model.info().vocab_size));
             model
         }
     };
-    let bytes = bench::weight_bytes_per_token(&ckpt, quant);
+    let bytes = bench::weight_bytes_per_token(quantized.as_ref().unwrap_or(&ckpt), runtime);
     let batch = match a.batch {
         BatchSize::Count(n) => n,
         BatchSize::Max => {
@@ -272,7 +310,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     );
     if let (Some(q), Some(e)) = (quant, &quality) {
         println!(
-            "{} logit error:   max {:.4}, mean {:.5}, top-1 agreement {:.1}% ({} positions)",
+            "{} logit error:  max {:.4}, mean {:.5}, top-1 agreement {:.1}% ({} positions)",
             q.name(),
             e.max_abs,
             e.mean_abs,

@@ -198,6 +198,46 @@ impl Checkpoint {
         }
     }
 
+    /// The same checkpoint with its weight matrices quantized to the GGUF block format `ty`
+    /// by round-to-nearest (`GgmlMatrix::quantize`): for timing the formats at real shapes
+    /// (`gyre bench --quant q4_k`). Embedding tables, vectors and matrices whose rows are not
+    /// whole blocks stay as they are.
+    pub fn with_matrices_as(&self, ty: crate::tensor::GgmlType) -> Result<Checkpoint> {
+        if ty.dense().is_some() {
+            bail!("{} is not a block format", ty.name());
+        }
+        let mut out = Checkpoint {
+            dir: self.dir.clone(),
+            config: self.config.clone(),
+            tensors: BTreeMap::new(),
+            blocks: self.blocks.clone(),
+            gguf: self.gguf.clone(),
+            stored_names: self.stored_names.clone(),
+            source: self.source.clone(),
+            config_source: self.config_source.clone(),
+        };
+        for (name, t) in &self.tensors {
+            let shape = t.tensor.shape();
+            let embedding = name.ends_with("embed_tokens.weight") || name == "emb.weight";
+            if shape.len() == 2 && name.ends_with("weight") && !embedding && shape[1].is_multiple_of(ty.block_size()) {
+                let m = crate::tensor::GgmlMatrix::quantize(&t.tensor, ty);
+                out.blocks.insert(
+                    name.clone(),
+                    NamedBlocks {
+                        matrix: Arc::new(m),
+                        stored_name: name.clone(),
+                    },
+                );
+            } else {
+                out.tensors.insert(name.clone(), t.clone());
+            }
+        }
+        if out.blocks.is_empty() {
+            bail!("no weight matrix of {} has rows of whole {} blocks", self.source, ty.name());
+        }
+        Ok(out)
+    }
+
     /// True when some tensors are in a GGUF block format.
     pub fn has_blocks(&self) -> bool {
         !self.blocks.is_empty()

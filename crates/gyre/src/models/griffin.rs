@@ -154,7 +154,7 @@ impl Griffin {
         let vec =
             |name: &str, n: usize| -> Result<Vec<f32>> { Ok(ckpt.get_shaped(name, &[n])?.to_f32_vec()) };
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            Ok(Matrix::new(ckpt.get_shaped(name, &[rows, cols])?, opts.quant))
+            ckpt.matrix(name, rows, cols, opts.quant)
         };
         let embed = ckpt.get_shaped("model.embed_tokens.weight", &[v, c])?;
         let f_name = "model.layers.0.mlp_block.gate_proj.weight";

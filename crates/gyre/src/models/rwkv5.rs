@@ -143,7 +143,7 @@ impl Rwkv5 {
             Ok((vec(&format!("{p}.weight"), c)?, vec(&format!("{p}.bias"), c)?))
         };
         let mat = |name: &str, rows: usize, cols: usize| -> Result<Matrix> {
-            Ok(Matrix::new(ckpt.get_shaped(name, &[rows, cols])?, opts.quant))
+            ckpt.matrix(name, rows, cols, opts.quant)
         };
         let mut blocks = Vec::with_capacity(n_layers);
         for i in 0..n_layers {

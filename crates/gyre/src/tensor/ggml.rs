@@ -431,6 +431,12 @@ pub fn int_block(ty: GgmlType, b: &[u8]) -> IntBlock {
 /// Dequantizes a row (whole blocks of `ty`) into `out` [elements], as ggml's
 /// `dequantize_row_*` computes it in f32: `(d·sc)·q − dmin·m`.
 pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+    dequantize_row_inline(ty, bytes, out)
+}
+
+/// [`dequantize_row`], inlined into the kernels that compile it for wider instruction sets.
+#[inline(always)]
+pub(crate) fn dequantize_row_inline(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
     assert_eq!(
         bytes.len(),
         ty.row_bytes(out.len()),
@@ -453,18 +459,60 @@ pub fn dequantize_row(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
                 *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
             }
         }
+        // The 32-element formats directly (the integer view's 256-wide arrays would cost more
+        // than the arithmetic).
+        GgmlType::Q8_0 => {
+            for (b, o) in bytes.chunks_exact(34).zip(out.chunks_exact_mut(32)) {
+                let d = f16_at(b, 0);
+                for (v, &q) in o.iter_mut().zip(&b[2..34]) {
+                    *v = (q as i8) as f32 * d;
+                }
+            }
+        }
+        GgmlType::Q4_0 => dequantize_nibbles::<false, false>(bytes, out),
+        GgmlType::Q4_1 => dequantize_nibbles::<true, false>(bytes, out),
+        GgmlType::Q5_0 => dequantize_nibbles::<false, true>(bytes, out),
+        GgmlType::Q5_1 => dequantize_nibbles::<true, true>(bytes, out),
         _ => {
             let n = ty.block_size();
             for (b, o) in bytes.chunks_exact(ty.block_bytes()).zip(out.chunks_exact_mut(n)) {
                 let k = int_block(ty, b);
-                for (i, v) in o.iter_mut().enumerate() {
-                    let j = i / k.sub;
+                for (j, (o, w)) in o.chunks_exact_mut(k.sub).zip(k.w.chunks_exact(k.sub)).enumerate() {
                     // The order of ggml's f32 arithmetic: scale first, then the weight.
                     let dl = k.d * k.scales[j] as f32;
                     let ml = k.dmin * k.mins[j] as f32;
-                    *v = dl * k.w[i] as f32 - ml;
+                    for (v, &w) in o.iter_mut().zip(w) {
+                        *v = dl * w as f32 - ml;
+                    }
                 }
             }
+        }
+    }
+}
+
+/// Q4_0 / Q4_1 / Q5_0 / Q5_1 rows: `(q − offset)·d (+ m)`.
+#[inline(always)]
+fn dequantize_nibbles<const MIN: bool, const FIVE: bool>(bytes: &[u8], out: &mut [f32]) {
+    let bb = 18 + 2 * MIN as usize + 4 * FIVE as usize;
+    let qs_at = bb - 16;
+    let offset = if MIN { 0 } else if FIVE { 16 } else { 8 };
+    for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
+        let d = f16_at(b, 0);
+        let m = if MIN { f16_at(b, 2) } else { 0.0 };
+        let qh = if FIVE {
+            u32::from_le_bytes([b[qs_at - 4], b[qs_at - 3], b[qs_at - 2], b[qs_at - 1]])
+        } else {
+            0
+        };
+        let (lo, hi) = o.split_at_mut(16);
+        for (j, &q) in b[qs_at..qs_at + 16].iter().enumerate() {
+            let (mut a, mut c) = ((q & 0xF) as i32, (q >> 4) as i32);
+            if FIVE {
+                a |= (((qh >> j) & 1) << 4) as i32;
+                c |= (((qh >> (j + 16)) & 1) << 4) as i32;
+            }
+            lo[j] = (a - offset) as f32 * d + m;
+            hi[j] = (c - offset) as f32 * d + m;
         }
     }
 }

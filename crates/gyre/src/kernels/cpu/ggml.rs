@@ -17,6 +17,25 @@ pub fn rows_times(m: &GgmlMatrix, a: &Activation16, first: usize, out: &mut [f32
     }
 }
 
+/// Row `bytes` (whole blocks of `ty`) dequantized into `out`, as `tensor::ggml::dequantize_row`
+/// computes it, compiled for the widest instruction set this CPU has (prefill widens every
+/// weight row this way for the packed GEMM).
+pub fn dequantize(ty: crate::tensor::GgmlType, bytes: &[u8], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd;
+        if simd::level() == simd::Level::Avx512 {
+            // SAFETY: AVX-512F was detected at run time.
+            return unsafe { generic::dequantize_avx512(ty, bytes, out) };
+        }
+        if simd::level() == simd::Level::Avx2 {
+            // SAFETY: AVX2 and FMA were detected at run time.
+            return unsafe { generic::dequantize_avx2(ty, bytes, out) };
+        }
+    }
+    crate::tensor::ggml::dequantize_row(ty, bytes, out)
+}
+
 /// One row's product through the best version for this CPU.
 fn dot(ty: crate::tensor::GgmlType, row: &[u8], a: &Activation16) -> f32 {
     #[cfg(target_arch = "x86_64")]
@@ -40,6 +59,20 @@ fn dot(ty: crate::tensor::GgmlType, row: &[u8], a: &Activation16) -> f32 {
 mod generic {
     use crate::tensor::ggml::{dot_row_inline, Activation16};
     use crate::tensor::GgmlType;
+
+    /// # Safety
+    /// AVX-512F and AVX-512BW must be present.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+    pub unsafe fn dequantize_avx512(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+        crate::tensor::ggml::dequantize_row_inline(ty, bytes, out)
+    }
+
+    /// # Safety
+    /// AVX2 and FMA must be present.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequantize_avx2(ty: GgmlType, bytes: &[u8], out: &mut [f32]) {
+        crate::tensor::ggml::dequantize_row_inline(ty, bytes, out)
+    }
 
     /// # Safety
     /// AVX2 and FMA must be present.
@@ -545,6 +578,34 @@ mod speed {
             }
             let blocks = (rows * cols / 256) as f64;
             println!("{ty}: {:.1} ns per 256 weights, {:.1} GB/s ({sink})", best * 1e9 / blocks, raw.len() as f64 / best / 1e9);
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod dequant_speed {
+    use crate::tensor::ggml::{dequantize_row, quantize_row};
+    use crate::tensor::GgmlType;
+
+    /// `cargo test --release -p gyre --lib dequant_speed -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn dequant_speed() {
+        let cols = 4096;
+        let w = crate::kernels::cpu::tests::pseudo(cols, 3);
+        let mut out = vec![0f32; cols];
+        for ty in GgmlType::QUANTIZED {
+            let mut raw = vec![0u8; ty.row_bytes(cols)];
+            quantize_row(ty, &w, &mut raw);
+            let t0 = std::time::Instant::now();
+            for _ in 0..2000 {
+                super::dequantize(ty, &raw, &mut out);
+            }
+            let t = t0.elapsed().as_secs_f64() / 2000.0;
+            let mut want = vec![0f32; cols];
+            dequantize_row(ty, &raw, &mut want);
+            assert_eq!(out, want);
+            println!("{ty}: {:.2} ns per weight", t * 1e9 / cols as f64);
         }
     }
 }

@@ -103,7 +103,7 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
             let weight_row = |o: usize, buf: &mut [f32]| match &data {
                 Rows::Dense(d) => d.row_to_f32(o * n_in, buf),
                 Rows::Quantized(q) => q.row_to_f32(o, buf),
-                Rows::Ggml(g) => g.row_to_f32(o, buf),
+                Rows::Ggml(g) => ggml::dequantize(g.ty(), g.row(o), buf),
             };
             gemm::matmul(&gemm::PackedRows::new(x, n_rows, n_in), n_out, &weight_row, out);
             return;
@@ -130,7 +130,7 @@ pub fn linear(x: &[f32], n_rows: usize, w: &Matrix, out: &mut [f32]) {
                             &*head
                         }
                         Rows::Ggml(g) => {
-                            g.row_to_f32(r, head);
+                            ggml::dequantize(g.ty(), g.row(r), head);
                             &*head
                         }
                     });
