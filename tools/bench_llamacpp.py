@@ -1,15 +1,18 @@
 #!/usr/bin/env python3
-"""gyre vs llama.cpp on a Llama-shaped random model, side by side.
+"""gyre vs llama.cpp on the same GGUF file, side by side.
 
-usage: python3 tools/bench_llamacpp.py [--shape tiny-llama] [--types f16,q8_0] [--prompt 16]
+usage: python3 tools/bench_llamacpp.py [--shape tiny-llama] [--types f16,q8_0,q4_k_m] [--prompt 16]
                                         [--gen 16] [--rounds 3] [--threads N] [--gguf-dir DIR]
                                         [--keep] [--gyre PATH] [--json]
+       python3 tools/bench_llamacpp.py --file MODEL.gguf [...]
 
-For each GGUF type it writes a random-weight GGUF of the shape (with the `gguf` PyPI package),
-times llama.cpp through `llama-cpp-python` (PyPI) with the same protocol as gyre's bench, and,
-when gyre's release binary exists, runs `gyre bench --synthetic SHAPE --json` at the matching
-precision (F16 -> `--dtype f16`, Q8_0 -> `--dtype bf16 --quant q8`) and prints both with the
-ratio gyre/llama.cpp.
+For each type it writes a random-weight GGUF of the shape (F16 with the `gguf` PyPI package;
+every other type quantized from it by llama.cpp's own `llama_model_quantize`: `q4_0`, `q4_1`,
+`q5_0`, `q5_1`, `q8_0`, `q2_k`, `q3_k`, `q4_k`, `q5_k`, `q6_k` are pure, every matrix in that
+type; `q3_k_m`, `q4_k_m`, `q5_k_m` are llama.cpp's mixes, the files users download), or takes
+the given --file, then times llama.cpp through `llama-cpp-python` (PyPI) and gyre (`gyre bench
+--model FILE --json`, when its release binary exists) on that same file, with the same protocol,
+and prints both with the ratio gyre/llama.cpp.
 
 Protocol (both engines): prefill the prompt tokens (i*7919+13) % vocab in one call, then `gen`
 single-token decode steps; decode speed is the median step. llama.cpp gets one untimed warm-up
@@ -45,7 +48,6 @@ SHAPES = {
     "solar-10.7b": (4096, 48, 32, 8, 128, 14336, 32000, False),
     "tinyllama-1.1b": (2048, 22, 32, 4, 64, 5632, 32000, False),
 }
-GYRE_SHAPES = set(SHAPES)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -128,6 +130,36 @@ def write_gguf(path, shape, ftype):
     return nbytes, time.time() - t0
 
 
+QUANT_FTYPES = {
+    "q4_0": ("Q4_0", True), "q4_1": ("Q4_1", True), "q5_0": ("Q5_0", True), "q5_1": ("Q5_1", True),
+    "q8_0": ("Q8_0", True), "q2_k": ("Q2_K", True), "q3_k": ("Q3_K_M", True), "q4_k": ("Q4_K_M", True),
+    "q5_k": ("Q5_K_M", True), "q6_k": ("Q6_K", True),
+    "q3_k_m": ("Q3_K_M", False), "q4_k_m": ("Q4_K_M", False), "q5_k_m": ("Q5_K_M", False),
+}
+GGML_TYPE_IDS = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "q2_k": 10, "q3_k": 11,
+                 "q4_k": 12, "q5_k": 13, "q6_k": 14}
+
+
+def quantize_gguf(src, dst, kind):
+    """llama.cpp's quantizer: pure types put every matrix (embedding and head too) in the type,
+    the _m mixes are llama.cpp's own choice per tensor."""
+    import llama_cpp
+
+    ftype, pure = QUANT_FTYPES[kind]
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    p.nthread = os.cpu_count()
+    if pure:
+        p.pure = True
+        p.output_tensor_type = GGML_TYPE_IDS[kind]
+        p.token_embedding_type = GGML_TYPE_IDS[kind]
+    t0 = time.time()
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), p)
+    if rc != 0:
+        sys.exit(f"llama_model_quantize to {kind} failed ({rc})")
+    return time.time() - t0
+
+
 def bytes_per_token(shape, ftype):
     """Weight bytes one decode step reads: every matrix once (the embedding table too when it
     is the head), one embedding row otherwise."""
@@ -192,9 +224,8 @@ def median_of(runs):
     return out
 
 
-def run_gyre(gyre, shape, ftype, prompt_len, gen, threads):
-    cmd = [gyre, "bench", "--synthetic", shape, "--prompt", str(prompt_len), "--gen", str(gen), "--json"]
-    cmd += ["--dtype", "f16"] if ftype == "f16" else ["--dtype", "bf16", "--quant", "q8"]
+def run_gyre(gyre, path, prompt_len, gen, threads):
+    cmd = [gyre, "bench", "--model", path, "--prompt", str(prompt_len), "--gen", str(gen), "--json"]
     if threads:
         cmd += ["--threads", str(threads)]
     p = subprocess.run(cmd, capture_output=True, text=True)
@@ -206,10 +237,19 @@ def run_gyre(gyre, shape, ftype, prompt_len, gen, threads):
     return r
 
 
+def vocab_of(path):
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    emb = next(t for t in r.tensors if t.name == "token_embd.weight")
+    return int(emb.shape[1])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", default="tiny-llama", choices=sorted(SHAPES))
-    ap.add_argument("--types", default="f16,q8_0", help="GGUF types to test: f16, q8_0")
+    ap.add_argument("--types", default="f16,q8_0", help="GGUF types: f16, " + ", ".join(QUANT_FTYPES))
+    ap.add_argument("--file", default=None, help="benchmark this GGUF file instead of random ones")
     ap.add_argument("--prompt", type=int, default=16)
     ap.add_argument("--gen", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds per engine")
@@ -222,37 +262,46 @@ def main():
 
     types = [t.strip().lower() for t in a.types.split(",") if t.strip()]
     for t in types:
-        if t not in ("f16", "q8_0"):
-            sys.exit(f"unknown GGUF type {t} (f16, q8_0)")
-    vocab = SHAPES[a.shape][6]
+        if t != "f16" and t not in QUANT_FTYPES:
+            sys.exit(f"unknown GGUF type {t} (f16, {', '.join(QUANT_FTYPES)})")
     gdir = a.gguf_dir or tempfile.mkdtemp(prefix="gyre-llamacpp-")
     os.makedirs(gdir, exist_ok=True)
-    have_gyre = os.path.exists(a.gyre) and a.shape in GYRE_SHAPES
+    have_gyre = os.path.exists(a.gyre)
     results = []
-    for t in types:
-        path = os.path.join(gdir, f"{a.shape}-{t}.gguf")
-        if not (a.keep and os.path.exists(path)):
-            nb, s = write_gguf(path, a.shape, t)
-            print(f"wrote {path}: {nb / 1e9:.3f} GB of matrices in {s:.1f}s", file=sys.stderr)
+    jobs = [("file", a.file)] if a.file else [(t, os.path.join(gdir, f"{a.shape}-{t}.gguf")) for t in types]
+    base = os.path.join(gdir, f"{a.shape}-f16.gguf")
+    made = set()
+    for t, path in jobs:
+        if t != "file" and not (a.keep and os.path.exists(path)):
+            if not os.path.exists(base):
+                nb, sec = write_gguf(base, a.shape, "f16")
+                made.add(base)
+                print(f"wrote {base}: {nb / 1e9:.3f} GB of matrices in {sec:.1f}s", file=sys.stderr)
+            if t != "f16":
+                sec = quantize_gguf(base, path, t)
+                made.add(path)
+                print(f"quantized {path} in {sec:.1f}s", file=sys.stderr)
+        vocab = vocab_of(path)
         lcs, gys = [], []
         for k in range(max(1, a.rounds)):
             print(f"round {k + 1}: llama.cpp {t}: timing...", file=sys.stderr)
             lcs.append(time_llamacpp(path, vocab, a.prompt, a.gen, a.threads))
             if have_gyre:
-                print(f"round {k + 1}: gyre ({'f16' if t == 'f16' else 'bf16 --quant q8'}): timing...",
-                      file=sys.stderr)
-                gys.append(run_gyre(a.gyre, a.shape, t, a.prompt, a.gen, a.threads))
-        if not a.keep:
-            os.remove(path)
+                print(f"round {k + 1}: gyre {t}: timing...", file=sys.stderr)
+                gys.append(run_gyre(a.gyre, path, a.prompt, a.gen, a.threads))
         lc = median_of(lcs)
-        lc["weight_bytes_per_token"] = bytes_per_token(a.shape, t)
         good = [g for g in gys if "decode_tok_s" in g]
         gy = median_of(good) if good else (gys[0] if gys else None)
+        if gy and "weight_bytes_per_token" in gy:
+            lc["weight_bytes_per_token"] = gy["weight_bytes_per_token"]
         per_round = [(g["decode_tok_s"] / l["decode_tok_s"]) for g, l in zip(gys, lcs) if "decode_tok_s" in g]
-        results.append({"type": t, "llamacpp": lc, "gyre": gy, "rounds": len(lcs),
+        results.append({"type": t, "file": path, "llamacpp": lc, "gyre": gy, "rounds": len(lcs),
                         "decode_ratio_per_round": per_round})
-    if not a.keep and not a.gguf_dir:
-        os.rmdir(gdir)
+    if not a.keep:
+        for p in made:
+            os.remove(p)
+        if not a.gguf_dir:
+            os.rmdir(gdir)
 
     load = open("/proc/loadavg").read().strip()
     print(f"{a.shape} | prompt {a.prompt} gen {a.gen} | {a.threads} threads | loadavg {load}")
@@ -261,14 +310,11 @@ def main():
               f"{results[0]['llamacpp']['system_info']}")
     if not os.path.exists(a.gyre):
         print(f"(no gyre binary at {a.gyre}: build it with `cargo build --release`)")
-    elif a.shape not in GYRE_SHAPES:
-        print(f"(gyre has no synthetic shape '{a.shape}': llama.cpp only)")
     print(f"{'':<42} {'gyre':>10} {'llama.cpp':>10} {'gyre/llama.cpp':>15}")
     for r in results:
         lc, gy = r["llamacpp"], r["gyre"]
-        gname = "f16" if r["type"] == "f16" else "bf16+q8"
         for key, label in (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s", "decode tok/s (median)")):
-            name = f"{r['type'].upper()} (gyre {gname}) {label}"
+            name = f"{r['type'].upper()} {label}"
             if gy and key in gy:
                 print(f"{name:<42} {gy[key]:>10.2f} {lc[key]:>10.2f} {gy[key] / lc[key]:>14.2f}x")
             else:
