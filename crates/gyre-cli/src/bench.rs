@@ -178,12 +178,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let model = match quant {
         None => models::load_with(&ckpt, on_device)?,
         Some(q) => {
-            eprintln!("measuring the {} logit error against the unquantized model…", q.name());
+            eprintln!(
+                "measuring the {} logit error against the unquantized model…",
+                q.name()
+            );
             let tokens = bench::prompt_tokens(a.prompt, models::load(&ckpt)?.info().vocab_size);
             let want = bench::all_logits(models::load(&ckpt)?.as_ref(), &tokens)?;
             let model = models::load_with(
                 quantized.as_ref().unwrap_or(&ckpt),
-                models::LoadOptions { quant: runtime, device },
+                models::LoadOptions {
+                    quant: runtime,
+                    device,
+                },
             )?;
             let got = bench::all_logits(model.as_ref(), &tokens)?;
             quality = Some(bench::quant_error(&got, &want, model.info().vocab_size));

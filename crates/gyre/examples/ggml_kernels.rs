@@ -13,10 +13,15 @@ fn main() {
     let types: Vec<GgmlType> = if names.is_empty() {
         GgmlType::QUANTIZED.to_vec()
     } else {
-        names.iter().map(|n| GgmlType::from_name(n).expect("a GGUF block type")).collect()
+        names
+            .iter()
+            .map(|n| GgmlType::from_name(n).expect("a GGUF block type"))
+            .collect()
     };
     let (rows, cols) = (256, 4096);
-    let values: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+        .collect();
     let t = Tensor::from_f32(&values, vec![rows, cols]);
     let x: Vec<f32> = (0..cols).map(|i| (i % 13) as f32 * 0.1 - 0.6).collect();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();

@@ -219,7 +219,11 @@ impl Checkpoint {
         for (name, t) in &self.tensors {
             let shape = t.tensor.shape();
             let embedding = name.ends_with("embed_tokens.weight") || name == "emb.weight";
-            if shape.len() == 2 && name.ends_with("weight") && !embedding && shape[1].is_multiple_of(ty.block_size()) {
+            if shape.len() == 2
+                && name.ends_with("weight")
+                && !embedding
+                && shape[1].is_multiple_of(ty.block_size())
+            {
                 let m = crate::tensor::GgmlMatrix::quantize(&t.tensor, ty);
                 out.blocks.insert(
                     name.clone(),
@@ -233,7 +237,11 @@ impl Checkpoint {
             }
         }
         if out.blocks.is_empty() {
-            bail!("no weight matrix of {} has rows of whole {} blocks", self.source, ty.name());
+            bail!(
+                "no weight matrix of {} has rows of whole {} blocks",
+                self.source,
+                ty.name()
+            );
         }
         Ok(out)
     }

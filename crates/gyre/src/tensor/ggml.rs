@@ -495,7 +495,13 @@ pub(crate) fn dequantize_row_inline(ty: GgmlType, bytes: &[u8], out: &mut [f32])
 fn dequantize_nibbles<const MIN: bool, const FIVE: bool>(bytes: &[u8], out: &mut [f32]) {
     let bb = 18 + 2 * MIN as usize + 4 * FIVE as usize;
     let qs_at = bb - 16;
-    let offset = if MIN { 0 } else if FIVE { 16 } else { 8 };
+    let offset = if MIN {
+        0
+    } else if FIVE {
+        16
+    } else {
+        8
+    };
     for (b, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(32)) {
         let d = f16_at(b, 0);
         let m = if MIN { f16_at(b, 2) } else { 0.0 };

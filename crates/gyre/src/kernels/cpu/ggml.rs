@@ -111,7 +111,9 @@ mod avx512 {
             GgmlType::Q4_K => q45_k::<false>(row, a),
             GgmlType::Q5_K => q45_k::<true>(row, a),
             GgmlType::Q6_K => q6_k(row, a),
-            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!("dense rows take the dense kernels"),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => {
+                unreachable!("dense rows take the dense kernels")
+            }
         }
     }
 
@@ -162,20 +164,31 @@ mod avx512 {
     /// conversion for all), so that the products read them with broadcast loads.
     const CHUNK: usize = 16;
 
-    /// For the 32-element formats: per block of a chunk, `f = d·s` (s the activation's block
-    /// scale) and the part of the product that goes through the activation's block sum,
-    /// `Σ_k g_k · sum_k` with `g = m·s` (`_1` formats) or `−offset·d·s`.
+    /// For the 32-element formats (`EIGHT`: Q8_0): per block of a chunk, `f = d·s` (s the
+    /// activation's block scale) and the part of the product that goes through the
+    /// activation's block sum, `Σ_k g_k · sum_k` with `g = m·s` (`_1` formats) or `−offset·d·s`
+    /// (zero for Q8_0, which has no offset).
     #[inline(always)]
-    unsafe fn legacy_factors(
+    unsafe fn legacy_factors<const MIN: bool, const FIVE: bool, const EIGHT: bool>(
         rp: *const u8,
-        bb: usize,
-        min: bool,
-        offset: f32,
         a: &Activation16,
         first: usize,
         n: usize,
         f: &mut [f32; CHUNK],
     ) -> __m512 {
+        let bb = if EIGHT {
+            34
+        } else {
+            18 + 2 * MIN as usize + 4 * FIVE as usize
+        };
+        let min = MIN;
+        let offset = if MIN || EIGHT {
+            0.0
+        } else if FIVE {
+            16.0
+        } else {
+            8.0
+        };
         let (mut d, mut m) = ([0u16; CHUNK], [0u16; CHUNK]);
         prefetch(rp.add(first * bb), n * bb);
         for k in 0..n {
@@ -188,10 +201,16 @@ mod avx512 {
         let valid = ((1u32 << n) - 1) as u16;
         let s = _mm512_maskz_loadu_ps(valid, a.scales.as_ptr().add(first));
         let sums = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(valid, a.sums32.as_ptr().add(first)));
-        let fd = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i)), s);
+        let fd = _mm512_mul_ps(
+            _mm512_cvtph_ps(_mm256_loadu_si256(d.as_ptr() as *const __m256i)),
+            s,
+        );
         _mm512_storeu_ps(f.as_mut_ptr(), fd);
         let g = if min {
-            _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)), s)
+            _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_loadu_si256(m.as_ptr() as *const __m256i)),
+                s,
+            )
         } else {
             _mm512_mul_ps(fd, _mm512_set1_ps(-offset))
         };
@@ -210,11 +229,14 @@ mod avx512 {
             // SAFETY (loads): block b's 32 weights sit at 34b + 2 .. 34b + 34 <= row.len(),
             // its activation at 32b .. 32b + 32 <= n.
             let w = _mm512_cvtepi8_epi16(_mm256_loadu_si256(rp.add(b * BB + 2) as *const __m256i));
-            _mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512(xp.add(32 * b) as *const _)))
+            _mm512_cvtepi32_ps(_mm512_madd_epi16(
+                w,
+                _mm512_loadu_si512(xp.add(32 * b) as *const _),
+            ))
         };
         for first in (0..nb).step_by(CHUNK) {
             let n = CHUNK.min(nb - first);
-            legacy_factors(rp, BB, false, 0.0, a, first, n, &mut f);
+            legacy_factors::<false, false, true>(rp, a, first, n, &mut f);
             let mut k = 0;
             while k + 2 <= n {
                 acc0 = _mm512_fmadd_ps(product(first + k), _mm512_set1_ps(f[k]), acc0);
@@ -242,7 +264,6 @@ mod avx512 {
         let sixteen = _mm512_set1_epi16(16);
         // Lanes 0–15 keep the low nibbles, lanes 16–31 shift the high ones down.
         let shifts = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-        let offset = if MIN { 0.0 } else if FIVE { 16.0 } else { 8.0 };
         let (mut acc0, mut acc1, mut corr) = (_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps());
         let mut f = [0f32; CHUNK];
         let product = |b: usize| {
@@ -255,11 +276,14 @@ mod avx512 {
                 let qh = u32::from_le_bytes(*(blk.add(qs_at - 4) as *const [u8; 4]));
                 w = _mm512_mask_add_epi16(w, qh, w, sixteen);
             }
-            _mm512_cvtepi32_ps(_mm512_madd_epi16(w, _mm512_loadu_si512(xp.add(32 * b) as *const _)))
+            _mm512_cvtepi32_ps(_mm512_madd_epi16(
+                w,
+                _mm512_loadu_si512(xp.add(32 * b) as *const _),
+            ))
         };
         for first in (0..nb).step_by(CHUNK) {
             let n = CHUNK.min(nb - first);
-            corr = _mm512_add_ps(corr, legacy_factors(rp, bb, MIN, offset, a, first, n, &mut f));
+            corr = _mm512_add_ps(corr, legacy_factors::<MIN, FIVE, false>(rp, a, first, n, &mut f));
             let mut k = 0;
             while k + 2 <= n {
                 acc0 = _mm512_fmadd_ps(product(first + k), _mm512_set1_ps(f[k]), acc0);
@@ -277,7 +301,11 @@ mod avx512 {
     /// low lanes: the scales of a 32-element chunk made of two 16-element sub-blocks.
     #[inline(always)]
     unsafe fn pair_scales(scales: __m512i, p: usize) -> __m512i {
-        let idx = _mm512_mask_blend_epi16(0xFFFF_0000, _mm512_set1_epi16(2 * p as i16), _mm512_set1_epi16(2 * p as i16 + 1));
+        let idx = _mm512_mask_blend_epi16(
+            0xFFFF_0000,
+            _mm512_set1_epi16(2 * p as i16),
+            _mm512_set1_epi16(2 * p as i16 + 1),
+        );
         _mm512_permutexvar_epi16(idx, scales)
     }
 
@@ -314,7 +342,8 @@ mod avx512 {
                 // of words 0 and 1, the top two bits of scales/mins 4–7 above them, their low
                 // four bits in word 2 (ggml `get_scale_min_k4`).
                 let w = *(blk.add(4) as *const [u8; 12]);
-                let word = |i: usize| u32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]);
+                let word =
+                    |i: usize| u32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]);
                 let (w0, w1, w2) = (word(0), word(1), word(2));
                 let sc_lo = w0 & 0x3F3F_3F3F;
                 let m_lo = w1 & 0x3F3F_3F3F;
@@ -327,7 +356,11 @@ mod avx512 {
                 );
                 let mins = _mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, m_hi as i32, m_lo as i32));
                 let sums = _mm256_loadu_si256(a.sums32.as_ptr().add(b * 8) as *const __m256i);
-                fmin = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, sums)), _mm256_set1_ps(dmin), fmin);
+                fmin = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(_mm256_mullo_epi32(mins, sums)),
+                    _mm256_set1_ps(dmin),
+                    fmin,
+                );
             }
             // Keep the compiler from carrying the scales over in registers.
             std::sync::atomic::compiler_fence(std::sync::atomic::Ordering::SeqCst);
@@ -345,7 +378,8 @@ mod avx512 {
                 // SAFETY (loads): the block's bytes are bb·b .. bb·(b + 1) <= row.len(); its
                 // activation 256b .. 256b + 256 <= n; its sums 8b .. 8b + 8 <= n / 32.
                 for c in 0..4 {
-                    let w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(qs_at + 32 * c) as *const __m256i));
+                    let w =
+                        _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(qs_at + 32 * c) as *const __m256i));
                     let (mut lo, mut hi) = (_mm512_and_si512(w, low), _mm512_srli_epi16(w, 4));
                     if FIVE {
                         let bit_lo = _mm512_test_epi16_mask(qh, _mm512_set1_epi16(1 << (2 * c)));
@@ -355,8 +389,16 @@ mod avx512 {
                     }
                     let s0 = _mm512_set1_epi32(sc[k][2 * c] as i32);
                     let s1 = _mm512_set1_epi32(sc[k][2 * c + 1] as i32);
-                    acc0 = dpwssd(acc0, _mm512_mullo_epi16(lo, s0), _mm512_loadu_si512(x.add(64 * c) as *const _));
-                    acc1 = dpwssd(acc1, _mm512_mullo_epi16(hi, s1), _mm512_loadu_si512(x.add(64 * c + 32) as *const _));
+                    acc0 = dpwssd(
+                        acc0,
+                        _mm512_mullo_epi16(lo, s0),
+                        _mm512_loadu_si512(x.add(64 * c) as *const _),
+                    );
+                    acc1 = dpwssd(
+                        acc1,
+                        _mm512_mullo_epi16(hi, s1),
+                        _mm512_loadu_si512(x.add(64 * c + 32) as *const _),
+                    );
                 }
                 let sum = _mm512_cvtepi32_ps(_mm512_add_epi32(acc0, acc1));
                 facc = _mm512_fmadd_ps(sum, _mm512_set1_ps(f[k]), facc);
@@ -383,7 +425,9 @@ mod avx512 {
         for b in 0..nb {
             let blk = rp.add(b * BB);
             let d = two_halves(blk.add(206), *a.scales.get_unchecked(b)).1;
-            let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i)));
+            let scales = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                blk.add(192) as *const __m128i
+            )));
             let x = xp.add(b * QK_K);
             prefetch(blk, BB);
             let (mut acc0, mut acc1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
@@ -392,7 +436,12 @@ mod avx512 {
                 let ql0 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(64 * h) as *const __m256i));
                 let ql1 = _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(64 * h + 32) as *const __m256i));
                 let qh = _mm512_cvtepu8_epi16(_mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i));
-                let high = |shift: u32| _mm512_slli_epi16(_mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(shift as i32)), three), 4);
+                let high = |shift: u32| {
+                    _mm512_slli_epi16(
+                        _mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(shift as i32)), three),
+                        4,
+                    )
+                };
                 let q = [
                     _mm512_or_si512(_mm512_and_si512(ql0, low), high(0)),
                     _mm512_or_si512(_mm512_and_si512(ql1, low), high(2)),
@@ -400,7 +449,8 @@ mod avx512 {
                     _mm512_or_si512(_mm512_srli_epi16(ql1, 4), high(6)),
                 ];
                 for (p, q) in q.into_iter().enumerate() {
-                    let w = _mm512_mullo_epi16(_mm512_sub_epi16(q, thirty_two), pair_scales(scales, 4 * h + p));
+                    let w =
+                        _mm512_mullo_epi16(_mm512_sub_epi16(q, thirty_two), pair_scales(scales, 4 * h + p));
                     let xv = _mm512_loadu_si512(x.add(128 * h + 32 * p) as *const _);
                     if p % 2 == 0 {
                         acc0 = dpwssd(acc0, w, xv);
@@ -430,7 +480,8 @@ mod avx512 {
             let s = a.scales[b];
             let (d, dmin) = two_halves(blk.add(80), s);
             let raw = _mm_loadu_si128(blk as *const __m128i);
-            let scales = _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0F))));
+            let scales =
+                _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_and_si128(raw, _mm_set1_epi8(0x0F))));
             let mut mins = 0i32;
             for j in 0..16 {
                 mins += (*blk.add(j) >> 4) as i32 * a.sums16[b * 16 + j];
@@ -556,7 +607,10 @@ mod tests {
                         paths.push(("avx512", unsafe { avx512::dot(ty, m.row(r), &a) }));
                     }
                     for (path, got) in paths {
-                        assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{ty} {path} row {r}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{ty} {path} row {r}: {got} vs {want}"
+                        );
                     }
                 }
             }
@@ -598,7 +652,11 @@ mod speed {
                 best = best.min(t0.elapsed().as_secs_f64() / 50.0);
             }
             let blocks = (rows * cols / 256) as f64;
-            println!("{ty}: {:.1} ns per 256 weights, {:.1} GB/s ({sink})", best * 1e9 / blocks, raw.len() as f64 / best / 1e9);
+            println!(
+                "{ty}: {:.1} ns per 256 weights, {:.1} GB/s ({sink})",
+                best * 1e9 / blocks,
+                raw.len() as f64 / best / 1e9
+            );
         }
     }
 }
