@@ -451,22 +451,6 @@ fn unknown_architectures_and_bad_configs_are_named() {
     );
 }
 
-fn logits_rows(out: &str) -> Vec<Vec<f32>> {
-    let v: Value = serde_json::from_str(out).unwrap();
-    v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap() as f32)
-                .collect()
-        })
-        .collect()
-}
-
 fn read_expected(path: &Path) -> (Vec<u32>, std::collections::HashMap<String, Vec<f32>>) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -501,10 +485,6 @@ fn max_diff(rows: &[Vec<f32>], flat: &[f32]) -> f32 {
         .zip(flat)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0, f32::max)
-}
-
-fn ids_arg(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
 }
 
 #[test]

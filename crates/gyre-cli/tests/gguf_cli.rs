@@ -52,18 +52,8 @@ fn text() -> String {
     meta["text"].as_str().unwrap().to_string()
 }
 
-fn ids_arg(ids: &[u32]) -> String {
-    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
-}
-
 fn mean_abs(rows: &str, want: &[f32]) -> f64 {
-    let v: Value = serde_json::from_str(rows).unwrap();
-    let got: Vec<f32> = v["logits"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32))
-        .collect();
+    let got: Vec<f32> = logits_rows(rows).concat();
     assert_eq!(got.len(), want.len());
     got.iter()
         .zip(want)

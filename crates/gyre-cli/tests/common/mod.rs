@@ -110,3 +110,25 @@ pub fn word_tokenizer(n: usize) -> Value {
         "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
     })
 }
+
+/// The rows of `gyre logits` JSON output.
+pub fn logits_rows(out: &str) -> Vec<Vec<f32>> {
+    let v: Value = serde_json::from_str(out).unwrap();
+    v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect()
+        })
+        .collect()
+}
+
+/// Token ids as a `--tokens` / `--ids` argument.
+pub fn ids_arg(ids: &[u32]) -> String {
+    ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}

@@ -272,12 +272,12 @@ pub fn linear_scalar(x: &[f32], n_rows: usize, w: &Tensor, out: &mut [f32]) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tensor::Quant;
 
     /// Deterministic values in [−1, 1) (xorshift), shared by the kernel tests.
-    pub(super) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn pseudo(n: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..n)
             .map(|_| {
