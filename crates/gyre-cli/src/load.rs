@@ -14,7 +14,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 pub struct Loaded {
     pub model: Box<dyn Model>,
     dir: PathBuf,
-    tokenizer: std::cell::OnceCell<Tokenizer>,
+    tokenizer: std::cell::OnceCell<std::sync::Arc<Tokenizer>>,
     config: Option<serde_json::Value>,
     /// The GGUF file the model came from: its metadata holds the tokenizer and template.
     gguf: Option<std::sync::Arc<gyre::loader::gguf::GgufFile>>,
@@ -73,6 +73,11 @@ impl Loaded {
     /// The model's tokenizer (loaded on first use): the directory's tokenizer.json, or the
     /// built-in World tokenizer for RWKV checkpoints of vocabulary 65536 that come without one.
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        Ok(self.shared_tokenizer()?)
+    }
+
+    /// [`Loaded::tokenizer`], shareable with other threads (the server's engine).
+    pub fn shared_tokenizer(&self) -> Result<&std::sync::Arc<Tokenizer>> {
         if let Some(t) = self.tokenizer.get() {
             return Ok(t);
         }
@@ -93,7 +98,7 @@ impl Loaded {
         } else {
             Tokenizer::from_model_dir(&self.dir, self.config.as_ref())?
         };
-        Ok(self.tokenizer.get_or_init(|| t))
+        Ok(self.tokenizer.get_or_init(|| std::sync::Arc::new(t)))
     }
 
     /// The state a sequence starts from: fresh, or loaded from `state_file`.

@@ -63,7 +63,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         bail!("--ctx must be at least 1");
     }
     let loaded = crate::open(&args.model)?;
-    let tokenizer = loaded.tokenizer()?;
+    let tokenizer = loaded.shared_tokenizer()?.clone();
     let chat = loaded.chat_setup()?;
     let initial = loaded.initial_state(args.state.as_deref())?;
     let model = loaded.model.as_ref();
@@ -80,9 +80,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
         ..EngineConfig::default()
     };
     let format = ChatFormat {
-        template: &chat.template,
-        stop_ids: chat.stop_ids.clone(),
-        stop_strings: chat.stop_strings.clone(),
+        template: std::sync::Arc::new(chat.template),
+        stop_ids: chat.stop_ids,
+        stop_strings: chat.stop_strings,
     };
     let (engine, handle) = Engine::new(model, tokenizer, Some(format), initial, config);
     let model_id = args.model_id.clone().unwrap_or_else(|| {

@@ -636,3 +636,64 @@ fn a_gguf_file_serves_completions_and_chat() {
         r.body
     );
 }
+
+/// A template that loops without end fails its own chat request with a 400, and a prompt far
+/// longer than the context is refused before it is tokenized; streams running meanwhile finish
+/// and later requests are served (issue 18, items 1 and 3).
+#[test]
+fn a_hostile_template_or_a_huge_prompt_fails_only_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny(), dir.path());
+    let cfg_path = dir.path().join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = json!(
+        "{% for a in range(99999) %}{% for b in range(99999) %}{% for c in range(99999) %}{% endfor %}{% endfor %}{% endfor %}"
+    );
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let srv = Server::start(
+        dir.path(),
+        &["--max-body-bytes", "16000000", "--step-pause-ms", "20"],
+    );
+    let p = srv.port;
+    let stream = std::thread::spawn(move || {
+        post(
+            p,
+            "/v1/completions",
+            None,
+            &json!({"prompt": "Copyright holders may", "max_tokens": 24, "temperature": 0}),
+        )
+    });
+    let t0 = Instant::now();
+    let r = post(p, "/v1/chat/completions", None, &chat_body("hello", 8));
+    let e = r.error(400);
+    assert!(e["message"].as_str().unwrap().contains("budget"), "{}", r.body);
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the template ran for {:?}",
+        t0.elapsed()
+    );
+    let huge = "All work and no play makes Jack a dull boy. ".repeat(160_000); // 7 MB
+    let r = post(
+        p,
+        "/v1/completions",
+        None,
+        &json!({"prompt": huge, "max_tokens": 4}),
+    );
+    let e = r.error(400);
+    assert_eq!(e["code"], "context_length_exceeded", "{}", r.body);
+    assert!(
+        e["message"].as_str().unwrap().contains("context is"),
+        "{}",
+        r.body
+    );
+    let done = stream.join().unwrap();
+    assert_eq!(done.status, 200, "{}", done.body);
+    assert_eq!(done.json()["usage"]["completion_tokens"], 24);
+    let r = post(
+        p,
+        "/v1/completions",
+        None,
+        &json!({"prompt": "Copyright holders may", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}

@@ -161,7 +161,20 @@ async fn handle(
         include_usage,
         logprobs,
     } = params::parse(&body, endpoint, st.engine.limits().ctx)?;
-    let mut rx = st.engine.submit(request).map_err(submit_error)?;
+    // Rendering the template and tokenizing happen here, on a blocking thread: never on the
+    // engine's thread, where a slow template or a huge prompt would stall every stream.
+    let engine = st.engine.clone();
+    let prepared = tokio::task::spawn_blocking(move || engine.prepare(request))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "preparing the prompt failed",
+            )
+        })?
+        .map_err(engine_error)?;
+    let mut rx = st.engine.submit_prepared(prepared).map_err(submit_error)?;
     match next_event(&mut rx).await {
         Some(Event::Started { .. }) => {}
         Some(Event::Failed(e)) => return Err(engine_error(e)),

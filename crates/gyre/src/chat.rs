@@ -137,6 +137,36 @@ const RWKV_TEMPLATE: &str = concat!(
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}",
 );
 
+/// Instructions one render may run (minijinja fuel: every instruction costs one, every 64
+/// bytes produced one more). Real chat templates take a few hundred per message; a hostile one
+/// stops within a fraction of a second.
+const RENDER_FUEL: u64 = 20_000_000;
+
+/// Bytes any render may write, plus 8 per byte of the conversation.
+const RENDER_OUTPUT_FLOOR: usize = 1 << 20;
+
+/// An output buffer that refuses to grow past `cap` (the render then stops with an error).
+struct CappedWriter {
+    bytes: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > self.cap {
+            self.bytes
+                .extend_from_slice(&buf[..self.cap + 1 - self.bytes.len().min(self.cap + 1)]);
+            return Err(std::io::Error::other("the chat template's output is too large"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 impl ChatTemplate {
     /// Compiles a template; `source` names where it came from (used in every error message).
     pub fn new(
@@ -293,6 +323,7 @@ impl ChatTemplate {
     ///
     /// A template calling `raise_exception(msg)` yields a [`TemplateRaised`] error displaying `msg`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let input: usize = messages.iter().map(|m| m.content.len() + m.role.len()).sum();
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
@@ -319,16 +350,32 @@ impl ChatTemplate {
             .env
             .get_template(&self.source)
             .with_context(|| format!("chat template from {} is not loaded", self.source))?;
-        template.render(Value::from(ctx)).map_err(|e| {
-            if let Some(message) = raised_message(&e) {
-                anyhow::Error::new(TemplateRaised {
-                    message,
-                    template: self.source.clone(),
-                })
-            } else {
-                anyhow!("rendering chat template from {}: {e}", self.source)
-            }
-        })
+        // The output may be a few times the conversation (markup around every message), never
+        // much more: a template writing past this is stopped.
+        let mut out = CappedWriter {
+            bytes: Vec::new(),
+            cap: RENDER_OUTPUT_FLOOR + 8 * input,
+        };
+        match template.render_captured_to(Value::from(ctx), &mut out).map(drop) {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|_| anyhow!("the chat template from {} wrote invalid UTF-8", self.source)),
+            Err(e) if raised_message(&e).is_some() => Err(anyhow::Error::new(TemplateRaised {
+                message: raised_message(&e).unwrap_or_default(),
+                template: self.source.clone(),
+            })),
+            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(anyhow!(
+                "the chat template from {} did not finish within its budget of {RENDER_FUEL} \
+                 instructions (it loops far more than a chat template needs); fix or replace the template",
+                self.source
+            )),
+            Err(_) if out.bytes.len() > out.cap => Err(anyhow!(
+                "the chat template from {} wrote more than {} bytes for a conversation of {input} \
+                 bytes; fix or replace the template",
+                self.source,
+                out.cap
+            )),
+            Err(e) => Err(anyhow!("rendering chat template from {}: {e}", self.source)),
+        }
     }
 
     /// Builds the environment the way transformers builds its jinja2 one, and compiles `template`.
@@ -349,6 +396,8 @@ impl ChatTemplate {
         // minijinja picks escaping from the template name's extension; jinja2 as transformers
         // uses it never escapes, and our names are file paths (`tokenizer_config.json ...`).
         env.set_auto_escape_callback(|_| AutoEscape::None);
+        // A template is code from the model's files: bound what one render may do.
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_undefined_behavior(UndefinedBehavior::Lenient);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_filter("tojson", tojson_filter);
@@ -846,5 +895,37 @@ mod tests {
             let t = ChatTemplate::builtin(kind);
             t.render(&msgs(&[("user", "hi")]), true).unwrap();
         }
+    }
+
+    /// A template is code from the model's files: one that loops without end, or writes
+    /// without end, fails its render quickly with an error saying so.
+    #[test]
+    fn hostile_templates_fail_within_their_budget() {
+        let msgs = [Message::new("user", "hi")];
+        for (name, source, needle) in [
+            (
+                "loops",
+                "{% for a in range(99999) %}{% for b in range(99999) %}{% for c in range(99999) %}{% endfor %}{% endfor %}{% endfor %}",
+                "budget",
+            ),
+            (
+                "writes",
+                "{% for a in range(99999) %}{% for b in range(99999) %}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx{% endfor %}{% endfor %}",
+                "more than",
+            ),
+            ("one huge string", "{{ 'x' * 2000000000 }}", "template"),
+        ] {
+            let t = ChatTemplate::new(source, name, None, None).unwrap();
+            let start = std::time::Instant::now();
+            let err = format!("{:#}", t.render(&msgs, true).unwrap_err());
+            assert!(err.contains(needle) && err.contains(name), "{name}: {err}");
+            assert!(start.elapsed().as_secs_f64() < 10.0, "{name} took {:?}", start.elapsed());
+        }
+        // A real template over a long conversation stays well inside the budget.
+        let long: Vec<Message> = (0..2000)
+            .map(|i| Message::new(if i % 2 == 0 { "user" } else { "assistant" }, "word ".repeat(50)))
+            .collect();
+        let t = ChatTemplate::builtin(BuiltinTemplate::Solar);
+        assert!(t.render(&long, true).unwrap().len() > 500_000);
     }
 }

@@ -91,7 +91,13 @@ fn plain_greedy_decode_steps_take_the_models_picks() {
         cache_bytes: 0,
         ..EngineConfig::default()
     };
-    let (engine, handle) = Engine::new(&model, &tokenizer, None, model.new_state(), config);
+    let (engine, handle) = Engine::new(
+        &model,
+        std::sync::Arc::new(tokenizer),
+        None,
+        model.new_state(),
+        config,
+    );
     let prompt: Vec<u32> = (3..12).collect();
     // The requests run while the engine does; the checks follow its shutdown, so that a
     // failing one cannot leave the engine thread running.

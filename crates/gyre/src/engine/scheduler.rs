@@ -83,9 +83,9 @@ impl Default for EngineConfig {
 }
 
 /// How chat requests are turned into prompts.
-pub struct ChatFormat<'a> {
+pub struct ChatFormat {
     /// The model's chat template.
-    pub template: &'a ChatTemplate,
+    pub template: Arc<ChatTemplate>,
     /// Ids that end an assistant turn.
     pub stop_ids: Vec<u32>,
     /// Strings that end an assistant turn.
@@ -340,8 +340,23 @@ impl Drop for EventReceiver {
 /// A request waiting for a slot.
 struct Pending {
     request: Request,
+    prepared: Prepared,
     events: EventSender,
     submitted: Instant,
+}
+
+/// A request whose prompt is rendered, tokenized and checked against the context
+/// ([`EngineHandle::prepare`]), ready for [`EngineHandle::submit_prepared`].
+pub struct PreparedRequest {
+    request: Request,
+    prepared: Prepared,
+}
+
+impl PreparedRequest {
+    /// Tokens of the prompt.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prepared.prompt.len()
+    }
 }
 
 struct Queue {
@@ -457,11 +472,46 @@ pub struct EngineMetrics {
 #[derive(Clone)]
 pub struct EngineHandle {
     shared: Arc<Shared>,
+    prep: Arc<Preparer>,
 }
 
 impl EngineHandle {
-    /// Queues a request; its events arrive on the returned receiver.
+    /// Renders, tokenizes and checks a request's prompt, on the calling thread (the engine's
+    /// thread never renders or tokenizes: a slow template or a huge prompt holds up only its
+    /// own request). Run it where blocking is fine (a blocking task in async code).
+    pub fn prepare(&self, request: Request) -> Result<PreparedRequest, RequestError> {
+        match self.prep.prepare(&request) {
+            Ok(prepared) => Ok(PreparedRequest { request, prepared }),
+            Err(e) => {
+                // A request that fails here counts as submitted and failed, as one that fails
+                // in the engine does.
+                let c = &self.shared.counters;
+                c.requests_submitted.fetch_add(1, Ordering::Relaxed);
+                c.requests_failed.fetch_add(1, Ordering::Relaxed);
+                Err(e)
+            }
+        }
+    }
+
+    /// Prepares and queues a request; a request that cannot be prepared fails through its
+    /// receiver (`Event::Failed`), as one that fails later does.
     pub fn submit(&self, request: Request) -> Result<EventReceiver, SubmitError> {
+        match self.prepare(request) {
+            Ok(p) => self.submit_prepared(p),
+            Err(e) => {
+                let chan = Arc::new(Chan::default());
+                EventSender { chan: chan.clone() }.send(Event::Failed(e));
+                Ok(EventReceiver {
+                    chan,
+                    shared: self.shared.clone(),
+                })
+            }
+        }
+    }
+
+    /// Queues a prepared request; its events arrive on the returned receiver.
+    pub fn submit_prepared(&self, prepared: PreparedRequest) -> Result<EventReceiver, SubmitError> {
+        let PreparedRequest { request, prepared } = prepared;
         let c = &self.shared.counters;
         let mut q = lock(&self.shared.queue);
         if q.shutdown || self.shared.stopped.load(Ordering::Acquire) {
@@ -478,6 +528,7 @@ impl EngineHandle {
         let chan = Arc::new(Chan::default());
         q.waiting.push_back(Pending {
             request,
+            prepared,
             events: EventSender { chan: chan.clone() },
             submitted: Instant::now(),
         });
@@ -732,12 +783,151 @@ impl Seq<'_> {
     }
 }
 
+/// Turns requests into what the engine runs (see [`EngineHandle::prepare`]).
+struct Preparer {
+    tokenizer: Arc<Tokenizer>,
+    chat: Option<ChatFormat>,
+    vocab_size: usize,
+    /// Tokens the initial state already holds.
+    base: usize,
+    /// The engine's context bound.
+    ctx: usize,
+}
+
+impl Preparer {
+    /// Refuses a text of `bytes` bytes without tokenizing it when even at the most bytes per
+    /// token it would not fit the context (a multi-megabyte prompt costs no tokenizer memory).
+    fn refuse_surely_too_long(&self, bytes: usize, param: &'static str) -> Result<(), RequestError> {
+        let at_least = bytes / self.tokenizer.max_token_bytes();
+        let room = self.ctx.saturating_sub(self.base);
+        if at_least >= room {
+            return Err(RequestError::new(
+                ErrorKind::ContextLength,
+                Some(param),
+                format!(
+                    "the prompt ({bytes} bytes) is at least {at_least} tokens, but the context is {} \
+                     tokens{}: shorten the prompt",
+                    self.ctx,
+                    if self.base > 0 {
+                        format!(" ({} of them taken by the loaded state)", self.base)
+                    } else {
+                        String::new()
+                    }
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Renders and tokenizes a request's prompt and works out its limits.
+    fn prepare(&self, r: &Request) -> Result<Prepared, RequestError> {
+        let invalid =
+            |param: &'static str, msg: String| RequestError::new(ErrorKind::InvalidRequest, Some(param), msg);
+        r.sampling
+            .validate()
+            .map_err(|e| invalid("sampling", format!("{e:#}")))?;
+        let fresh = self.base == 0;
+        let mut stop = r.stop.clone();
+        let mut stop_ids = self.tokenizer.specials().eos.clone();
+        let (prompt, param) = match &r.prompt {
+            Prompt::Text(t) => {
+                self.refuse_surely_too_long(t.len(), "prompt")?;
+                (
+                    self.tokenizer
+                        .encode(t, fresh)
+                        .map_err(|e| invalid("prompt", format!("cannot tokenize the prompt: {e:#}")))?,
+                    "prompt",
+                )
+            }
+            Prompt::Tokens(ids) => {
+                let vocab = self.vocab_size;
+                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                    return Err(invalid(
+                        "prompt",
+                        format!("token id {bad} is out of range: the vocabulary has {vocab} tokens"),
+                    ));
+                }
+                (ids.clone(), "prompt")
+            }
+            Prompt::Chat(messages) => {
+                let Some(chat) = &self.chat else {
+                    return Err(invalid("messages", "this model has no chat template".into()));
+                };
+                let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
+                self.refuse_surely_too_long(bytes, "messages")?;
+                let rendered = chat
+                    .template
+                    .render(messages, true)
+                    .map_err(|e| invalid("messages", format!("{e:#}")))?;
+                let mut ids = self
+                    .tokenizer
+                    .encode_chat(&rendered)
+                    .map_err(|e| invalid("messages", format!("cannot tokenize the conversation: {e:#}")))?;
+                if !fresh
+                    && ids
+                        .first()
+                        .is_some_and(|&t| Some(t) == self.tokenizer.specials().bos)
+                {
+                    ids.remove(0); // resuming a loaded state: BOS is already behind it
+                }
+                stop.extend(chat.stop_strings.iter().cloned());
+                stop_ids.clone_from(&chat.stop_ids);
+                (ids, "messages")
+            }
+        };
+        if prompt.is_empty() {
+            return Err(invalid(
+                param,
+                "the prompt is empty: there is nothing to continue from".into(),
+            ));
+        }
+        let ctx = self.ctx;
+        let base = self.base;
+        let room = ctx.saturating_sub(base);
+        let taken = if base > 0 {
+            format!(" ({base} of them taken by the loaded state)")
+        } else {
+            String::new()
+        };
+        if prompt.len() >= room {
+            return Err(RequestError::new(
+                ErrorKind::ContextLength,
+                Some(param),
+                format!(
+                    "the prompt is {} tokens, but the context is {ctx} tokens{taken}: shorten the prompt",
+                    prompt.len()
+                ),
+            ));
+        }
+        let max_tokens = match r.max_tokens {
+            None => room - prompt.len(),
+            Some(m) if prompt.len() + m > room => {
+                return Err(RequestError::new(
+                    ErrorKind::ContextLength,
+                    Some("max_tokens"),
+                    format!(
+                        "the context is {ctx} tokens{taken}, but the prompt ({} tokens) plus max_tokens \
+                         ({m}) exceed it: lower max_tokens or shorten the prompt",
+                        prompt.len()
+                    ),
+                ));
+            }
+            Some(m) => m,
+        };
+        Ok(Prepared {
+            prompt,
+            max_tokens,
+            stop,
+            stop_ids,
+        })
+    }
+}
+
 /// The scheduler loop; see the module documentation. Build with [`Engine::new`], run with
 /// [`Engine::run`] on a thread of its own.
 pub struct Engine<'a> {
     model: &'a dyn Model,
-    tokenizer: &'a Tokenizer,
-    chat: Option<ChatFormat<'a>>,
+    prep: Arc<Preparer>,
     initial: State,
     shared: Arc<Shared>,
     cache: PrefixCache,
@@ -748,8 +938,8 @@ impl<'a> Engine<'a> {
     /// `config.ctx` is clamped to the model's context length.
     pub fn new(
         model: &'a dyn Model,
-        tokenizer: &'a Tokenizer,
-        chat: Option<ChatFormat<'a>>,
+        tokenizer: Arc<Tokenizer>,
+        chat: Option<ChatFormat>,
         initial: State,
         mut config: EngineConfig,
     ) -> (Engine<'a>, EngineHandle) {
@@ -769,15 +959,21 @@ impl<'a> Engine<'a> {
             limits: config.clone(),
             stopped: AtomicBool::new(false),
         });
-        let engine = Engine {
-            model,
+        let prep = Arc::new(Preparer {
             tokenizer,
             chat,
+            vocab_size: model.info().vocab_size,
+            base: initial.tokens_seen(),
+            ctx: config.ctx,
+        });
+        let engine = Engine {
+            model,
+            prep: prep.clone(),
             initial,
             shared: shared.clone(),
             cache: PrefixCache::new(config.cache_bytes),
         };
-        (engine, EngineHandle { shared })
+        (engine, EngineHandle { shared, prep })
     }
 
     /// Runs until [`EngineHandle::shutdown`] has been called and every accepted request ended.
@@ -785,7 +981,8 @@ impl<'a> Engine<'a> {
         // However the loop ends (even by a panic), later submits are refused and queued
         // requests see their channel close instead of waiting forever.
         let _stop = StopGuard(self.shared.clone());
-        let tokenizer = self.tokenizer;
+        let prep = self.prep.clone();
+        let tokenizer: &Tokenizer = &prep.tokenizer;
         let counters = self.shared.clone();
         let c = &counters.counters;
         let mut running: Vec<Seq<'_>> = Vec::new();
@@ -881,6 +1078,7 @@ impl<'a> Engine<'a> {
     ) -> Result<Seq<'t>, (EventSender, RequestError)> {
         let Pending {
             request,
+            prepared,
             events,
             submitted,
         } = p;
@@ -889,10 +1087,7 @@ impl<'a> Engine<'a> {
             max_tokens,
             stop,
             stop_ids,
-        } = match self.prepare(&request) {
-            Ok(p) => p,
-            Err(e) => return Err((events, e)),
-        };
+        } = prepared;
         let c = &self.shared.counters;
         let (state, cached, logits) = match self.cache.lookup(&prompt) {
             Some(r) => {
@@ -936,104 +1131,6 @@ impl<'a> Engine<'a> {
             ids: Vec::new(),
             token_logprobs: Vec::new(),
             finished: None,
-        })
-    }
-
-    /// Renders and tokenizes a request's prompt and works out its limits.
-    fn prepare(&self, r: &Request) -> Result<Prepared, RequestError> {
-        let invalid =
-            |param: &'static str, msg: String| RequestError::new(ErrorKind::InvalidRequest, Some(param), msg);
-        r.sampling
-            .validate()
-            .map_err(|e| invalid("sampling", format!("{e:#}")))?;
-        let fresh = self.initial.tokens_seen() == 0;
-        let mut stop = r.stop.clone();
-        let mut stop_ids = self.tokenizer.specials().eos.clone();
-        let (prompt, param) = match &r.prompt {
-            Prompt::Text(t) => (
-                self.tokenizer
-                    .encode(t, fresh)
-                    .map_err(|e| invalid("prompt", format!("cannot tokenize the prompt: {e:#}")))?,
-                "prompt",
-            ),
-            Prompt::Tokens(ids) => {
-                let vocab = self.model.info().vocab_size;
-                if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                    return Err(invalid(
-                        "prompt",
-                        format!("token id {bad} is out of range: the vocabulary has {vocab} tokens"),
-                    ));
-                }
-                (ids.clone(), "prompt")
-            }
-            Prompt::Chat(messages) => {
-                let Some(chat) = &self.chat else {
-                    return Err(invalid("messages", "this model has no chat template".into()));
-                };
-                let rendered = chat
-                    .template
-                    .render(messages, true)
-                    .map_err(|e| invalid("messages", format!("{e:#}")))?;
-                let mut ids = self
-                    .tokenizer
-                    .encode_chat(&rendered)
-                    .map_err(|e| invalid("messages", format!("cannot tokenize the conversation: {e:#}")))?;
-                if !fresh
-                    && ids
-                        .first()
-                        .is_some_and(|&t| Some(t) == self.tokenizer.specials().bos)
-                {
-                    ids.remove(0); // resuming a loaded state: BOS is already behind it
-                }
-                stop.extend(chat.stop_strings.iter().cloned());
-                stop_ids.clone_from(&chat.stop_ids);
-                (ids, "messages")
-            }
-        };
-        if prompt.is_empty() {
-            return Err(invalid(
-                param,
-                "the prompt is empty: there is nothing to continue from".into(),
-            ));
-        }
-        let ctx = self.shared.limits.ctx;
-        let base = self.initial.tokens_seen();
-        let room = ctx.saturating_sub(base);
-        let taken = if base > 0 {
-            format!(" ({base} of them taken by the loaded state)")
-        } else {
-            String::new()
-        };
-        if prompt.len() >= room {
-            return Err(RequestError::new(
-                ErrorKind::ContextLength,
-                Some(param),
-                format!(
-                    "the prompt is {} tokens, but the context is {ctx} tokens{taken}: shorten the prompt",
-                    prompt.len()
-                ),
-            ));
-        }
-        let max_tokens = match r.max_tokens {
-            None => room - prompt.len(),
-            Some(m) if prompt.len() + m > room => {
-                return Err(RequestError::new(
-                    ErrorKind::ContextLength,
-                    Some("max_tokens"),
-                    format!(
-                        "the context is {ctx} tokens{taken}, but the prompt ({} tokens) plus max_tokens \
-                         ({m}) exceed it: lower max_tokens or shorten the prompt",
-                        prompt.len()
-                    ),
-                ));
-            }
-            Some(m) => m,
-        };
-        Ok(Prepared {
-            prompt,
-            max_tokens,
-            stop,
-            stop_ids,
         })
     }
 
@@ -1217,7 +1314,7 @@ impl<'a> Engine<'a> {
     /// The chosen token's log-probability and the `k` most likely tokens'.
     fn logprob_of(&self, logits: &[f32], id: u32, k: usize) -> TokenLogprob {
         let lp = log_softmax(logits);
-        let text = |t: u32| self.tokenizer.decode(&[t], false).unwrap_or_default();
+        let text = |t: u32| self.prep.tokenizer.decode(&[t], false).unwrap_or_default();
         let mut top = Vec::new();
         if k > 0 {
             let mut order: Vec<u32> = (0..lp.len() as u32).collect();

@@ -56,6 +56,8 @@ pub struct Tokenizer {
     specials: SpecialTokens,
     /// Whether `tokenizer_config.json` asks for EOS after encoded text (`add_eos_token`).
     add_eos: bool,
+    /// The longest token's text in bytes (computed on first use).
+    longest: std::sync::OnceLock<usize>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -91,6 +93,7 @@ impl Tokenizer {
                 add_bos: false,
             },
             add_eos: false,
+            longest: Default::default(),
         }
     }
 
@@ -133,6 +136,7 @@ impl Tokenizer {
             backend: Backend::Hf(Box::new(hf)),
             specials,
             add_eos: false,
+            longest: Default::default(),
         })
     }
 
@@ -171,6 +175,7 @@ impl Tokenizer {
             backend,
             specials,
             add_eos: v.add_eos,
+            longest: Default::default(),
         })
     }
 
@@ -227,6 +232,7 @@ impl Tokenizer {
             backend: Backend::Hf(Box::new(hf)),
             specials,
             add_eos: sources.add_eos.unwrap_or(false),
+            longest: Default::default(),
         })
     }
 
@@ -325,6 +331,19 @@ impl Tokenizer {
             Backend::World(w) => w.vocab_size(),
             Backend::Spm(spm) => spm.vocab_size(),
         }
+    }
+
+    /// An upper bound on the bytes of text one token stands for (the longest vocabulary entry as
+    /// stored, which is never shorter than the text it decodes to): a text of `n` bytes has at
+    /// least `n / max_token_bytes()` tokens, which bounds a prompt before it is tokenized.
+    pub fn max_token_bytes(&self) -> usize {
+        *self.longest.get_or_init(|| {
+            (0..self.vocab_size() as u32)
+                .filter_map(|id| self.id_to_token(id).map(|t| t.len()))
+                .max()
+                .unwrap_or(1)
+                .max(1)
+        })
     }
 
     /// The id of a token string, if the vocabulary has it (World: see [`Tokenizer::world`]).
