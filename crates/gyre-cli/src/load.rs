@@ -106,7 +106,10 @@ impl Loaded {
         let fresh = self.model.new_state();
         match state_file {
             None => Ok(fresh),
-            Some(path) => gyre::loader::state_file::load(path, fresh, self.model.info().arch.name()),
+            Some(path) => {
+                let info = self.model.info();
+                gyre::loader::state_file::load(path, fresh, info.arch.name(), &info.fingerprint)
+            }
         }
     }
 

@@ -539,6 +539,14 @@ fn info(a: ModelArgs) -> Result<()> {
 }
 
 fn state_save(a: StateSaveArgs) -> Result<()> {
+    // Only an earlier state file may be overwritten: never the model's weights or anything else.
+    if a.out.exists() && !gyre::loader::state_file::is_state_file(&a.out) {
+        bail!(
+            "{} exists and is not a gyre state file; refusing to overwrite it (choose another --out, \
+             or remove the file)",
+            a.out.display()
+        );
+    }
     let prompt = match &a.prompt {
         Some(p) => p.clone(),
         None => read_stdin_text()?,
@@ -551,7 +559,8 @@ fn state_save(a: StateSaveArgs) -> Result<()> {
         bail!("the prompt is empty: there is nothing to save a state after");
     }
     session.feed(&ids)?;
-    gyre::loader::state_file::save(&a.out, session.state(), loaded.model.info().arch.name())?;
+    let info = loaded.model.info();
+    gyre::loader::state_file::save(&a.out, session.state(), info.arch.name(), &info.fingerprint)?;
     eprintln!(
         "saved the state after {} tokens ({} bytes of state) to {}",
         session.state().tokens_seen(),

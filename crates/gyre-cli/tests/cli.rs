@@ -691,3 +691,23 @@ fn recurrent_gemma_generates_and_chats_with_the_builtin_gemma_template() {
     );
     assert!(err.to_lowercase().contains("system"), "{err}");
 }
+
+/// `gyre state save` overwrites an earlier state file, never the model's files or anything
+/// else (issue 18, item 10).
+#[test]
+fn state_save_never_overwrites_the_model() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&tiny(), dir.path());
+    let weights = dir.path().join("model.safetensors");
+    let before = std::fs::read(&weights).unwrap();
+    let err = fails(
+        &["state", "save", "--model", s(dir.path()), "--prompt", "hello", "--out", s(&weights)],
+        b"",
+    );
+    assert!(err.contains("not a gyre state file") && err.contains("model.safetensors"), "{err}");
+    assert_eq!(std::fs::read(&weights).unwrap(), before);
+    let out = dir.path().join("prompt.state");
+    for _ in 0..2 {
+        ok(&gyre(&["state", "save", "--model", s(dir.path()), "--prompt", "hello", "--out", s(&out)], b""));
+    }
+}

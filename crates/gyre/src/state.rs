@@ -266,6 +266,18 @@ impl State {
         }
     }
 
+    /// The rows each key/value cache tensor holds after `tokens` tokens (`None` for states
+    /// without a cache): what a state file of that many tokens must store.
+    pub fn cache_rows_for(&self, tokens: usize) -> Option<usize> {
+        let rows = |c: &KvCache| c.ring_slots.map_or(tokens, |cap| tokens.min(cap));
+        match self {
+            State::Kv(c) => Some(rows(c)),
+            State::Griffin(g) if !g.kv.layers.is_empty() => Some(rows(&g.kv)),
+            State::Griffin(_) | State::Rwkv(_) => None,
+            State::Device(d) => d.cache_rows_for(tokens),
+        }
+    }
+
     /// Sets the token count of a fresh state before its tensors are loaded.
     pub fn prepare_for(&mut self, tokens: usize) {
         match self {

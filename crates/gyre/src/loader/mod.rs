@@ -296,6 +296,35 @@ impl Checkpoint {
             .map(|b| (vec![b.matrix.rows(), b.matrix.cols()], b.matrix.nbytes(), true))
     }
 
+    /// A fingerprint of the weights: FNV-1a over every tensor's name, shape and the first and
+    /// last 4 KiB of its bytes (cheap: two pages per tensor), as 16 hex digits. State files
+    /// record it, so that a state saved from one model is refused by another of the same
+    /// shapes.
+    pub fn fingerprint(&self) -> String {
+        fn fnv(h: &mut u64, bytes: &[u8]) {
+            for &b in bytes {
+                *h ^= b as u64;
+                *h = h.wrapping_mul(0x100000001B3);
+            }
+        }
+        const EDGE: usize = 4096;
+        let mut h = 0xCBF29CE484222325u64;
+        for name in self.names() {
+            let (shape, raw): (Vec<usize>, &[u8]) = match (self.tensors.get(name), self.blocks.get(name)) {
+                (Some(t), _) => (t.tensor.shape().to_vec(), t.tensor.raw()),
+                (None, Some(b)) => (vec![b.matrix.rows(), b.matrix.cols()], b.matrix.raw()),
+                (None, None) => continue,
+            };
+            fnv(&mut h, name.as_bytes());
+            for d in shape {
+                fnv(&mut h, &(d as u64).to_le_bytes());
+            }
+            fnv(&mut h, &raw[..raw.len().min(EDGE)]);
+            fnv(&mut h, &raw[raw.len().saturating_sub(EDGE)..]);
+        }
+        format!("{h:016x}")
+    }
+
     /// The storage formats of the tensors and how many tensors each holds, most first
     /// (`[("Q4_K", 128), ("F32", 65), …]`).
     pub fn tensor_formats(&self) -> Vec<(String, usize)> {

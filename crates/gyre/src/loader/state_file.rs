@@ -3,7 +3,10 @@
 //!
 //! gyre's own layout is a safetensors file of f32 tensors named as [`State::parts`] lists
 //! them, with metadata `format = "gyre-state"`, `version = "1"`, `arch` (the model's
-//! architecture name) and `tokens` (how many tokens the state has consumed).
+//! architecture name), `tokens` (how many tokens the state has consumed) and `weights` (the
+//! model's [`crate::loader::Checkpoint::fingerprint`]). Loading checks all of them against the
+//! model and the tensors before anything is allocated for them, and refuses NaN or infinite
+//! values.
 //!
 //! RWKV state-tuned files (a `.pth` or `.safetensors` dict of `blocks.{n}.att.time_state`,
 //! stored [H, value, key]; MODELS.md B.6) set the WKV matrices, transposed to [H, key, value],
@@ -19,8 +22,9 @@ use crate::state::State;
 
 const FORMAT: &str = "gyre-state";
 
-/// Writes `state` (of a model whose architecture is `arch`) to `path`.
-pub fn save(path: &Path, state: &State, arch: &str) -> Result<()> {
+/// Writes `state` (of a model whose architecture is `arch` and whose weights have
+/// `fingerprint`) to `path`.
+pub fn save(path: &Path, state: &State, arch: &str, fingerprint: &str) -> Result<()> {
     let mut state = state.clone();
     let tokens = state.tokens_seen();
     let parts: Vec<(String, Vec<usize>, Vec<u8>)> = state
@@ -41,6 +45,7 @@ pub fn save(path: &Path, state: &State, arch: &str) -> Result<()> {
         ("version", "1".to_string()),
         ("arch", arch.to_string()),
         ("tokens", tokens.to_string()),
+        ("weights", fingerprint.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -60,13 +65,19 @@ fn read_tensors(path: &Path) -> Result<(BTreeMap<String, NamedTensor>, HashMap<S
     Ok((tensors, meta.metadata().clone().unwrap_or_default()))
 }
 
+/// True when `path` is a gyre state file (what `gyre state save` may overwrite).
+pub fn is_state_file(path: &Path) -> bool {
+    read_tensors(path).is_ok_and(|(_, meta)| meta.get("format").map(String::as_str) == Some(FORMAT))
+}
+
 /// Loads the state file at `path` into `fresh` (a new state of the model it must fit, whose
-/// architecture is `arch`) and returns it.
-pub fn load(path: &Path, mut fresh: State, arch: &str) -> Result<State> {
+/// architecture is `arch` and whose weights have `fingerprint`) and returns it.
+pub fn load(path: &Path, mut fresh: State, arch: &str, fingerprint: &str) -> Result<State> {
     let (tensors, meta) = read_tensors(path)?;
     let file = path.display();
     if tensors.contains_key("blocks.0.att.time_state") {
-        return load_time_state(path, &tensors, fresh);
+        let state = load_time_state(path, &tensors, fresh)?;
+        return check_finite(path, state);
     }
     if meta.get("format").map(String::as_str) != Some(FORMAT) {
         bail!("{file} is not a gyre state file (no format=gyre-state metadata) nor an RWKV time_state file");
@@ -77,10 +88,31 @@ pub fn load(path: &Path, mut fresh: State, arch: &str) -> Result<State> {
             meta.get("arch").map_or("unknown", String::as_str)
         );
     }
+    if let Some(saved) = meta.get("weights") {
+        if saved != fingerprint {
+            bail!(
+                "{file} was saved from another model: its weights' fingerprint is {saved}, this model's \
+                 is {fingerprint} (the architecture and shapes match, the weights do not)"
+            );
+        }
+    }
     let tokens: usize = meta
         .get("tokens")
         .and_then(|t| t.parse().ok())
         .with_context(|| format!("{file}: metadata 'tokens' is missing or not a number"))?;
+    // The caches' rows are in the file: `tokens` must agree with them before anything is
+    // sized by it.
+    if let Some(rows) = fresh.cache_rows_for(tokens) {
+        for (name, t) in &tensors {
+            if name.starts_with("kv.") && t.tensor.shape().first() != Some(&rows) {
+                bail!(
+                    "{file}: metadata 'tokens' says {tokens}, so state tensor '{name}' should hold {rows} \
+                     rows, but it has shape {:?}: the file is damaged",
+                    t.tensor.shape()
+                );
+            }
+        }
+    }
     fresh.prepare_for(tokens);
     let expected = fresh.parts()?.len();
     if tensors.len() != expected {
@@ -101,7 +133,21 @@ pub fn load(path: &Path, mut fresh: State, arch: &str) -> Result<State> {
         }
         values.copy_from_slice(&t.tensor.to_f32_vec());
     }
-    Ok(fresh)
+    check_finite(path, fresh)
+}
+
+/// Refuses a state holding NaN or infinite values (it would turn every logit into NaN).
+fn check_finite(path: &Path, mut state: State) -> Result<State> {
+    for (name, _, values) in state.parts()? {
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{}: state tensor '{name}' holds {} at element {i}: the file is damaged",
+                path.display(),
+                values[i]
+            );
+        }
+    }
+    Ok(state)
 }
 
 fn load_time_state(path: &Path, tensors: &BTreeMap<String, NamedTensor>, mut fresh: State) -> Result<State> {

@@ -260,6 +260,7 @@ impl Griffin {
                 weight_bytes,
                 dtypes,
                 context_length: None,
+                fingerprint: ckpt.fingerprint(),
             },
             heads,
             kv_heads,

@@ -128,6 +128,7 @@ impl Llama {
                 weight_bytes,
                 dtypes,
                 context_length: Some(cfg.max_position_embeddings),
+                fingerprint: ckpt.fingerprint(),
             },
             heads,
             kv_heads,

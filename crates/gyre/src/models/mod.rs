@@ -57,6 +57,8 @@ pub struct ModelInfo {
     pub dtypes: Vec<DType>,
     /// Longest sequence the model supports, if bounded.
     pub context_length: Option<usize>,
+    /// The checkpoint's fingerprint ([`Checkpoint::fingerprint`]), recorded in state files.
+    pub fingerprint: String,
 }
 
 /// One sequence's slice of a batched forward pass.

@@ -191,6 +191,7 @@ impl Rwkv5 {
                 weight_bytes,
                 dtypes,
                 context_length: None,
+                fingerprint: ckpt.fingerprint(),
             },
             heads,
             head_size: n,

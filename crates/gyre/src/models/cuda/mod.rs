@@ -228,6 +228,11 @@ impl DeviceState {
     }
 
     /// Sets the token count before loading saved tensors through [`DeviceState::parts`].
+    /// [`crate::state::State::cache_rows_for`] of this state's host layout.
+    pub fn cache_rows_for(&self, tokens: usize) -> Option<usize> {
+        self.layout.template.cache_rows_for(tokens)
+    }
+
     pub fn prepare_for(&mut self, tokens: usize) {
         let mut host = Box::new(self.layout.template.clone());
         host.prepare_for(tokens);
