@@ -55,6 +55,20 @@ impl Loaded {
         let model = models::load_with(&ckpt, opts);
         spinner.finish_and_clear();
         let model = model?;
+        let unused = ckpt.unused();
+        if !unused.is_empty() {
+            let shown: Vec<&str> = unused.iter().take(4).map(String::as_str).collect();
+            eprintln!(
+                "warning: {} of the {} tensors in {} are not used by the model ({}{}): does {} declare \
+                 fewer layers than the file holds?",
+                unused.len(),
+                ckpt.names().count(),
+                ckpt.source,
+                shown.join(", "),
+                if unused.len() > shown.len() { ", …" } else { "" },
+                ckpt.config_source
+            );
+        }
         Ok(Loaded {
             model,
             dir: ckpt.dir.clone(),
@@ -98,6 +112,23 @@ impl Loaded {
         } else {
             Tokenizer::from_model_dir(&self.dir, self.config.as_ref())?
         };
+        // Special tokens must be ids the model has.
+        let vocab = info.vocab_size;
+        let specials = t.specials();
+        for (what, id) in specials
+            .eos
+            .iter()
+            .map(|&e| ("eos_token_id", e))
+            .chain(specials.bos.map(|b| ("bos_token_id", b)))
+        {
+            if id as usize >= vocab {
+                anyhow::bail!(
+                    "{}: {what} {id} is outside the model's vocabulary of {vocab} tokens (check config.json, \
+                     generation_config.json and tokenizer_config.json)",
+                    self.dir.display()
+                );
+            }
+        }
         Ok(self.tokenizer.get_or_init(|| std::sync::Arc::new(t)))
     }
 

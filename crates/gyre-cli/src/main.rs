@@ -468,6 +468,9 @@ fn logits(a: LogitsArgs) -> Result<()> {
             .unwrap_or_default();
         all.chunks(model.info().vocab_size).map(<[f32]>::to_vec).collect()
     };
+    for (i, row) in rows.iter().enumerate() {
+        gyre::models::check_finite_logits(row, i)?;
+    }
     let mut out = io::stdout().lock();
     serde_json::to_writer(&mut out, &serde_json::json!({ "logits": rows }))?;
     writeln!(out)?;

@@ -701,13 +701,102 @@ fn state_save_never_overwrites_the_model() {
     let weights = dir.path().join("model.safetensors");
     let before = std::fs::read(&weights).unwrap();
     let err = fails(
-        &["state", "save", "--model", s(dir.path()), "--prompt", "hello", "--out", s(&weights)],
+        &[
+            "state",
+            "save",
+            "--model",
+            s(dir.path()),
+            "--prompt",
+            "hello",
+            "--out",
+            s(&weights),
+        ],
         b"",
     );
-    assert!(err.contains("not a gyre state file") && err.contains("model.safetensors"), "{err}");
+    assert!(
+        err.contains("not a gyre state file") && err.contains("model.safetensors"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&weights).unwrap(), before);
     let out = dir.path().join("prompt.state");
     for _ in 0..2 {
-        ok(&gyre(&["state", "save", "--model", s(dir.path()), "--prompt", "hello", "--out", s(&out)], b""));
+        ok(&gyre(
+            &[
+                "state",
+                "save",
+                "--model",
+                s(dir.path()),
+                "--prompt",
+                "hello",
+                "--out",
+                s(&out),
+            ],
+            b"",
+        ));
     }
+}
+
+/// NaN weights stop generation with an error naming the position; a config that declares
+/// fewer layers than the file holds is warned about, naming the unused tensors; impossible
+/// config values are refused, naming the field (issue 18, item 9).
+#[test]
+fn corrupt_checkpoints_and_impossible_configs_are_reported() {
+    let nan = broken(|p| {
+        rewrite_weights(p, |n, s, mut b| {
+            if n == "model.layers.0.mlp.down_proj.weight" {
+                b[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+            }
+            Some((s, b))
+        })
+    });
+    for args in [
+        vec![
+            "generate",
+            "--prompt",
+            "hello",
+            "--max-tokens",
+            "3",
+            "--temperature",
+            "0",
+        ],
+        vec!["logits", "--tokens", "1,5,7"],
+    ] {
+        let mut argv = args.clone();
+        argv.extend(["--model", s(nan.path())]);
+        let err = fails(&argv, b"");
+        assert!(err.contains("NaN") && err.contains("position"), "{args:?}: {err}");
+    }
+    let edit_config = |edit: &dyn Fn(&mut Value)| {
+        broken(|p| {
+            let path = p.join("config.json");
+            let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            edit(&mut cfg);
+            std::fs::write(&path, cfg.to_string()).unwrap();
+        })
+    };
+    let fewer = edit_config(&|c| c["num_hidden_layers"] = 1.into());
+    let out = gyre(&["info", "--model", s(fewer.path())], b"");
+    ok(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not used") && err.contains("model.layers.1."),
+        "{err}"
+    );
+    let theta = edit_config(&|c| c["rope_parameters"]["rope_theta"] = (-1.0).into());
+    let err = fails(&["info", "--model", s(theta.path())], b"");
+    assert!(err.contains("rope_theta"), "{err}");
+    let eos = edit_config(&|c| c["eos_token_id"] = 99999.into());
+    let err = fails(
+        &[
+            "generate",
+            "--model",
+            s(eos.path()),
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+        ],
+        b"",
+    );
+    assert!(err.contains("99999") && err.contains("eos_token_id"), "{err}");
 }

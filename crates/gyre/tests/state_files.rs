@@ -33,7 +33,13 @@ fn round_trip(
         "{}: resumed logits differ by {d}",
         model_path.display()
     );
-    let err = state_file::load(&file, model.new_state(), "SomethingElse", &model.info().fingerprint).unwrap_err();
+    let err = state_file::load(
+        &file,
+        model.new_state(),
+        "SomethingElse",
+        &model.info().fingerprint,
+    )
+    .unwrap_err();
     assert!(err.to_string().contains(arch), "{err}");
 }
 
@@ -77,12 +83,18 @@ fn a_state_file_of_another_model_is_refused() {
     let file = dir.path().join("s.safetensors");
     state_file::save(&file, &state, "LlamaForCausalLM", &a.info().fingerprint).unwrap();
     // Another shape: refused by its fingerprint, and by its tensors when the file has none.
-    let err = format!("{:#}", state_file::load(&file, b.new_state(), "LlamaForCausalLM", &b.info().fingerprint).unwrap_err());
+    let err = format!(
+        "{:#}",
+        state_file::load(&file, b.new_state(), "LlamaForCausalLM", &b.info().fingerprint).unwrap_err()
+    );
     assert!(err.contains("fingerprint"), "{err}");
     rewrite(&file, |meta, _| {
         meta.remove("weights");
     });
-    let err = format!("{:#}", state_file::load(&file, b.new_state(), "LlamaForCausalLM", &b.info().fingerprint).unwrap_err());
+    let err = format!(
+        "{:#}",
+        state_file::load(&file, b.new_state(), "LlamaForCausalLM", &b.info().fingerprint).unwrap_err()
+    );
     assert!(err.contains("kv.0.k") || err.contains("tensors"), "{err}");
 
     // The same shapes with other weights: refused by the fingerprint alone.
@@ -92,13 +104,25 @@ fn a_state_file_of_another_model_is_refused() {
         .map(|n| {
             let t = ckpt.get(n).unwrap();
             let v: Vec<f32> = t.to_f32_vec().iter().map(|x| x * 1.001).collect();
-            (n.to_string(), gyre::tensor::Tensor::from_f32(&v, t.shape().to_vec()))
+            (
+                n.to_string(),
+                gyre::tensor::Tensor::from_f32(&v, t.shape().to_vec()),
+            )
         })
         .collect();
     let other = models::load(&Checkpoint::from_tensors(ckpt.config().unwrap().clone(), tensors)).unwrap();
     assert_ne!(other.info().fingerprint, a.info().fingerprint);
     state_file::save(&file, &state, "LlamaForCausalLM", &a.info().fingerprint).unwrap();
-    let err = format!("{:#}", state_file::load(&file, other.new_state(), "LlamaForCausalLM", &other.info().fingerprint).unwrap_err());
+    let err = format!(
+        "{:#}",
+        state_file::load(
+            &file,
+            other.new_state(),
+            "LlamaForCausalLM",
+            &other.info().fingerprint
+        )
+        .unwrap_err()
+    );
     assert!(err.contains("another model"), "{err}");
 }
 
@@ -117,7 +141,10 @@ fn damaged_state_files_are_refused() {
     rewrite(&file, |meta, _| {
         meta.insert("tokens".into(), "2000000000".into());
     });
-    let err = format!("{:#}", state_file::load(&file, m.new_state(), "LlamaForCausalLM", &fp).unwrap_err());
+    let err = format!(
+        "{:#}",
+        state_file::load(&file, m.new_state(), "LlamaForCausalLM", &fp).unwrap_err()
+    );
     assert!(err.contains("2000000000") && err.contains("kv."), "{err}");
     state_file::save(&file, &state, "LlamaForCausalLM", &fp).unwrap();
     rewrite(&file, |_, tensors| {
@@ -125,14 +152,20 @@ fn damaged_state_files_are_refused() {
             v[5] = f32::NAN;
         }
     });
-    let err = format!("{:#}", state_file::load(&file, m.new_state(), "LlamaForCausalLM", &fp).unwrap_err());
+    let err = format!(
+        "{:#}",
+        state_file::load(&file, m.new_state(), "LlamaForCausalLM", &fp).unwrap_err()
+    );
     assert!(err.contains("kv.1.v") && err.contains("NaN"), "{err}");
 }
 
 /// Rewrites a gyre state file with `edit` applied to its metadata and f32 tensors.
 fn rewrite(
     path: &std::path::Path,
-    edit: impl FnOnce(&mut std::collections::HashMap<String, String>, &mut std::collections::BTreeMap<String, Vec<f32>>),
+    edit: impl FnOnce(
+        &mut std::collections::HashMap<String, String>,
+        &mut std::collections::BTreeMap<String, Vec<f32>>,
+    ),
 ) {
     let bytes = std::fs::read(path).unwrap();
     let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -142,7 +175,13 @@ fn rewrite(
     let mut shapes = std::collections::BTreeMap::new();
     for (name, t) in st.tensors() {
         shapes.insert(name.clone(), t.shape().to_vec());
-        tensors.insert(name, t.data().chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect());
+        tensors.insert(
+            name,
+            t.data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+        );
     }
     edit(&mut meta, &mut tensors);
     let raw: Vec<(String, Vec<u8>)> = tensors
@@ -151,7 +190,12 @@ fn rewrite(
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raw
         .iter()
-        .map(|(n, b)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shapes[n].clone(), b).unwrap()))
+        .map(|(n, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shapes[n].clone(), b).unwrap(),
+            )
+        })
         .collect();
     safetensors::serialize_to_file(views, Some(meta), path).unwrap();
 }

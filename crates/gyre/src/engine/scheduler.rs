@@ -1180,6 +1180,9 @@ impl<'a> Engine<'a> {
             }
         } else if !batch.is_empty() {
             let out = self.model.forward(&mut batch, Logits::Last)?;
+            for (logits, seq) in out.iter().zip(batch.iter()) {
+                crate::models::check_finite_logits(logits, seq.state.tokens_seen().saturating_sub(1))?;
+            }
             drop(batch);
             for (&(i, n), logits) in fed.iter().zip(out) {
                 let s = &mut running[i];

@@ -126,12 +126,13 @@ impl<'m> Session<'m> {
                     .unwrap_or_default(),
             )
         } else {
-            Next::Logits(
-                self.model
-                    .forward(&mut batch, Logits::Last)?
-                    .pop()
-                    .unwrap_or_default(),
-            )
+            let logits = self
+                .model
+                .forward(&mut batch, Logits::Last)?
+                .pop()
+                .unwrap_or_default();
+            crate::models::check_finite_logits(&logits, self.state.tokens_seen().saturating_sub(1))?;
+            Next::Logits(logits)
         };
         self.consumed.extend_from_slice(tokens);
         Ok(next)

@@ -106,6 +106,8 @@ impl LlamaConfig {
         if !cfg.head_dim().is_multiple_of(2) {
             bail!("{source}: head_dim {} must be even for RoPE", cfg.head_dim());
         }
+        check_positive(source, "rope_theta", cfg.theta())?;
+        check_positive(source, "rms_norm_eps", cfg.rms_norm_eps)?;
         Ok(cfg)
     }
 
@@ -182,6 +184,14 @@ impl LlamaConfig {
         }
         self.sliding_window.filter(|&w| w > 0)
     }
+}
+
+/// Refuses a value the model cannot run with (zero, negative, NaN or infinite).
+fn check_positive(source: &str, field: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v > 0.0) {
+        bail!("{source}: {field} is {v}; it must be a positive number");
+    }
+    Ok(())
 }
 
 /// The declared storage dtype (`dtype` or the older `torch_dtype`), if any.
@@ -272,6 +282,8 @@ impl GriffinConfig {
         if cfg.hidden_size == 0 || cfg.num_attention_heads == 0 || cfg.num_hidden_layers == 0 {
             bail!("{source}: hidden_size, num_attention_heads and num_hidden_layers must be positive");
         }
+        check_positive(source, "rope_theta", cfg.theta())?;
+        check_positive(source, "rms_norm_eps", cfg.rms_norm_eps)?;
         if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             bail!("{source}: hidden_size must be a multiple of num_attention_heads");
         }

@@ -41,6 +41,9 @@ pub struct Checkpoint {
     pub source: String,
     /// Where the config came from (for messages): `…/config.json`, or the GGUF metadata.
     pub config_source: String,
+    /// Names of the tensors a model has asked for (shared with the checkpoints derived from
+    /// this one), so that [`Checkpoint::unused`] can name the rest.
+    used: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -123,6 +126,7 @@ impl Checkpoint {
             gguf: None,
             stored_names: BTreeMap::new(),
             source,
+            used: Default::default(),
         })
     }
 
@@ -144,6 +148,7 @@ impl Checkpoint {
             stored_names: g.stored_names,
             source: file.display().to_string(),
             config_source: format!("the metadata of {}", file.display()),
+            used: Default::default(),
         })
     }
 
@@ -170,6 +175,7 @@ impl Checkpoint {
             stored_names: BTreeMap::new(),
             source: "<memory>".into(),
             config_source: "the synthetic config".into(),
+            used: Default::default(),
         }
     }
 
@@ -195,6 +201,7 @@ impl Checkpoint {
             stored_names: self.stored_names.clone(),
             source: self.source.clone(),
             config_source: self.config_source.clone(),
+            used: self.used.clone(),
         }
     }
 
@@ -215,6 +222,7 @@ impl Checkpoint {
             stored_names: self.stored_names.clone(),
             source: self.source.clone(),
             config_source: self.config_source.clone(),
+            used: self.used.clone(),
         };
         for (name, t) in &self.tensors {
             let shape = t.tensor.shape();
@@ -270,6 +278,7 @@ impl Checkpoint {
     /// those).
     pub fn matrix(&self, name: &str, rows: usize, cols: usize, quant: Option<Quant>) -> Result<Matrix> {
         if let Some(b) = self.blocks.get(name) {
+            self.mark_used(name);
             let shape = [b.matrix.rows(), b.matrix.cols()];
             if shape != [rows, cols] {
                 bail!(
@@ -367,9 +376,29 @@ impl Checkpoint {
     /// The dense tensor `name`, or an error naming it and the checkpoint.
     pub fn get(&self, name: &str) -> Result<&Tensor> {
         match self.tensors.get(name) {
-            Some(t) => Ok(&t.tensor),
+            Some(t) => {
+                self.mark_used(name);
+                Ok(&t.tensor)
+            }
             None => Err(self.missing(name)),
         }
+    }
+
+    fn mark_used(&self, name: &str) {
+        self.used
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+    }
+
+    /// The tensors no model has asked for, as the file names them: a config that declares
+    /// fewer layers than the file holds, or a file of another architecture's tensors.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        self.names()
+            .filter(|n| !used.contains(*n))
+            .map(|n| self.stored_names.get(n).cloned().unwrap_or_else(|| n.to_string()))
+            .collect()
     }
 
     fn missing(&self, name: &str) -> anyhow::Error {
@@ -387,6 +416,7 @@ impl Checkpoint {
     /// The dense tensor `name`, checked to have exactly `shape`.
     pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
         let named = self.tensors.get(name).ok_or_else(|| self.missing(name))?;
+        self.mark_used(name);
         if named.tensor.shape() != shape {
             bail!(
                 "tensor {} in {} has shape {:?}, expected {shape:?} from {}",

@@ -95,6 +95,9 @@ pub trait Model: Send + Sync {
     fn forward_drawn(&self, batch: &mut [SeqInput<'_>], draws: &[Draw]) -> Result<Vec<u32>> {
         check_draws(batch, draws)?;
         let logits = self.forward(batch, Logits::Last)?;
+        for (l, seq) in logits.iter().zip(batch.iter()) {
+            check_finite_logits(l, seq.state.tokens_seen().saturating_sub(1))?;
+        }
         Ok(logits.iter().zip(draws).map(|(l, d)| d.pick(l)).collect())
     }
 
@@ -103,6 +106,18 @@ pub trait Model: Send + Sync {
         let draws = vec![Draw::GREEDY; batch.len()];
         self.forward_drawn(batch, &draws)
     }
+}
+
+/// Refuses logits holding NaN or infinity (at sequence position `position`): broken weights or a
+/// broken state, from which sampling would go on silently producing garbage.
+pub fn check_finite_logits(logits: &[f32], position: usize) -> Result<()> {
+    if let Some(bad) = logits.iter().find(|v| !v.is_finite()) {
+        bail!(
+            "the model produced {bad} logits at position {position}: its weights (or the loaded state) \
+             hold NaN or infinite values; check the checkpoint"
+        );
+    }
+    Ok(())
 }
 
 /// Checks that a batch has one draw per sequence.
