@@ -71,6 +71,13 @@ pub fn run(args: ServeArgs) -> Result<()> {
         .ctx
         .or(model.info().context_length)
         .unwrap_or(DEFAULT_RECURRENT_CTX);
+    if let (Some(asked), Some(limit)) = (args.ctx, model.info().context_length) {
+        if asked > limit {
+            eprintln!(
+                "warning: --ctx {asked} is more than the model's context of {limit} tokens; serving {limit}"
+            );
+        }
+    }
     let config = EngineConfig {
         max_batch: args.max_batch,
         max_queue: args.max_queue,

@@ -365,6 +365,22 @@ fn truncated_and_garbage_weight_files_are_clear_errors() {
     let d = broken(|p| std::fs::remove_file(p.join("model.safetensors")).unwrap());
     let err = fails(&["info", "--model", s(d.path())], b"");
     assert!(err.contains("no weights"), "{err}");
+
+    // An index may only name files of the model's directory (issue 18, item 12).
+    for shard in ["/etc/passwd", "../model.safetensors", "sub/../../x.safetensors"] {
+        let d = broken(|p| {
+            std::fs::write(
+                p.join("model.safetensors.index.json"),
+                serde_json::json!({"weight_map": {"lm_head.weight": shard}}).to_string(),
+            )
+            .unwrap()
+        });
+        let err = fails(&["info", "--model", s(d.path())], b"");
+        assert!(
+            err.contains("not a file of the model's directory") && err.contains(shard),
+            "{err}"
+        );
+    }
 }
 
 /// Rewrites the fixture's weights through `change` (name → Option<(shape, f32 data)>).

@@ -213,7 +213,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 fn chat_body(content: &str, max_tokens: u64) -> Value {
-    json!({"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+    json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
            "temperature": 0})
 }
 
@@ -319,6 +319,60 @@ fn auth_limits_and_bad_input_get_openai_errors() {
         "max_tokens",
     );
     assert_eq!(e["code"], "context_length_exceeded");
+
+    // Fields gyre cannot honour are refused, not ignored (issue 18, item 7).
+    bad(
+        chat,
+        json!({"messages": msgs, "response_format": {"type": "json_object"}}),
+        "response_format",
+    );
+    bad(
+        chat,
+        json!({"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {"schema": {}}}}),
+        "response_format",
+    );
+    bad(
+        cmpl,
+        json!({"prompt": "a", "logit_bias": {"5": 10}}),
+        "logit_bias",
+    );
+    bad(
+        chat,
+        json!({"messages": msgs, "tool_choice": "auto"}),
+        "tool_choice",
+    );
+    bad(
+        cmpl,
+        json!({"prompt": "a", "grammar": "root ::= \"a\""}),
+        "grammar",
+    );
+    let fine = post(
+        p,
+        chat,
+        k,
+        &json!({"messages": msgs, "max_tokens": 1, "response_format": {"type": "text"},
+                                        "logit_bias": {}, "tool_choice": "none"}),
+    );
+    assert_eq!(fine.status, 200, "{}", fine.body);
+    // Integers past 64 bits say so; a model this server does not serve is a 404.
+    let e = bad(
+        chat,
+        json!({"messages": msgs, "seed": 18446744073709551616u128 as f64}),
+        "seed",
+    );
+    assert!(e["message"].as_str().unwrap().contains("too large"), "{e}");
+    let e = post(p, chat, k, &json!({"model": "gpt-4", "messages": msgs})).error(404);
+    assert_eq!(
+        (e["code"].as_str(), e["param"].as_str()),
+        (Some("model_not_found"), Some("model"))
+    );
+    let named = post(
+        p,
+        chat,
+        k,
+        &json!({"model": "tiny_chat", "messages": msgs, "max_tokens": 1}),
+    );
+    assert_eq!(named.status, 200, "{}", named.body);
 
     // Body too large, unknown route.
     let huge = json!({"prompt": "x".repeat(70_000)});

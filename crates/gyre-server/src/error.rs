@@ -53,6 +53,12 @@ impl ApiError {
         }
     }
 
+    /// Names the request field at fault.
+    pub fn with_param(mut self, param: &str) -> ApiError {
+        self.param = Some(param.to_string());
+        self
+    }
+
     /// Sets the machine-readable code.
     pub fn with_code(mut self, code: &'static str) -> ApiError {
         self.code = Some(code);

@@ -160,7 +160,20 @@ async fn handle(
         stream,
         include_usage,
         logprobs,
+        model,
     } = params::parse(&body, endpoint, st.engine.limits().ctx)?;
+    if let Some(m) = model.filter(|m| !m.is_empty() && *m != st.config.model_id) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!(
+                "the model '{m}' does not exist: this server serves '{}'",
+                st.config.model_id
+            ),
+        )
+        .with_param("model")
+        .with_code("model_not_found"));
+    }
     // Rendering the template and tokenizing happen here, on a blocking thread: never on the
     // engine's thread, where a slow template or a huge prompt would stall every stream.
     let engine = st.engine.clone();

@@ -3,8 +3,9 @@
 //! Bodies are parsed as untyped JSON and read here, so that every wrong type or value becomes
 //! a 400 naming the field (`param`) and saying what was expected, rather than a generic
 //! deserialization failure. Unknown fields are ignored, as OpenAI-compatible servers do; fields
-//! gyre cannot honour (`n` other than 1, `echo`, `suffix`, `best_of`, tools) are refused with
-//! a clear message. This module turns a body into an engine [`Request`]; it sends nothing.
+//! gyre cannot honour (`n` other than 1, `echo`, `suffix`, `best_of`, tools and `tool_choice`,
+//! `response_format` other than text, `logit_bias`, grammars and guided decoding) are refused
+//! with a 400 naming the field. This module turns a body into an engine [`Request`]; it sends nothing.
 
 use gyre::chat::Message;
 use gyre::engine::scheduler::{Prompt, Request};
@@ -29,6 +30,8 @@ pub struct Parsed {
     pub include_usage: bool,
     /// Whether log-probabilities were asked for.
     pub logprobs: bool,
+    /// The `model` the request names, if it names one.
+    pub model: Option<String>,
 }
 
 /// Most stop strings accepted.
@@ -96,6 +99,13 @@ impl<'a> Fields<'a> {
                 (None, Some(_)) => Ok(Some(i64::MAX)),
                 _ => match n.as_f64() {
                     Some(f) if f.fract() == 0.0 && f.abs() < 9e15 => Ok(Some(f as i64)),
+                    Some(f) if f.fract() == 0.0 => Err(ApiError::field(
+                        name,
+                        format!(
+                            "`{name}` is too large: it must be an integer from 0 to {}",
+                            u64::MAX
+                        ),
+                    )),
                     _ => Err(ApiError::field(
                         name,
                         format!("`{name}` must be an integer, got {n}"),
@@ -139,7 +149,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint, ctx: usize) -> Result<Parsed, ApiE
         ));
     };
     let f = Fields(map);
-    f.string("model")?;
+    let model = f.string("model")?.map(str::to_string);
 
     let n = f.int("n")?.unwrap_or(1);
     if n != 1 {
@@ -153,6 +163,52 @@ pub fn parse(body: &[u8], endpoint: Endpoint, ctx: usize) -> Result<Parsed, ApiE
             return Err(ApiError::field(
                 "best_of",
                 "`best_of` must be 1: gyre does not rank several samples",
+            ));
+        }
+    }
+    // Fields that would change what is generated and that gyre cannot honour yet: refused,
+    // rather than ignored (a client asking for JSON must not get free text with a 200).
+    if let Some(rf) = f.get("response_format") {
+        let kind = rf.get("type").and_then(Value::as_str);
+        if kind != Some("text") {
+            return Err(ApiError::field(
+                "response_format",
+                format!(
+                    "`response_format` {} is not supported by gyre yet (no constrained decoding); only \
+                     {{\"type\": \"text\"}} is",
+                    kind.map_or_else(|| rf.to_string(), |k| format!("of type {k:?}"))
+                ),
+            ));
+        }
+    }
+    if f.get("logit_bias")
+        .is_some_and(|v| v.as_object().is_none_or(|o| !o.is_empty()))
+    {
+        return Err(ApiError::field(
+            "logit_bias",
+            "`logit_bias` is not supported by gyre yet",
+        ));
+    }
+    if let Some(tc) = f.get("tool_choice") {
+        if !(tc.is_null() || tc.as_str() == Some("none")) {
+            return Err(ApiError::field(
+                "tool_choice",
+                "`tool_choice` is not supported by gyre (no tool calling); only \"none\" is",
+            ));
+        }
+    }
+    for unsupported in [
+        "grammar",
+        "json_schema",
+        "guided_json",
+        "guided_regex",
+        "guided_choice",
+        "guided_grammar",
+    ] {
+        if f.get(unsupported).is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::field(
+                unsupported,
+                format!("`{unsupported}` is not supported by gyre yet (no constrained decoding)"),
             ));
         }
     }
@@ -334,6 +390,7 @@ pub fn parse(body: &[u8], endpoint: Endpoint, ctx: usize) -> Result<Parsed, ApiE
         stream,
         include_usage,
         logprobs: logprobs.is_some(),
+        model,
     })
 }
 

@@ -105,6 +105,16 @@ pub fn read_index(
                 index_path.display()
             )
         })?;
+        // A shard is a file of the model's directory: never a path that leaves it.
+        let plain = Path::new(shard)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain || shard.is_empty() {
+            bail!(
+                "{}: weight_map['{name}'] names '{shard}', which is not a file of the model's directory",
+                index_path.display()
+            );
+        }
         if !shards.contains(&shard) {
             shards.push(shard);
         }
