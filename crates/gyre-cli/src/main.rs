@@ -417,8 +417,8 @@ fn chat(a: ChatArgs) -> Result<()> {
             role: "user".into(),
             content: line,
         });
-        let rendered = chat.template.render(&messages, true)?;
-        let mut ids = tokenizer.encode_chat(&rendered)?;
+        // Message contents are text: only the template's markup makes control tokens.
+        let mut ids = chat.template.tokenize(tokenizer, &messages, true)?;
         if !session.is_fresh() && ids.first().is_some_and(|&t| Some(t) == tokenizer.specials().bos) {
             ids.remove(0); // resuming a saved state: BOS is already behind us
         }

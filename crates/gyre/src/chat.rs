@@ -19,7 +19,7 @@ use minijinja::value::{Enumerator, Kwargs, Object, ObjectRepr, Value, ValueKind}
 use minijinja::{AutoEscape, Environment, ErrorKind, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 
-use crate::tokenizer::{read_json_file, token_text_field, SpecialTokens};
+use crate::tokenizer::{read_json_file, token_text_field, SpecialTokens, Tokenizer};
 
 /// One chat turn: who spoke (`system`, `user`, `assistant`) and what was said.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -319,6 +319,66 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Renders and tokenizes a conversation with message contents as text: only the
+    /// template's own markup produces control tokens (user text `</s>` or `<|im_end|>` stays
+    /// text, so a message cannot forge a turn boundary).
+    ///
+    /// The contents' places in the rendered prompt come from a render with a unique marker in
+    /// place of each content. A template that changes the contents (upper-casing them, say)
+    /// loses the markers; then a content holding a control token's text is refused.
+    pub fn tokenize(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let marker = |i: usize| format!("\u{F8F0}gyre-content-{i}\u{F8F1}");
+        let marked: Vec<Message> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Message::new(m.role.clone(), marker(i)))
+            .collect();
+        let with_markers = self.render(&marked, add_generation_prompt)?;
+        // Each marker once, in order: then the real prompt is the markers replaced.
+        let mut rendered = String::with_capacity(with_markers.len());
+        let mut spans = Vec::with_capacity(messages.len());
+        let mut rest = with_markers.as_str();
+        let mut whole = true;
+        for (i, m) in messages.iter().enumerate() {
+            let mk = marker(i);
+            match rest.find(&mk) {
+                Some(at) if !rest[at + mk.len()..].contains(&mk) => {
+                    rendered.push_str(&rest[..at]);
+                    spans.push(rendered.len()..rendered.len() + m.content.len());
+                    rendered.push_str(&m.content);
+                    rest = &rest[at + mk.len()..];
+                }
+                _ => {
+                    whole = false;
+                    break;
+                }
+            }
+        }
+        if whole {
+            rendered.push_str(rest);
+            return tokenizer.encode_chat_spans(&rendered, &spans);
+        }
+        for (i, m) in messages.iter().enumerate() {
+            if let Some((t, _)) = tokenizer
+                .special_token_texts()
+                .into_iter()
+                .find(|(t, _)| m.content.contains(t.as_str()))
+            {
+                bail!(
+                    "messages[{i}].content contains '{t}', a control token of this model; the chat template \
+                     from {} rewrites message contents, so gyre cannot keep that text from becoming markup",
+                    self.source
+                );
+            }
+        }
+        tokenizer.encode_chat(&self.render(messages, add_generation_prompt)?)
+    }
+
     /// Renders `messages`; `add_generation_prompt` appends the header that opens the reply.
     ///
     /// A template calling `raise_exception(msg)` yields a [`TemplateRaised`] error displaying `msg`.
@@ -363,7 +423,7 @@ impl ChatTemplate {
                 message: raised_message(&e).unwrap_or_default(),
                 template: self.source.clone(),
             })),
-            Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => Err(anyhow!(
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(anyhow!(
                 "the chat template from {} did not finish within its budget of {RENDER_FUEL} \
                  instructions (it loops far more than a chat template needs); fix or replace the template",
                 self.source

@@ -855,14 +855,11 @@ impl Preparer {
                 };
                 let bytes: usize = messages.iter().map(|m| m.content.len()).sum();
                 self.refuse_surely_too_long(bytes, "messages")?;
-                let rendered = chat
+                // Message contents are text: only the template's markup makes control tokens.
+                let mut ids = chat
                     .template
-                    .render(messages, true)
+                    .tokenize(&self.tokenizer, messages, true)
                     .map_err(|e| invalid("messages", format!("{e:#}")))?;
-                let mut ids = self
-                    .tokenizer
-                    .encode_chat(&rendered)
-                    .map_err(|e| invalid("messages", format!("cannot tokenize the conversation: {e:#}")))?;
                 if !fresh
                     && ids
                         .first()

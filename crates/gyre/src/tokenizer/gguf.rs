@@ -342,6 +342,9 @@ pub(crate) struct SpmTokenizer {
     whole: Option<aho_corasick::AhoCorasick>,
     /// The token of each pattern of `whole`.
     whole_ids: Vec<u32>,
+    /// As `whole`, user-defined tokens only: what is matched when special tokens are text.
+    user: Option<aho_corasick::AhoCorasick>,
+    user_ids: Vec<u32>,
     add_space_prefix: bool,
     unk: Option<u32>,
 }
@@ -374,7 +377,24 @@ impl SpmTokenizer {
                     .map_err(|e| anyhow!("building the special-token matcher: {e}"))?,
             )
         };
+        let user_ids: Vec<u32> = whole_ids
+            .iter()
+            .copied()
+            .filter(|&i| v.types[i as usize] == token_type::USER_DEFINED)
+            .collect();
+        let user = if user_ids.is_empty() {
+            None
+        } else {
+            Some(
+                aho_corasick::AhoCorasick::builder()
+                    .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                    .build(user_ids.iter().map(|&i| &v.tokens[i as usize]))
+                    .map_err(|e| anyhow!("building the user-token matcher: {e}"))?,
+            )
+        };
         Ok(SpmTokenizer {
+            user,
+            user_ids,
             tokens: v.tokens.clone(),
             scores: v.scores.clone(),
             types: v.types.clone(),
@@ -404,8 +424,32 @@ impl SpmTokenizer {
             .map(|t| String::from_utf8_lossy(t).into_owned())
     }
 
+    /// The texts and ids of the control and unknown tokens.
+    pub(crate) fn special_tokens(&self) -> Vec<(String, u32)> {
+        self.whole_ids
+            .iter()
+            .filter(|&&i| self.types[i as usize] != token_type::USER_DEFINED)
+            .map(|&i| (String::from_utf8_lossy(&self.tokens[i as usize]).into_owned(), i))
+            .collect()
+    }
+
     /// Tokenizes `text` (no BOS/EOS: the caller adds them).
     pub(crate) fn encode(&self, text: &str) -> Vec<u32> {
+        self.encode_matching(text, self.whole.as_ref(), &self.whole_ids)
+    }
+
+    /// [`SpmTokenizer::encode`] with control and unknown tokens read as text (llama.cpp's
+    /// `parse_special = false`: user-defined tokens are still matched).
+    pub(crate) fn encode_as_text(&self, text: &str) -> Vec<u32> {
+        self.encode_matching(text, self.user.as_ref(), &self.user_ids)
+    }
+
+    fn encode_matching(
+        &self,
+        text: &str,
+        matcher: Option<&aho_corasick::AhoCorasick>,
+        ids: &[u32],
+    ) -> Vec<u32> {
         let mut out = Vec::new();
         // Fragments between the tokens matched whole; a space goes in front of a fragment at
         // the start and after each matched token (llama.cpp's `is_prev_special`).
@@ -419,12 +463,12 @@ impl SpmTokenizer {
             t.push_str(frag);
             self.encode_piece(&t.replace(' ', SPACE), out);
         };
-        if let Some(ac) = &self.whole {
+        if let Some(ac) = matcher {
             for m in ac.find_iter(text) {
                 if m.start() > at {
                     piece(&text[at..m.start()], prev_special, &mut out);
                 }
-                out.push(self.whole_ids[m.pattern().as_usize()]);
+                out.push(ids[m.pattern().as_usize()]);
                 prev_special = true;
                 at = m.end();
             }
@@ -638,6 +682,9 @@ mod tests {
         assert_eq!(spm.encode("aé"), vec![id("▁a"), 3 + 0xC3, 3 + 0xA9]);
         // A control token in the text is taken whole, and a space goes in front after it.
         assert_eq!(spm.encode("a</s>b"), vec![id("▁a"), 2, id("▁"), id("b")]);
+        // Read as text, the control token's text is ordinary pieces.
+        assert!(!spm.encode_as_text("a</s>b").contains(&2));
+        assert_eq!(spm.special_tokens().len(), 3);
         assert_eq!(spm.decode(&spm.encode("ab aé"), true).unwrap(), "ab aé");
         assert_eq!(spm.decode(&[1, id("▁ab")], false).unwrap(), "<s> ab");
         assert_eq!(spm.decode(&[1, id("▁ab")], true).unwrap(), "ab");

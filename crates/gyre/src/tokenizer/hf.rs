@@ -19,6 +19,8 @@ pub(crate) struct HfTokenizer {
     post_processor_bos: Option<u32>,
     /// Where the tokenizer came from, for error messages.
     origin: String,
+    /// A copy that reads special tokens as text (made on first use).
+    plain: std::sync::OnceLock<Box<tokenizers::Tokenizer>>,
 }
 
 impl HfTokenizer {
@@ -45,6 +47,7 @@ impl HfTokenizer {
             vocab_size: model_size.max(added_end),
             post_processor_bos: None,
             origin,
+            plain: Default::default(),
         };
         tok.post_processor_bos = tok.detect_post_processor_bos()?;
         Ok(tok)
@@ -89,6 +92,30 @@ impl HfTokenizer {
         self.inner
             .decode(ids, skip_special_tokens)
             .map_err(|e| anyhow!("decoding with tokenizer {}: {e}", self.origin))
+    }
+
+    /// Encodes `text` with special tokens taken as plain text (a control token's text in it
+    /// becomes ordinary pieces); non-special added tokens are still matched.
+    pub(crate) fn encode_as_text(&self, text: &str) -> Result<Vec<u32>> {
+        let plain = self.plain.get_or_init(|| {
+            let mut t = self.inner.clone();
+            t.set_encode_special_tokens(true);
+            Box::new(t)
+        });
+        let enc = plain
+            .encode_fast(text, false)
+            .map_err(|e| anyhow!("encoding with tokenizer {}: {e}", self.origin))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// The texts and ids of the special added tokens.
+    pub(crate) fn special_tokens(&self) -> Vec<(String, u32)> {
+        self.inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
+            .collect()
     }
 
     /// Size of the id space (model vocabulary plus added tokens).

@@ -291,6 +291,70 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Encodes `text` with its special tokens read as text: a control token's text in it
+    /// becomes ordinary pieces, never the control token (user-defined tokens still match).
+    pub fn encode_as_text(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.backend {
+            Backend::World(w) => Ok(w.encode(text)),
+            Backend::Spm(spm) => Ok(spm.encode_as_text(text)),
+            Backend::Hf(hf) => hf.encode_as_text(text),
+        }
+    }
+
+    /// The texts of the control tokens, with their ids (what only markup may produce).
+    pub fn special_token_texts(&self) -> Vec<(String, u32)> {
+        match &self.backend {
+            Backend::World(_) => Vec::new(),
+            Backend::Spm(spm) => spm.special_tokens(),
+            Backend::Hf(hf) => hf.special_tokens(),
+        }
+    }
+
+    /// Tokenizes a rendered chat prompt whose byte ranges `text_spans` (the messages' contents)
+    /// are text: a control token's text inside them is tokenized as text, so only the
+    /// template's own markup produces control tokens. Then BOS, as [`Tokenizer::encode_chat`].
+    ///
+    /// Where no content holds a control token's text (almost always) this is exactly
+    /// `encode_chat`; otherwise the prompt is tokenized in pieces around each such occurrence.
+    pub fn encode_chat_spans(
+        &self,
+        rendered: &str,
+        text_spans: &[std::ops::Range<usize>],
+    ) -> Result<Vec<u32>> {
+        let specials = self.special_token_texts();
+        let mut cuts: Vec<std::ops::Range<usize>> = Vec::new();
+        if !specials.is_empty() && !text_spans.is_empty() {
+            let ac = aho_corasick::AhoCorasick::builder()
+                .match_kind(aho_corasick::MatchKind::LeftmostLongest)
+                .build(specials.iter().map(|(t, _)| t.as_str()))
+                .map_err(|e| anyhow::anyhow!("building the special-token matcher: {e}"))?;
+            for m in ac.find_iter(rendered) {
+                if text_spans.iter().any(|s| m.start() < s.end && s.start < m.end()) {
+                    cuts.push(m.start()..m.end());
+                }
+            }
+        }
+        if cuts.is_empty() {
+            return self.encode_chat(rendered);
+        }
+        let mut ids = Vec::new();
+        let mut at = 0;
+        for c in &cuts {
+            if c.start > at {
+                ids.extend(self.encode(&rendered[at..c.start], false)?);
+            }
+            ids.extend(self.encode_as_text(&rendered[c.clone()])?);
+            at = c.end;
+        }
+        if at < rendered.len() {
+            ids.extend(self.encode(&rendered[at..], false)?);
+        }
+        if self.specials.add_bos {
+            self.prepend_bos(&mut ids);
+        }
+        Ok(ids)
+    }
+
     /// Puts BOS in front of `ids` unless it is already there.
     fn prepend_bos(&self, ids: &mut Vec<u32>) {
         if let Some(bos) = self.specials.bos {
