@@ -49,9 +49,35 @@ pub struct ServeArgs {
     /// The model name `/v1/models` lists (default: the model directory's name).
     #[arg(long)]
     pub model_id: Option<String>,
+    /// Seconds a client may take to send a request's headers (also: how long a keep-alive
+    /// connection may idle between requests).
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds a client may take to send a request's body.
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// Seconds in-flight responses may take to finish after SIGTERM/SIGINT before they are cut off.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_timeout: f64,
+    /// Accept this Host name too (repeatable; `*` accepts any). Bound to loopback, the server
+    /// answers only to localhost, 127.0.0.1 and [::1] otherwise (DNS rebinding).
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// Serve browser requests from this origin and send it CORS headers (repeatable; `*` allows
+    /// any). Requests with another Origin header are refused.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
     /// Pause after every engine step, in milliseconds (for tests that need slow requests).
     #[arg(long, default_value_t = 0, hide = true)]
     pub step_pause_ms: u64,
+}
+
+/// A positive number of seconds from the command line.
+fn seconds(flag: &str, v: f64) -> Result<std::time::Duration> {
+    if !(v.is_finite() && v > 0.0 && v < 1e6) {
+        bail!("{flag} must be a positive number of seconds, got {v}");
+    }
+    Ok(std::time::Duration::from_secs_f64(v))
 }
 
 /// Runs `gyre serve`.
@@ -110,6 +136,11 @@ pub fn run(args: ServeArgs) -> Result<()> {
         api_key: args.api_key.clone(),
         model_id,
         max_body_bytes: args.max_body_bytes,
+        header_timeout: seconds("--header-timeout", args.header_timeout)?,
+        body_timeout: seconds("--body-timeout", args.body_timeout)?,
+        shutdown_timeout: seconds("--shutdown-timeout", args.shutdown_timeout)?,
+        allowed_hosts: args.allowed_hosts.clone(),
+        cors_origins: args.cors_origins.clone(),
         ..gyre_server::ServerConfig::default()
     };
     std::thread::scope(|s| {

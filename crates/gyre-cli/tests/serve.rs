@@ -751,3 +751,201 @@ fn a_hostile_template_or_a_huge_prompt_fails_only_itself() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// Sends `raw` on a new connection; returns what the server sent until it closed (or `wait`
+/// ran out), and how long that took.
+fn raw_exchange(port: u16, raw: &[u8], half_close: bool, wait: Duration) -> (String, Duration) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(wait)).unwrap();
+    let t0 = Instant::now();
+    s.write_all(raw).unwrap();
+    if half_close {
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    (String::from_utf8_lossy(&got).to_string(), t0.elapsed())
+}
+
+/// A client cannot hold a connection by sending half its headers, half its body or nothing
+/// at all; a declared body over the limit is refused unread; a client that half-closes after
+/// its request still gets the answer; SIGTERM ends within the shutdown deadline whatever the
+/// clients do (issue 18, items 2 and 11).
+#[test]
+fn slow_idle_and_half_closed_clients_are_handled() {
+    let mut srv = Server::start(
+        &tiny(),
+        &[
+            "--header-timeout",
+            "1",
+            "--body-timeout",
+            "1",
+            "--shutdown-timeout",
+            "2",
+            "--max-body-bytes",
+            "65536",
+            "--step-pause-ms",
+            "100",
+        ],
+    );
+    let p = srv.port;
+    let host = format!("Host: 127.0.0.1:{p}\r\n");
+    let limit = Duration::from_secs(8);
+    // Half the headers: the connection is closed after the header timeout.
+    let (_, took) = raw_exchange(
+        p,
+        format!("POST /v1/completions HTTP/1.1\r\n{host}Content-Ty").as_bytes(),
+        false,
+        limit,
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "half headers held the connection for {took:?}"
+    );
+    // Half the body: a 408 after the body timeout.
+    let (resp, took) = raw_exchange(
+        p,
+        format!("POST /v1/completions HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"prompt\":").as_bytes(),
+        false,
+        limit,
+    );
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(
+        took < Duration::from_secs(5),
+        "half a body held the connection for {took:?}"
+    );
+    // A declared length over the limit: 413 before any body is sent.
+    let (resp, took) = raw_exchange(
+        p,
+        format!("POST /v1/completions HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n").as_bytes(),
+        false,
+        limit,
+    );
+    assert!(resp.starts_with("HTTP/1.1 413"), "{resp}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    // An idle keep-alive connection is closed after the header timeout.
+    let (resp, took) = raw_exchange(
+        p,
+        format!("GET /health HTTP/1.1\r\n{host}\r\n").as_bytes(),
+        false,
+        limit,
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        took < Duration::from_secs(5),
+        "an idle keep-alive connection stayed open for {took:?}"
+    );
+    // Half-closed after the request: the whole answer still comes.
+    let body = json!({"prompt": "The licence grants", "max_tokens": 3, "temperature": 0}).to_string();
+    let (resp, _) = raw_exchange(
+        p,
+        format!("POST /v1/completions HTTP/1.1\r\n{host}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes(),
+        true,
+        Duration::from_secs(60),
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 200") && resp.contains("\"completion_tokens\":3"),
+        "{resp}"
+    );
+
+    // SIGTERM with a long stream and an idle connection open: the server is gone within the
+    // shutdown deadline.
+    let long = json!({"prompt": "The licence grants", "max_tokens": 400, "temperature": 0, "stream": true});
+    let (_stream, _) = open_stream(p, None, &long);
+    let _idle = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    let t0 = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &srv.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    loop {
+        if srv.child.try_wait().unwrap().is_some() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Bound to loopback, the server answers to loopback names only (DNS rebinding) and refuses
+/// browser requests from other origins (CSRF) unless they are allowed; allowed origins get CORS
+/// headers and preflight answers (issue 18, item 5).
+#[test]
+fn host_and_origin_checks_guard_a_loopback_server() {
+    let srv = Server::start(&tiny(), &[]);
+    let p = srv.port;
+    let body = json!({"prompt": "The licence grants", "max_tokens": 2}).to_string();
+    let req = |method: &str, extra: &str, body: &str| {
+        format!(
+            "{method} /v1/completions HTTP/1.1\r\nConnection: close\r\n{extra}Content-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let wait = Duration::from_secs(60);
+    let (resp, _) = raw_exchange(
+        p,
+        req("POST", "Host: attacker.example\r\n", &body).as_bytes(),
+        false,
+        wait,
+    );
+    assert!(
+        resp.starts_with("HTTP/1.1 403") && resp.contains("--allowed-host"),
+        "{resp}"
+    );
+    let (resp, _) = raw_exchange(
+        p,
+        req("POST", &format!("Host: localhost:{p}\r\n"), &body).as_bytes(),
+        false,
+        wait,
+    );
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    let evil = format!("Host: 127.0.0.1:{p}\r\nOrigin: http://evil.example\r\n");
+    let (resp, _) = raw_exchange(p, req("POST", &evil, &body).as_bytes(), false, wait);
+    assert!(
+        resp.starts_with("HTTP/1.1 403") && resp.contains("--cors-origin"),
+        "{resp}"
+    );
+    let (resp, _) = raw_exchange(p, req("OPTIONS", &evil, "").as_bytes(), false, wait);
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+
+    let srv = Server::start(
+        &tiny(),
+        &[
+            "--cors-origin",
+            "http://app.example",
+            "--allowed-host",
+            "gyre.internal",
+        ],
+    );
+    let p = srv.port;
+    let app = format!("Host: gyre.internal:{p}\r\nOrigin: http://app.example\r\n");
+    let (resp, _) = raw_exchange(p, req("OPTIONS", &app, "").as_bytes(), false, wait);
+    assert!(resp.starts_with("HTTP/1.1 204"), "{resp}");
+    let lower = resp.to_ascii_lowercase();
+    assert!(
+        lower.contains("access-control-allow-origin: http://app.example"),
+        "{resp}"
+    );
+    assert!(
+        lower.contains("access-control-allow-headers: authorization, content-type"),
+        "{resp}"
+    );
+    let (resp, _) = raw_exchange(p, req("POST", &app, &body).as_bytes(), false, wait);
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.to_ascii_lowercase()
+            .contains("access-control-allow-origin: http://app.example"),
+        "{resp}"
+    );
+    let (resp, _) = raw_exchange(
+        p,
+        req("POST", &evil.replace("127.0.0.1", "gyre.internal"), &body).as_bytes(),
+        false,
+        wait,
+    );
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+}

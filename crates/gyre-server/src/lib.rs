@@ -45,6 +45,20 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Tokio worker threads for HTTP (the model runs on the engine's own threads).
     pub http_threads: usize,
+    /// How long a client may take to send a request's headers, and how long a keep-alive
+    /// connection may sit idle between requests, before it is closed.
+    pub header_timeout: std::time::Duration,
+    /// How long a client may take to send a request's body.
+    pub body_timeout: std::time::Duration,
+    /// After SIGTERM/SIGINT: how long in-flight responses may take to finish before they are
+    /// cut off and the server exits.
+    pub shutdown_timeout: std::time::Duration,
+    /// Host names accepted besides the loopback names, when bound to a loopback address (any
+    /// Host is accepted on other addresses unless this is set). `*` accepts every Host.
+    pub allowed_hosts: Vec<String>,
+    /// Origins whose (browser, cross-origin) requests are served and get CORS headers; `*`
+    /// allows every origin. Requests with any other `Origin` header are refused.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -56,7 +70,20 @@ impl Default for ServerConfig {
             model_id: "gyre".into(),
             max_body_bytes: 8 << 20,
             http_threads: 2,
+            header_timeout: std::time::Duration::from_secs(10),
+            body_timeout: std::time::Duration::from_secs(30),
+            shutdown_timeout: std::time::Duration::from_secs(30),
+            allowed_hosts: Vec::new(),
+            cors_origins: Vec::new(),
         }
+    }
+}
+
+impl ServerConfig {
+    /// True when the configured address is a loopback one.
+    fn loopback(&self) -> bool {
+        let h = self.host.trim_start_matches('[').trim_end_matches(']');
+        h.eq_ignore_ascii_case("localhost") || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
     }
 }
 
@@ -81,6 +108,9 @@ pub fn serve(config: ServerConfig, engine: EngineHandle) -> Result<()> {
         .context("cannot start the HTTP runtime")?;
     let result = rt.block_on(serve_async(config, engine.clone()));
     engine.shutdown();
+    // Connections still open after the shutdown deadline are dropped with the runtime (their
+    // requests are cancelled in the engine); a prompt being prepared ends within its budget.
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
     result
 }
 
@@ -105,8 +135,124 @@ pub fn router(config: ServerConfig, engine: EngineHandle) -> Router {
         .merge(protected)
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), read_body))
+        .layer(middleware::from_fn_with_state(state.clone(), host_and_origin))
         .layer(middleware::from_fn_with_state(state.clone(), count))
         .with_state(state)
+}
+
+/// Names a loopback server answers to without `--allowed-host`.
+const LOOPBACK_HOSTS: &[&str] = &["localhost", "127.0.0.1", "[::1]", "::1"];
+
+/// Refuses requests whose `Host` is not this server's (DNS rebinding: a page on
+/// `attacker.example` resolving to 127.0.0.1) and browser requests from origins not allowed
+/// (CSRF: a cross-origin `text/plain` POST needs no preflight); answers CORS preflights for the
+/// allowed origins and adds the CORS headers to their responses.
+async fn host_and_origin(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    let cfg = &state.config;
+    let forbidden =
+        |msg: String| ApiError::new(StatusCode::FORBIDDEN, "invalid_request_error", msg).into_response();
+    if let Some(host) = req.headers().get(header::HOST) {
+        let host = host.to_str().unwrap_or("");
+        // The name without the port (an IPv6 literal keeps its brackets).
+        let name = match host.rfind(':') {
+            Some(i) if !host[i..].contains(']') => &host[..i],
+            _ => host,
+        };
+        let allowed = cfg
+            .allowed_hosts
+            .iter()
+            .any(|h| h == "*" || h.eq_ignore_ascii_case(name))
+            || (cfg.allowed_hosts.is_empty() && !cfg.loopback())
+            || LOOPBACK_HOSTS.iter().any(|h| h.eq_ignore_ascii_case(name));
+        if !allowed {
+            return forbidden(format!(
+                "Host '{host}' is not allowed: this server answers to its loopback names only; start it \
+                 with --allowed-host {name} to accept this name"
+            ));
+        }
+    }
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or("").to_string());
+    let Some(origin) = origin else {
+        return next.run(req).await;
+    };
+    if !cfg.cors_origins.iter().any(|o| o == "*" || *o == origin) {
+        return forbidden(format!(
+            "cross-origin requests from '{origin}' are refused; start the server with --cors-origin {origin} \
+             to allow them"
+        ));
+    }
+    let cors = |mut resp: Response| {
+        let h = resp.headers_mut();
+        if let Ok(v) = axum::http::HeaderValue::from_str(&origin) {
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, v);
+        }
+        h.insert(header::VARY, axum::http::HeaderValue::from_static("Origin"));
+        resp
+    };
+    if req.method() == axum::http::Method::OPTIONS {
+        let mut resp = StatusCode::NO_CONTENT.into_response();
+        let h = resp.headers_mut();
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            axum::http::HeaderValue::from_static("GET, POST, OPTIONS"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            axum::http::HeaderValue::from_static("authorization, content-type"),
+        );
+        h.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            axum::http::HeaderValue::from_static("600"),
+        );
+        return cors(resp);
+    }
+    cors(next.run(req).await)
+}
+
+/// Reads a request's whole body before the handler runs: a declared length over the limit is a
+/// 413 at once (nothing is read), and a body that does not arrive within the body timeout is a
+/// 408, so a client sending half a body cannot hold its connection.
+async fn read_body(State(state): State<Arc<AppState>>, req: HttpRequest, next: Next) -> Response {
+    let limit = state.config.max_body_bytes;
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("the request body is larger than the limit of {limit} bytes"),
+        )
+        .into_response()
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large();
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = match tokio::time::timeout(state.config.body_timeout, axum::body::to_bytes(body, limit)).await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => return too_large(),
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                format!(
+                    "the request body did not arrive within {} s",
+                    state.config.body_timeout.as_secs_f64()
+                ),
+            )
+            .into_response()
+        }
+    };
+    next.run(HttpRequest::from_parts(parts, axum::body::Body::from(bytes)))
+        .await
 }
 
 async fn serve_async(config: ServerConfig, engine: EngineHandle) -> Result<()> {
@@ -119,12 +265,55 @@ async fn serve_async(config: ServerConfig, engine: EngineHandle) -> Result<()> {
         "gyre serve: listening on http://{local} (model '{}')",
         config.model_id
     );
+    let (header_timeout, shutdown_timeout) = (config.header_timeout, config.shutdown_timeout);
     let app = router(config, engine);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP server failed")?;
-    eprintln!("gyre serve: in-flight requests finished; exiting");
+    // hyper directly rather than `axum::serve`, for what a public server needs: a deadline on
+    // request headers (which also closes idle keep-alive connections), support for clients that
+    // half-close their side after sending (a disconnect is a failed write, not a read's EOF),
+    // and a deadline on the graceful shutdown.
+    let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .half_close(true)
+        .keep_alive(true);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    // Too many open files and the like: back off, keep serving.
+                    Err(e) => {
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = builder
+                    .serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+            _ = &mut signal => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => eprintln!("gyre serve: in-flight requests finished; exiting"),
+        _ = tokio::time::sleep(shutdown_timeout) => eprintln!(
+            "gyre serve: in-flight requests did not finish within {} s; cutting them off",
+            shutdown_timeout.as_secs_f64()
+        ),
+    }
     Ok(())
 }
 
