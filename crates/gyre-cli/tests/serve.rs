@@ -949,3 +949,32 @@ fn host_and_origin_checks_guard_a_loopback_server() {
     );
     assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
 }
+
+/// `--ctx` beyond the model's context is capped with a warning, not silently (issue 18, item 12).
+#[test]
+fn a_context_beyond_the_models_is_capped_with_a_warning() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gyre"))
+        .args(["serve", "--port", "0", "--ctx", "100000", "--model"])
+        .arg(tiny())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut seen = Vec::new();
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        let done = line.contains("listening on");
+        seen.push(line);
+        if done {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("--ctx 100000") && l.contains("512")),
+        "{seen:?}"
+    );
+}

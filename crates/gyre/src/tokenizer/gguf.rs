@@ -347,10 +347,12 @@ pub(crate) struct SpmTokenizer {
     user_ids: Vec<u32>,
     add_space_prefix: bool,
     unk: Option<u32>,
+    /// The file the vocabulary came from (for messages).
+    origin: String,
 }
 
 impl SpmTokenizer {
-    pub(crate) fn new(v: &GgufVocab) -> Result<SpmTokenizer> {
+    pub(crate) fn new(v: &GgufVocab, origin: &str) -> Result<SpmTokenizer> {
         let mut ids = HashMap::with_capacity(v.tokens.len());
         let mut byte_ids = [None; 256];
         for (i, t) in v.tokens.iter().enumerate() {
@@ -404,6 +406,7 @@ impl SpmTokenizer {
             whole_ids,
             add_space_prefix: v.add_space_prefix,
             unk: v.unk,
+            origin: origin.to_string(),
         })
     }
 
@@ -582,7 +585,8 @@ impl SpmTokenizer {
     pub(crate) fn piece(&self, id: u32, skip: bool, out: &mut Vec<u8>) -> Result<()> {
         let t = self.tokens.get(id as usize).with_context(|| {
             format!(
-                "token id {id} is out of range (vocabulary size {})",
+                "token id {id} is out of range for the tokenizer of {} (vocabulary size {})",
+                self.origin,
                 self.tokens.len()
             )
         })?;
@@ -675,7 +679,7 @@ mod tests {
             t.push((p, s, NORMAL));
         }
         let v = vocab(&t);
-        let spm = SpmTokenizer::new(&v).unwrap();
+        let spm = SpmTokenizer::new(&v, "test").unwrap();
         let id = |s: &str| spm.token_to_id(s).unwrap();
         assert_eq!(spm.encode("ab"), vec![id("▁ab")]);
         // 'é' is not in the vocabulary: its two UTF-8 bytes come out as byte tokens.

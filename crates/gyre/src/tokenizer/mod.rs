@@ -160,7 +160,10 @@ impl Tokenizer {
             add_bos: v.add_bos && v.bos.is_some(),
         };
         let backend = match v.model.as_str() {
-            "llama" => Backend::Spm(Box::new(gguf::SpmTokenizer::new(&v)?)),
+            "llama" => Backend::Spm(Box::new(gguf::SpmTokenizer::new(
+                &v,
+                &file.path.display().to_string(),
+            )?)),
             _ => {
                 let json =
                     gguf::bpe_tokenizer_json(&v).with_context(|| format!("{}", file.path.display()))?;
